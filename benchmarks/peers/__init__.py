@@ -1,0 +1,71 @@
+"""Peer frameworks measured on Garrison's workloads, each in its own virtualenv.
+
+``run_peer("dbos", "w1")`` builds ``benchmarks/.venvs/dbos`` on first use, runs
+``dbos_bench.py`` inside it and returns the JSON record the script printed.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import tempfile
+from typing import Any
+
+from ._venv import ensure_venv
+
+__all__ = ["PEERS", "WORKLOADS", "PeerError", "run_peer"]
+
+PEERS: dict[str, list[str]] = {
+    "dbos": ["dbos>=2.0"],
+    "langgraph": [
+        "langgraph>=1.0",
+        "langgraph-checkpoint-sqlite>=3.0",
+        "aiosqlite>=0.20",
+    ],
+}
+WORKLOADS = ("w1", "w2", "w5")
+RUN_TIMEOUT_S = 600
+_HERE = pathlib.Path(__file__).resolve().parent
+
+
+class PeerError(RuntimeError):
+    """A peer benchmark could not be run or printed no valid result."""
+
+
+def _last_json_line(stdout: str) -> dict[str, Any]:
+    for line in reversed(stdout.splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            record: dict[str, Any] = json.loads(line)
+            return record
+    raise ValueError("no JSON line on stdout")
+
+
+def _invoke(python: pathlib.Path, script: pathlib.Path, workload: str) -> str:
+    with tempfile.TemporaryDirectory(prefix=f"{script.stem}-{workload}-") as workdir:
+        cmd = [str(python), str(script), "--workload", workload, "--workdir", workdir]
+        try:
+            result = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False
+            )
+        except subprocess.TimeoutExpired as exc:
+            stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
+            raise PeerError(f"{' '.join(cmd)} timed out after {RUN_TIMEOUT_S} s\n{stderr}") from exc
+    if result.returncode != 0:
+        raise PeerError(f"{' '.join(cmd)} exited with {result.returncode}\n{result.stderr[-4000:]}")
+    return result.stdout
+
+
+def run_peer(peer: str, workload: str) -> dict[str, Any]:
+    """Run ``workload`` ("w1", "w2" or "w5") on ``peer`` and return its record."""
+    if peer not in PEERS:
+        raise PeerError(f"unknown peer {peer!r}; known: {', '.join(PEERS)}")
+    if workload not in WORKLOADS:
+        raise PeerError(f"unknown workload {workload!r}; known: {', '.join(WORKLOADS)}")
+    python = ensure_venv(peer, PEERS[peer])
+    stdout = _invoke(python, _HERE / f"{peer}_bench.py", workload)
+    try:
+        return _last_json_line(stdout)
+    except ValueError as exc:
+        raise PeerError(f"{peer} {workload}: unparsable output: {stdout[-2000:]!r}") from exc

@@ -1,0 +1,72 @@
+"""Create and cache one virtualenv per peer framework under ``benchmarks/.venvs``."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import pathlib
+import subprocess
+import sys
+import time
+
+VENVS_DIR = pathlib.Path(__file__).resolve().parent.parent / ".venvs"
+MARKER_NAME = ".garrison-requirements.json"
+INSTALL_TIMEOUT_S = 900
+
+
+def _log(message: str) -> None:
+    print(f"[peers] {message}", file=sys.stderr, flush=True)
+
+
+def _venv_python(venv_dir: pathlib.Path) -> pathlib.Path:
+    return venv_dir / "bin" / "python"
+
+
+def _marker_matches(venv_dir: pathlib.Path, requirements: list[str]) -> bool:
+    marker = venv_dir / MARKER_NAME
+    if not marker.is_file() or not _venv_python(venv_dir).exists():
+        return False
+    try:
+        recorded = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(recorded == sorted(requirements))
+
+
+def _run(cmd: list[str]) -> None:
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S, check=False
+    )
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"command failed ({result.returncode}): {' '.join(cmd)}\n{result.stderr[-4000:]}"
+        )
+
+
+def _build(venv_dir: pathlib.Path, requirements: list[str]) -> None:
+    (venv_dir / MARKER_NAME).unlink(missing_ok=True)
+    _log(f"creating virtualenv {venv_dir}")
+    _run([sys.executable, "-m", "venv", "--clear", str(venv_dir)])
+    _log(f"installing {' '.join(requirements)}")
+    started = time.perf_counter()
+    pip = [str(_venv_python(venv_dir)), "-m", "pip", "install", "--quiet"]
+    _run([*pip, "--disable-pip-version-check", *requirements])
+    _log(f"installed in {time.perf_counter() - started:.1f} s")
+    (venv_dir / MARKER_NAME).write_text(json.dumps(sorted(requirements)))
+
+
+def ensure_venv(name: str, requirements: list[str]) -> pathlib.Path:
+    """Return the python of ``benchmarks/.venvs/<name>``, creating it if needed.
+
+    The venv is rebuilt only when its marker file does not record exactly
+    ``requirements``; a file lock serialises concurrent callers.
+    """
+    venv_dir = VENVS_DIR / name
+    VENVS_DIR.mkdir(parents=True, exist_ok=True)
+    with open(VENVS_DIR / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _marker_matches(venv_dir, requirements):
+            _log(f"virtualenv {name} is up to date")
+        else:
+            _build(venv_dir, requirements)
+    return _venv_python(venv_dir)

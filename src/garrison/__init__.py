@@ -1,0 +1,78 @@
+"""Garrison: durable, supervised, observable and governed execution for AI agents.
+
+```python
+from garrison import Garrison, Context
+
+app = Garrison("sqlite:///garrison.db")
+
+@app.step()
+async def charge(order_id: str, cents: int) -> str: ...
+
+@app.workflow()
+async def refund(ctx: Context, order_id: str, cents: int) -> dict: ...
+```
+"""
+
+from __future__ import annotations
+
+from garrison.engine import (
+    Clock,
+    Context,
+    EngineHooks,
+    Garrison,
+    RetryPolicy,
+    RunHandle,
+    StepInfo,
+    current_step,
+)
+from garrison.errors import (
+    ConfigurationError,
+    GarrisonError,
+    NonDeterminismError,
+    NotInWorkflowError,
+    ResultTimeoutError,
+    RunNotFoundError,
+    SchemaVersionError,
+    SerializationError,
+    StepFailed,
+    StoreError,
+    StoreLockedError,
+    WorkflowCancelled,
+    WorkflowConflictError,
+    WorkflowError,
+    WorkflowFailed,
+)
+from garrison.store import RunRecord, RunStatus, StepRecord, Store
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Clock",
+    "ConfigurationError",
+    "Context",
+    "EngineHooks",
+    "Garrison",
+    "GarrisonError",
+    "NonDeterminismError",
+    "NotInWorkflowError",
+    "ResultTimeoutError",
+    "RetryPolicy",
+    "RunHandle",
+    "RunNotFoundError",
+    "RunRecord",
+    "RunStatus",
+    "SchemaVersionError",
+    "SerializationError",
+    "StepFailed",
+    "StepInfo",
+    "StepRecord",
+    "Store",
+    "StoreError",
+    "StoreLockedError",
+    "WorkflowCancelled",
+    "WorkflowConflictError",
+    "WorkflowError",
+    "WorkflowFailed",
+    "__version__",
+    "current_step",
+]

@@ -1,0 +1,25 @@
+"""The durable execution engine: workflows, steps, replay, timers, waits, the worker."""
+
+from __future__ import annotations
+
+from garrison.engine._app import Garrison, new_run_id
+from garrison.engine._clock import Clock, SystemClock
+from garrison.engine._context import Context, StepInfo, current_step
+from garrison.engine._handle import RunHandle
+from garrison.engine._hooks import EngineHooks
+from garrison.engine._registry import RetryPolicy, StepDef, WorkflowDef
+
+__all__ = [
+    "Clock",
+    "Context",
+    "EngineHooks",
+    "Garrison",
+    "RetryPolicy",
+    "RunHandle",
+    "StepDef",
+    "StepInfo",
+    "SystemClock",
+    "WorkflowDef",
+    "current_step",
+    "new_run_id",
+]

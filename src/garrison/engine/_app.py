@@ -1,0 +1,305 @@
+"""`Garrison`: the application object. Registers steps and workflows, starts runs."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from types import TracebackType
+from typing import Any, ParamSpec, TypeVar, overload
+
+from garrison.engine._clock import Clock, SystemClock
+from garrison.engine._codec import encode
+from garrison.engine._context import Context, current_branch, install_task_factory
+from garrison.engine._handle import RunHandle
+from garrison.engine._hooks import EngineHooks
+from garrison.engine._registry import Registry, RetryPolicy, StepDef, WorkflowDef
+from garrison.engine._worker import Worker
+from garrison.errors import (
+    ConfigurationError,
+    NotInWorkflowError,
+    StoreError,
+    WorkflowConflictError,
+    WorkflowError,
+)
+from garrison.store import RunRecord, RunStatus, Store, open_store
+
+__all__ = ["Garrison"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def new_run_id() -> str:
+    """A time-ordered run id (`r_` + 12 hex digits of milliseconds + 10 random)."""
+    return f"r_{int(time.time() * 1000):012x}{secrets.token_hex(5)}"
+
+
+class _StepDecorator:
+    """What `app.step()` returns; keeps the decorated function's parameter types."""
+
+    def __init__(self, app: Garrison, name: str | None, retry: RetryPolicy | None) -> None:
+        self._app = app
+        self._name = name
+        self._retry = retry
+
+    @overload
+    def __call__(
+        self, fn: Callable[P, Coroutine[Any, Any, R]]
+    ) -> Callable[P, Coroutine[Any, Any, R]]: ...
+
+    @overload
+    def __call__(self, fn: Callable[P, R]) -> Callable[P, Coroutine[Any, Any, R]]: ...
+
+    def __call__(self, fn: Callable[P, Any]) -> Callable[P, Coroutine[Any, Any, Any]]:
+        definition = self._app.registry.add_step(fn, self._name, self._retry)
+
+        @functools.wraps(fn)
+        async def step(*args: P.args, **kwargs: P.kwargs) -> Any:
+            branch = current_branch()
+            if branch is None:  # outside a workflow, or called from another step's body
+                result = fn(*args, **kwargs)
+                return await result if definition.is_async else result
+            return await branch.execution.call_step(branch, definition, args, kwargs)
+
+        step.__garrison_step__ = definition  # type: ignore[attr-defined]  # marker for tools
+        return step
+
+
+class Garrison:
+    """A Garrison application: the store, the registered code and the in-process worker.
+
+    Args:
+        url: the store. `sqlite:///garrison.db` (the default) is the embedded store;
+            add `?synchronous=NORMAL` to trade power-loss durability for speed.
+        store: a `Store` instance instead of a URL (tests, custom backends).
+        clock: time source (`garrison.testing.FakeClock` in tests).
+        hooks: `EngineHooks` to notify (observability, tests).
+        worker: run a worker in this process under `async with app` (default). With
+            `worker=False` the app only reads, starts and signals runs that another
+            process executes.
+        worker_id: this worker's name in the journal (default `host:pid`).
+        version: the default code version of workflows registered without one.
+        poll_interval_s: how often the worker looks for due timers and foreign writes.
+        sync_step_threads: threads running synchronous `def` steps.
+    """
+
+    def __init__(self, url: str | None = None, *, store: Store | None = None,
+                 clock: Clock | None = None, hooks: Sequence[EngineHooks] = (),
+                 worker: bool = True, worker_id: str | None = None, version: str = "1",
+                 poll_interval_s: float = 0.05, sync_step_threads: int = 32) -> None:
+        if store is not None and url is not None:
+            raise ConfigurationError("Garrison(): pass url= or store=, not both")
+        if poll_interval_s <= 0:
+            raise ConfigurationError(
+                f"Garrison(poll_interval_s={poll_interval_s}): must be > 0 (seconds)"
+            )
+        self.store: Store = store if store is not None else open_store(url)
+        self.clock: Clock = clock or SystemClock()
+        self.registry = Registry()
+        self.hooks: list[EngineHooks] = list(hooks)
+        self.version = version
+        self.worker_id = worker_id or f"{os.uname().nodename}:{os.getpid()}"
+        self._run_worker = worker
+        self._poll_interval_s = poll_interval_s
+        self._sync_step_threads = sync_step_threads
+        self.worker: Worker | None = None
+        self._open = False
+
+    # -- registration --------------------------------------------------------------
+
+    def step(self, *, name: str | None = None, retry: RetryPolicy | None = None) -> _StepDecorator:
+        """Declare a step: called inside a workflow, it runs once and its result is journaled.
+
+        A step interrupted by a crash may run again (at-least-once) with the same
+        `current_step().idempotency_key`. A synchronous `def` step runs in a thread pool.
+        Called outside a workflow, a step is a plain function call.
+        """
+        return _StepDecorator(self, name, retry)
+
+    def workflow(self, *, name: str | None = None, version: str | None = None) -> Callable[[F], F]:
+        """Declare a workflow: an `async def (ctx: Context, ...)` run durably by `app.start`.
+
+        Args:
+            name: the journal name (default: the function's qualified name).
+            version: the code version recorded with each run (default: `Garrison(version=)`);
+                a worker resumes only runs of versions it has registered.
+        """
+
+        def decorator(fn: F) -> F:
+            definition = self.registry.add_workflow(fn, name, version or self.version)
+
+            @functools.wraps(fn)
+            async def workflow(*args: Any, **kwargs: Any) -> Any:
+                branch = current_branch()
+                if branch is None:
+                    raise NotInWorkflowError(
+                        f"workflow {definition.name!r} was called directly; start it with "
+                        f"`await app.start({fn.__name__}, ...)` (or ctx.start_child inside a "
+                        "workflow)"
+                    )
+                ctx = branch.execution.context
+                rest = args[1:] if args and isinstance(args[0], Context) else args
+                handle = await ctx.start_child(workflow, *rest, **kwargs)
+                return await handle.result()
+
+            workflow.__garrison_workflow__ = definition  # type: ignore[attr-defined]
+            return workflow  # type: ignore[return-value]  # same signature, wrapped
+
+        return decorator
+
+    def workflow_definition(self, workflow: Any) -> WorkflowDef:
+        """The `WorkflowDef` behind a decorated workflow (or a registered name)."""
+        if isinstance(workflow, str):
+            found = [d for (n, _), d in self.registry.workflows.items() if n == workflow]
+            if found:
+                return found[-1]
+        definition = getattr(workflow, "__garrison_workflow__", None)
+        if isinstance(definition, WorkflowDef):
+            return definition
+        raise ConfigurationError(
+            f"{workflow!r} is not a workflow of this app; decorate it with @app.workflow()"
+        )
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def __aenter__(self) -> Garrison:
+        await self.open()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        """Open the store and, unless `worker=False`, start the worker and resume runs."""
+        if self._open:
+            return
+        await self.store.open()
+        self._open = True
+        if self._run_worker:
+            install_task_factory(asyncio.get_running_loop())
+            self.worker = Worker(self, self.store, self.clock, self.hooks, self.worker_id,
+                                 self._poll_interval_s, self._sync_step_threads)
+            try:
+                await self.worker.start()
+            except BaseException:
+                await self.close()
+                raise
+
+    async def close(self) -> None:
+        """Stop the worker (unfinished runs stay RUNNING and resume on next open)."""
+        if self.worker is not None:
+            await self.worker.stop()
+            self.worker = None
+        if self._open:
+            await self.store.close()
+            self._open = False
+
+    def _require_open(self, what: str) -> None:
+        if not self._open:
+            raise StoreError(f"app.{what}(): the app is not open; use `async with app:` first")
+
+    # -- runs ----------------------------------------------------------------------
+
+    def new_run_record(self, definition: WorkflowDef, run_id: str, args: Sequence[Any],
+                       kwargs: dict[str, Any], *, parent: tuple[str, str] | None,
+                       now: float) -> RunRecord:
+        inputs = encode({"args": list(args), "kwargs": kwargs},
+                        what=f"inputs of workflow {definition.name!r}")
+        local = self.worker is not None
+        return RunRecord(
+            run_id=run_id, workflow_name=definition.name, workflow_version=definition.version,
+            status=RunStatus.RUNNING if local else RunStatus.PENDING, inputs=inputs,
+            created_at=now, updated_at=now, owner=self.worker_id if local else None,
+            parent_run_id=parent[0] if parent else None,
+            parent_position=parent[1] if parent else None,
+        )
+
+    async def start(self, workflow: Callable[..., Awaitable[R]], *args: Any,
+                    run_id: str | None = None, **kwargs: Any) -> RunHandle[R]:
+        """Start a durable run of `workflow(ctx, *args, **kwargs)`; return its handle.
+
+        Idempotent on `run_id`: an existing run's handle is returned and the run is never
+        started twice. Arguments must be JSON-able (see docs/guarantees.md).
+
+        Raises:
+            WorkflowConflictError: `run_id` belongs to a run of another workflow.
+            SerializationError: an argument cannot be stored.
+        """
+        self._require_open("start")
+        definition = self.workflow_definition(workflow)
+        branch = current_branch()
+        if branch is not None:
+            raise WorkflowError(
+                f"run {branch.execution.run_id}: app.start() inside a workflow is not "
+                "journaled; use `await ctx.start_child(...)`",
+                run_id=branch.execution.run_id,
+            )
+        if run_id is not None and (not isinstance(run_id, str) or not run_id.strip()):
+            raise ConfigurationError(f"app.start(run_id={run_id!r}): a run id is a non-empty str")
+        record = self.new_run_record(definition, run_id or new_run_id(), args, kwargs,
+                                     parent=None, now=self.clock.time())
+        stored, created = await self.store.create_run(record)
+        if not created and stored.workflow_name != definition.name:
+            raise WorkflowConflictError(
+                f"run id {stored.run_id!r} already belongs to a run of workflow "
+                f"{stored.workflow_name!r}; cannot start {definition.name!r} under it. "
+                "Choose another run_id.",
+                run_id=stored.run_id, existing=stored.workflow_name, requested=definition.name,
+            )
+        if created and self.worker is not None:
+            self.worker.launch(stored, definition, journal=())
+        return RunHandle(self, stored.run_id)
+
+    def handle(self, run_id: str) -> RunHandle[Any]:
+        """A handle for any existing run (the id is checked when the handle is used)."""
+        return RunHandle(self, run_id)
+
+    async def send(self, run_id: str, name: str, value: Any = None) -> None:
+        """Put an event in a run's mailbox, durably; `ctx.wait_for(name)` receives it.
+
+        Raises:
+            RunNotFoundError: no such run.
+            WorkflowError: the run already ended.
+            SerializationError: `value` cannot be stored.
+        """
+        self._require_open("send")
+        payload = encode(value, what=f"event {name!r} for run {run_id}")
+        await self.store.send_event(run_id, name, payload, self.clock.time())
+        if self.worker is not None:
+            self.worker.notify_event(run_id, name)
+
+    async def cancel(self, run_id: str) -> None:
+        """Cancel a run and its unfinished children. Raises `RunNotFoundError`."""
+        self._require_open("cancel")
+        run = await self.store.request_cancel(run_id)
+        if run.status.is_terminal or self.worker is None:
+            return  # another process's worker sees the request
+        execution = self.worker.live.get(run_id)
+        if execution is not None:
+            execution.cancel()
+        else:
+            await self.worker.finish_stored(run, RunStatus.CANCELLED, None, None)
+
+    async def list_runs(self, *, statuses: Sequence[RunStatus] | None = None,
+                        limit: int = 100) -> list[RunRecord]:
+        """Stored runs, newest first."""
+        self._require_open("list_runs")
+        return await self.store.list_runs(statuses=statuses, limit=limit)
+
+    @property
+    def orphaned_runs(self) -> list[RunRecord]:
+        """Unfinished runs of workflow versions this process has not registered."""
+        return list(self.worker.orphaned.values()) if self.worker is not None else []
+
+    def step_definition(self, step: Any) -> StepDef:
+        """The `StepDef` behind a decorated step."""
+        definition = getattr(step, "__garrison_step__", None)
+        if not isinstance(definition, StepDef):
+            raise ConfigurationError(f"{step!r} is not a step; decorate it with @app.step()")
+        return definition

@@ -1,0 +1,214 @@
+"""The journal's value codec: JSON with a few typed tags, never pickle.
+
+JSON types pass through as they are (tuples come back as lists). These come back as
+themselves: `datetime`, `date`, `time`, `timedelta`, `UUID`, `Decimal`, `bytes`, `set`,
+`frozenset`, enums, dataclasses and pydantic models. A tagged value is an object
+`{"$garrison": TAG, "v": ..., "type": "module:QualName"}`; the key `$garrison` is reserved.
+
+Reading a journal never runs code it names: a class is looked up among the modules this
+process has already imported (`sys.modules`), and only dataclasses, pydantic models and
+enums are rebuilt. A class that is not loaded is a clear `SerializationError`.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime as dt
+import enum
+import json
+import sys
+import traceback
+import uuid
+from decimal import Decimal
+from typing import Any
+
+from garrison.errors import SerializationError
+
+__all__ = ["decode", "encode", "error_from_data", "error_to_data", "roundtrip"]
+
+_TAG = "$garrison"
+
+
+def _type_path(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _is_pydantic_model(value: object) -> bool:
+    pydantic = sys.modules.get("pydantic")
+    return pydantic is not None and isinstance(value, pydantic.BaseModel)
+
+
+def _default(value: Any) -> Any:
+    # Order matters: datetime is a subclass of date; IntEnum of int (handled by json first).
+    if isinstance(value, dt.datetime):
+        return {_TAG: "datetime", "v": value.isoformat()}
+    if isinstance(value, dt.date):
+        return {_TAG: "date", "v": value.isoformat()}
+    if isinstance(value, dt.time):
+        return {_TAG: "time", "v": value.isoformat()}
+    if isinstance(value, dt.timedelta):
+        return {_TAG: "timedelta", "v": [value.days, value.seconds, value.microseconds]}
+    if isinstance(value, uuid.UUID):
+        return {_TAG: "uuid", "v": str(value)}
+    if isinstance(value, Decimal):
+        return {_TAG: "decimal", "v": str(value)}
+    if isinstance(value, bytes | bytearray):
+        return {_TAG: "bytes", "v": base64.b64encode(bytes(value)).decode("ascii")}
+    if isinstance(value, set | frozenset):
+        return {_TAG: type(value).__name__, "v": list(value)}
+    if isinstance(value, enum.Enum):
+        return {_TAG: "enum", "type": _type_path(type(value)), "v": value.value}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+        return {_TAG: "dataclass", "type": _type_path(type(value)), "v": fields}
+    if _is_pydantic_model(value):
+        body = value.model_dump(mode="json")
+        return {_TAG: "pydantic", "type": _type_path(type(value)), "v": body}
+    raise TypeError(type(value))
+
+
+def encode(value: Any, *, what: str = "value") -> str:
+    """Encode `value` as journal JSON.
+
+    Raises:
+        SerializationError: naming the offending type and `what` (for example
+            "result of step 'charge'").
+    """
+    try:
+        return json.dumps(value, default=_default, separators=(",", ":"), ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        bad = exc.args[0] if exc.args and isinstance(exc.args[0], type) else type(value)
+        name = getattr(bad, "__qualname__", str(bad))
+        raise SerializationError(
+            f"{what}: a {name} cannot be stored in the journal. Use JSON types, a dataclass, "
+            "a pydantic model, datetime/UUID/Decimal/bytes, or convert it first.",
+            type_name=name,
+            what=what,
+        ) from exc
+
+
+def _lookup_class(path: str) -> type:
+    module_name, _, qualname = path.partition(":")
+    obj: Any = sys.modules.get(module_name)
+    if obj is None:
+        raise SerializationError(
+            f"the journal holds a {path} but module {module_name!r} is not imported in this "
+            "process; import it before starting the worker.",
+            type_name=path,
+            what="journal value",
+        )
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+    if not isinstance(obj, type):
+        raise SerializationError(
+            f"the journal holds a {path} but no such class exists in {module_name!r}; "
+            "was it renamed? Keep the old name importable or start a new run.",
+            type_name=path,
+            what="journal value",
+        )
+    return obj
+
+
+def _rebuild(tag: str, body: dict[str, Any]) -> Any:
+    v = body["v"]
+    if tag == "datetime":
+        return dt.datetime.fromisoformat(v)
+    if tag == "date":
+        return dt.date.fromisoformat(v)
+    if tag == "time":
+        return dt.time.fromisoformat(v)
+    if tag == "timedelta":
+        return dt.timedelta(days=v[0], seconds=v[1], microseconds=v[2])
+    if tag == "uuid":
+        return uuid.UUID(v)
+    if tag == "decimal":
+        return Decimal(v)
+    if tag == "bytes":
+        return base64.b64decode(v)
+    if tag == "set":
+        return set(v)
+    if tag == "frozenset":
+        return frozenset(v)
+    cls = _lookup_class(body["type"])
+    if tag == "enum" and issubclass(cls, enum.Enum):
+        return cls(v)
+    if tag == "dataclass" and dataclasses.is_dataclass(cls):
+        init = {f.name for f in dataclasses.fields(cls) if f.init}
+        obj = cls(**{k: val for k, val in v.items() if k in init})
+        for key, val in v.items():
+            if key not in init:
+                object.__setattr__(obj, key, val)
+        return obj
+    if tag == "pydantic" and hasattr(cls, "model_validate"):
+        return cls.model_validate(v)
+    raise SerializationError(
+        f"the journal tags a value as {tag!r} but {body['type']} is not one",
+        type_name=body["type"],
+        what="journal value",
+    )
+
+
+def _object_hook(obj: dict[str, Any]) -> Any:
+    tag = obj.get(_TAG)
+    if tag is None or not isinstance(tag, str) or "v" not in obj:
+        return obj
+    return _rebuild(tag, obj)
+
+
+def decode(text: str) -> Any:
+    """Decode journal JSON written by `encode`."""
+    return json.loads(text, object_hook=_object_hook)
+
+
+def roundtrip(value: Any, *, what: str = "value") -> tuple[str, Any]:
+    """Encode `value` and decode it again, so a first run sees exactly what a replay will."""
+    text = encode(value, what=what)
+    return text, decode(text)
+
+
+def error_to_data(error: BaseException) -> dict[str, Any]:
+    """An exception as journal data: type, message, traceback text and JSON-able args."""
+    cls = type(error)
+    args: list[Any] | None
+    try:
+        json.dumps(error.args, default=_default)
+        args = list(error.args)
+    except (TypeError, ValueError):
+        args = None
+    return {
+        "type": _type_path(cls),
+        "message": str(error),
+        "traceback": "".join(traceback.format_exception(error)),
+        "args": args,
+    }
+
+
+def error_from_data(data: dict[str, Any]) -> BaseException:
+    """Rebuild a journaled error as the same exception type when that type is loaded here.
+
+    Falls back to `StepFailed` carrying type, message and traceback text. Only classes
+    already imported by this process are considered; no module is imported.
+    """
+    from garrison.errors import StepFailed
+
+    path = str(data.get("type", "builtins:Exception"))
+    module_name, _, qualname = path.partition(":")
+    obj: Any = sys.modules.get(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None) if obj is not None else None
+    args = data.get("args")
+    if isinstance(obj, type) and issubclass(obj, Exception) and args is not None:
+        try:
+            error: BaseException = obj(*args)
+        except Exception:  # a constructor with another signature: rebuild without __init__
+            error = obj.__new__(obj)
+            error.args = tuple(args)
+        error.add_note(f"(replayed from the journal; original traceback:)\n{data.get('traceback')}")
+        return error
+    return StepFailed(
+        f"{path}: {data.get('message')}",
+        error_type=path,
+        error_message=data.get("message"),
+        traceback=data.get("traceback"),
+    )

@@ -1,0 +1,219 @@
+"""What workflow code sees: the `Context`, the step it is in, and its position path.
+
+Positions. Each branch of a run (the workflow body, and every task it creates with
+`asyncio.gather`, `TaskGroup` or `create_task`) owns a counter; a journaled operation
+takes the next number of its branch. A new task takes a number from its parent's counter
+*when it is created* (in program order), so `gather(a(), b())` gives branch a the path
+"4" and branch b "5" whichever finishes first, and their steps "4.1", "5.1", ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import datetime as dt
+import uuid
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from garrison.errors import NotInWorkflowError
+
+if TYPE_CHECKING:
+    from garrison.engine._execution import RunExecution
+    from garrison.engine._handle import RunHandle
+
+__all__ = ["Branch", "Context", "StepInfo", "current_step", "install_task_factory"]
+
+
+class Branch:
+    """One sequential strand of a run, with its own position counter."""
+
+    __slots__ = ("counter", "execution", "path")
+
+    def __init__(self, execution: RunExecution, path: str) -> None:
+        self.execution = execution
+        self.path = path
+        self.counter = 0
+
+    def next_position(self) -> str:
+        self.counter += 1
+        return f"{self.path}.{self.counter}" if self.path else str(self.counter)
+
+    def fork(self) -> Branch:
+        return Branch(self.execution, self.next_position())
+
+
+_branch: contextvars.ContextVar[Branch | None] = contextvars.ContextVar(
+    "garrison_branch", default=None
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StepInfo:
+    """The step being executed. `idempotency_key` is stable across retries and recoveries."""
+
+    run_id: str
+    position: str
+    step_name: str
+    attempt: int
+    idempotency_key: str
+
+
+_step: contextvars.ContextVar[StepInfo | None] = contextvars.ContextVar(
+    "garrison_step", default=None
+)
+
+
+def current_step() -> StepInfo:
+    """The step whose body is running now (works in sync steps' threads too).
+
+    Hand `current_step().idempotency_key` to external systems so that a step that runs
+    again after a crash (at-least-once) is recognised as the same request.
+
+    Raises:
+        NotInWorkflowError: outside a step body.
+    """
+    info = _step.get()
+    if info is None:
+        raise NotInWorkflowError(
+            "current_step() is only available inside a step's body (a function decorated "
+            "with @app.step() called from a running workflow)"
+        )
+    return info
+
+
+def current_branch() -> Branch | None:
+    """The branch of the running workflow, or None (outside workflows and inside steps)."""
+    return _branch.get()
+
+
+def enter_branch(branch: Branch | None) -> contextvars.Token[Branch | None]:
+    return _branch.set(branch)
+
+
+def leave_branch(token: contextvars.Token[Branch | None]) -> None:
+    _branch.reset(token)
+
+
+_StepTokens = tuple[contextvars.Token[StepInfo | None], contextvars.Token[Branch | None]]
+
+
+def enter_step(info: StepInfo) -> _StepTokens:
+    return _step.set(info), _branch.set(None)
+
+
+def leave_step(tokens: _StepTokens) -> None:
+    _step.reset(tokens[0])
+    _branch.reset(tokens[1])
+
+
+def install_task_factory(loop: asyncio.AbstractEventLoop) -> None:
+    """Give every task created inside a workflow its own branch, numbered at creation.
+
+    Chains any factory already installed; idempotent.
+    """
+    previous = loop.get_task_factory()
+    if getattr(previous, "_garrison", False):
+        return
+
+    def factory(
+        loop: asyncio.AbstractEventLoop,
+        coro: Coroutine[Any, Any, Any],
+        **kwargs: Any,
+    ) -> asyncio.Future[Any]:
+        context: contextvars.Context = kwargs.pop("context", None) or contextvars.copy_context()
+        parent = context.get(_branch)
+        if parent is not None:
+            context.run(_branch.set, parent.fork())
+        if previous is not None:
+            return previous(loop, coro, context=context, **kwargs)  # type: ignore[call-arg]  # 3.11 factories take context
+        return asyncio.Task(coro, loop=loop, context=context, **kwargs)
+
+    factory._garrison = True  # type: ignore[attr-defined]  # marks our factory for idempotency
+    loop.set_task_factory(factory)  # type: ignore[arg-type]  # typeshed lags the 3.11 signature
+
+
+def _require_branch(ctx: Context, operation: str) -> Branch:
+    branch = _branch.get()
+    if branch is None or branch.execution is not ctx._execution:
+        where = "inside a step" if _step.get() is not None else "outside its workflow"
+        raise NotInWorkflowError(
+            f"run {ctx.run_id}: ctx.{operation}() was called {where}; call it from the "
+            "workflow body (or a task it created), not from a step or another run",
+            run_id=ctx.run_id,
+        )
+    return branch
+
+
+class Context:
+    """A workflow's handle on the durable world. Every method is journaled.
+
+    Workflow code must be deterministic: take time, randomness and ids from here, call
+    side effects through steps, and wait with `sleep`/`wait_for` (never `asyncio.sleep`).
+    """
+
+    __slots__ = ("_execution",)
+
+    def __init__(self, execution: RunExecution) -> None:
+        self._execution = execution
+
+    @property
+    def run_id(self) -> str:
+        """This run's id."""
+        return self._execution.run.run_id
+
+    @property
+    def workflow_name(self) -> str:
+        return self._execution.run.workflow_name
+
+    @property
+    def workflow_version(self) -> str:
+        return self._execution.run.workflow_version
+
+    def now(self) -> dt.datetime:
+        """The current UTC time, journaled: a replay sees the same instant."""
+        value = self._execution.journal_value(_require_branch(self, "now"), "now")
+        assert isinstance(value, dt.datetime)
+        return value
+
+    def uuid(self) -> uuid.UUID:
+        """A random UUID, journaled: a replay sees the same id."""
+        value = self._execution.journal_value(_require_branch(self, "uuid"), "uuid")
+        assert isinstance(value, uuid.UUID)
+        return value
+
+    def random(self) -> float:
+        """A float in [0, 1), journaled: a replay sees the same number."""
+        value = self._execution.journal_value(_require_branch(self, "random"), "random")
+        assert isinstance(value, float)
+        return value
+
+    async def sleep(self, seconds: float | dt.timedelta) -> None:
+        """A durable timer. The run is parked in the store (no coroutine held) and resumes
+        after `seconds`, even across restarts; a timer that came due while the process was
+        down fires at once on start."""
+        if isinstance(seconds, dt.timedelta):
+            seconds = seconds.total_seconds()
+        await self._execution.sleep(_require_branch(self, "sleep"), float(seconds))
+
+    async def wait_for(
+        self, name: str, *, timeout: float | None = None, default: Any = None
+    ) -> Any:
+        """Wait durably for an event sent with `app.send(run_id, name, value)`; return its value.
+
+        Events sent before the run reaches this call are kept; events of one name are
+        consumed in send order. On `timeout` (seconds) return `default`.
+        """
+        branch = _require_branch(self, "wait_for")
+        return await self._execution.wait_for(branch, name, timeout, default)
+
+    async def start_child(self, workflow: Any, *args: Any, run_id: str | None = None,
+                          **kwargs: Any) -> RunHandle[Any]:
+        """Start a child workflow run (journaled: started once) and return its handle.
+
+        `await handle.result()` inside this workflow is a durable wait. Cancelling this
+        run cancels its unfinished children.
+        """
+        branch = _require_branch(self, "start_child")
+        return await self._execution.start_child(branch, workflow, args, kwargs, run_id)

@@ -1,0 +1,505 @@
+"""One run executing in this process: replay against the journal, then live steps.
+
+The workflow body runs from the top every time the run starts executing. A journaled
+operation first looks at its position in the journal: a completed entry returns its
+value (or re-raises its error) without running anything; a missing entry runs live and
+is committed before the workflow goes past it. A run whose every branch waits on a
+timer or an event, with nothing in flight, is *parked*: its coroutine is released and
+the store wakes it later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import datetime as dt
+import functools
+import json
+import random
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from garrison.engine._codec import decode, encode, error_from_data, error_to_data, roundtrip
+from garrison.engine._context import (
+    Branch,
+    Context,
+    StepInfo,
+    enter_branch,
+    enter_step,
+    leave_branch,
+    leave_step,
+)
+from garrison.engine._handle import RunHandle
+from garrison.engine._registry import StepDef, WorkflowDef
+from garrison.errors import (
+    NonDeterminismError,
+    SerializationError,
+    StoreError,
+    WorkflowCancelled,
+    WorkflowConflictError,
+    WorkflowFailed,
+)
+from garrison.store import RunRecord, RunStatus, StepKind, StepRecord, StepStatus
+
+if TYPE_CHECKING:
+    from garrison.engine._worker import Worker
+
+__all__ = ["RunExecution", "child_event_name"]
+
+log = structlog.get_logger(__name__)
+
+# Loop passes with no journaled activity before an all-waiting run is parked. A branch
+# between two operations runs synchronously, and a finished branch reaches the task
+# awaiting it within two passes (done callback, then the waiter's wake-up).
+_QUIESCENT_PASSES = 4
+
+
+def child_event_name(child_run_id: str) -> str:
+    """The mailbox event through which a child run reports its end to its parent."""
+    return f"garrison.child:{child_run_id}"
+
+
+@dataclass(slots=True)
+class _Waiter:
+    position: str
+    future: asyncio.Future[None]
+    fire_at: float | None = None
+    event: str | None = None
+
+
+@dataclass(slots=True)
+class _Outcome:
+    status: RunStatus
+    result: str | None = None
+    error: dict[str, Any] | None = None
+
+
+class RunExecution:
+    """Drives one run's workflow coroutine in this process."""
+
+    def __init__(self, worker: Worker, run: RunRecord, workflow: WorkflowDef,
+                 journal: Sequence[StepRecord]) -> None:
+        self.worker = worker
+        self.run = run
+        self.workflow = workflow
+        self.journal: dict[str, StepRecord] = {entry.position: entry for entry in journal}
+        self.context = Context(self)
+        self.root = Branch(self, "")
+        self.task: asyncio.Task[None] | None = None
+        self.waiters: dict[str, _Waiter] = {}
+        self.inflight = 0
+        self.epoch = 0
+        self.nondeterminism: NonDeterminismError | None = None
+        self._buffered: list[StepRecord] = []
+        self._suspending = False
+        self._cancelling = False
+        self._quiescence_scheduled = False
+        self._quiet_passes = 0
+        self._quiet_epoch = -1
+        self._park_plan: tuple[float | None, list[str]] = (None, [])
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    @property
+    def run_id(self) -> str:
+        return self.run.run_id
+
+    def cancel(self) -> None:
+        """Cancel cooperatively: CancelledError at the workflow's current await."""
+        if self.task is not None and not self.task.done():
+            self._cancelling = True
+            self.task.cancel("garrison: run cancelled")
+
+    async def drive(self) -> None:
+        """Run the workflow body to its end, to a park, or until shutdown."""
+        token = enter_branch(self.root)
+        try:
+            outcome = await self._execute_body()
+        except asyncio.CancelledError:
+            if not (self._suspending or self._cancelling):
+                raise  # worker shutdown: the run stays RUNNING and resumes on next start
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            if not self._cancelling:
+                await self._park()
+                return
+            outcome = _Outcome(RunStatus.CANCELLED)
+        except StoreError as exc:
+            log.error("run.store_error", run_id=self.run_id, error=str(exc))
+            self.worker.retry_later(self.run_id)
+            return
+        finally:
+            leave_branch(token)
+        await self._finish(outcome)
+
+    async def _execute_body(self) -> _Outcome:
+        try:
+            if self.run.cancel_requested:
+                return _Outcome(RunStatus.CANCELLED)
+            inputs = decode(self.run.inputs)
+            result = await self.workflow.fn(self.context, *inputs["args"], **inputs["kwargs"])
+            await self._flush_buffered()
+            if self.nondeterminism is not None:
+                raise self.nondeterminism
+            what = f"run {self.run_id}: result of workflow {self.workflow.name!r}"
+            text, _ = roundtrip(result, what=what)
+            return _Outcome(RunStatus.COMPLETED, result=text)
+        except (StoreError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            error = self.nondeterminism or exc
+            log.warning("run.failed", run_id=self.run_id, error_type=type(error).__name__,
+                        error=str(error))
+            return _Outcome(RunStatus.FAILED, error=error_to_data(error))
+
+    async def _finish(self, outcome: _Outcome) -> None:
+        error_text = json.dumps(outcome.error) if outcome.error is not None else None
+        await self.worker.finish_run(self, outcome.status, outcome.result, error_text)
+
+    async def _park(self) -> None:
+        wake_at, events = self._park_plan
+        await self._flush_buffered()
+        await self.worker.park_run(self, wake_at, events)
+
+    # -- quiescence ----------------------------------------------------------------
+
+    def _activity(self) -> None:
+        self.epoch += 1
+
+    def _maybe_park_soon(self) -> None:
+        if self._quiescence_scheduled or not self.waiters or self.inflight:
+            return
+        self._quiescence_scheduled = True
+        self._quiet_passes = 0
+        self._quiet_epoch = self.epoch
+        asyncio.get_running_loop().call_soon(self._check_quiescent)
+
+    def _check_quiescent(self) -> None:
+        task = self.task
+        if task is None or task.done() or not self.waiters or self.inflight:
+            self._quiescence_scheduled = False
+            return
+        if self.epoch != self._quiet_epoch:
+            self._quiet_epoch = self.epoch
+            self._quiet_passes = 0
+        else:
+            self._quiet_passes += 1
+        if self._quiet_passes >= _QUIESCENT_PASSES:
+            self._quiescence_scheduled = False
+            self._suspending = True
+            # Read the waits now: cancelling the task unwinds and forgets them.
+            waiters = self.waiters.values()
+            self._park_plan = (
+                min((w.fire_at for w in waiters if w.fire_at is not None), default=None),
+                sorted({w.event for w in waiters if w.event is not None}),
+            )
+            task.cancel("garrison: run parked")
+            return
+        asyncio.get_running_loop().call_soon(self._check_quiescent)
+
+    # -- journal -------------------------------------------------------------------
+
+    def _entry(self, position: str, kind: StepKind, name: str, arity: int) -> StepRecord | None:
+        entry = self.journal.get(position)
+        if entry is None:
+            return None
+        if entry.kind is not kind or entry.name != name or entry.arity != arity:
+            error = NonDeterminismError(
+                f"run {self.run_id} position {position}: journal has {entry.kind.value} "
+                f"{entry.name!r} ({entry.arity} args), code called {kind.value} {name!r} "
+                f"({arity} args). Pin the run to its code version (@app.workflow(version=...)) "
+                "or start a new run.",
+                run_id=self.run_id, position=position,
+                journal=f"{entry.kind.value}:{entry.name}/{entry.arity}",
+                code=f"{kind.value}:{name}/{arity}",
+            )
+            if self.nondeterminism is None:
+                self.nondeterminism = error
+            raise error
+        return entry
+
+    def _record(self, position: str, kind: StepKind, name: str, status: StepStatus, *,
+                started_at: float, arity: int = 0, inputs: str | None = None,
+                output: str | None = None, error: str | None = None,
+                fire_at: float | None = None, attempts: int = 1) -> StepRecord:
+        done = None if status is StepStatus.PENDING else self.worker.clock.time()
+        record = StepRecord(
+            run_id=self.run_id, position=position, kind=kind, name=name, status=status,
+            started_at=started_at, arity=arity, inputs=inputs, output=output, error=error,
+            completed_at=done, fire_at=fire_at, attempts=attempts, worker=self.worker.worker_id,
+            tenant_id=self.run.tenant_id,
+        )
+        self.journal[position] = record
+        return record
+
+    async def _commit(self, record: StepRecord) -> None:
+        records, self._buffered = [*self._buffered, record], []
+        await self.worker.store.append_steps(records)
+
+    async def _flush_buffered(self) -> None:
+        if self._buffered:
+            records, self._buffered = self._buffered, []
+            await self.worker.store.append_steps(records)
+
+    def journal_value(self, branch: Branch, kind_name: str) -> Any:
+        """`ctx.now()` / `uuid()` / `random()`: journaled, committed before the next step."""
+        kind = StepKind(kind_name)
+        position = branch.next_position()
+        entry = self._entry(position, kind, kind_name, 0)
+        if entry is not None and entry.output is not None:
+            return decode(entry.output)
+        value: Any
+        if kind is StepKind.NOW:
+            value = dt.datetime.fromtimestamp(self.worker.clock.time(), tz=dt.UTC)
+        elif kind is StepKind.UUID:
+            value = uuid.uuid4()
+        else:
+            value = random.random()
+        text = encode(value)
+        self._buffered.append(self._record(position, kind, kind_name, StepStatus.COMPLETED,
+                                           started_at=self.worker.clock.time(), output=text))
+        return value
+
+    # -- steps ---------------------------------------------------------------------
+
+    async def call_step(self, branch: Branch, step: StepDef, args: tuple[Any, ...],
+                        kwargs: dict[str, Any]) -> Any:
+        position = branch.next_position()
+        arity = len(args) + len(kwargs)
+        entry = self._entry(position, StepKind.STEP, step.name, arity)
+        if entry is not None:
+            if entry.status is StepStatus.COMPLETED:
+                return decode(entry.output) if entry.output is not None else None
+            if entry.status is StepStatus.FAILED and entry.error is not None:
+                raise error_from_data(json.loads(entry.error))
+        where = f"run {self.run_id} step {position} {step.name!r}"
+        inputs = encode({"args": list(args), "kwargs": kwargs}, what=f"{where}: arguments")
+        self.inflight += 1
+        self._activity()
+        try:
+            await self._flush_buffered()
+            return await self._run_step_live(position, step, args, kwargs, arity, inputs, where)
+        finally:
+            self.inflight -= 1
+            self._activity()
+            self._maybe_park_soon()
+
+    async def _run_step_live(self, position: str, step: StepDef, args: tuple[Any, ...],
+                             kwargs: dict[str, Any], arity: int, inputs: str, where: str) -> Any:
+        hooks = self.worker.hooks
+        started_at = self.worker.clock.time()
+        attempt = 1
+        while True:
+            info = StepInfo(self.run_id, position, step.name, attempt, f"{self.run_id}:{position}")
+            for hook in hooks:
+                hook.step_started(info)
+            began = time.perf_counter()
+            tokens = enter_step(info)
+            try:
+                if step.is_async:
+                    result = await step.fn(*args, **kwargs)
+                else:
+                    call = functools.partial(step.fn, *args, **kwargs)
+                    result = await asyncio.get_running_loop().run_in_executor(
+                        self.worker.executor, contextvars.copy_context().run, call
+                    )
+            except Exception as exc:
+                leave_step(tokens)
+                delay = step.retry.delay_s(attempt, exc) if step.retry is not None else None
+                for hook in hooks:
+                    hook.step_failed(info, exc, delay is not None)
+                if delay is not None:
+                    log.info("step.retry_scheduled", run_id=self.run_id, position=position,
+                             step=step.name, attempt=attempt + 1, delay_s=delay)
+                    await asyncio.sleep(delay)
+                    attempt += 1
+                    continue
+                record = self._record(position, StepKind.STEP, step.name, StepStatus.FAILED,
+                                      started_at=started_at, arity=arity, inputs=inputs,
+                                      error=json.dumps(error_to_data(exc)), attempts=attempt)
+                await self._commit(record)
+                for hook in hooks:
+                    hook.step_committed(info)
+                raise
+            leave_step(tokens)
+            for hook in hooks:
+                hook.step_completed(info, time.perf_counter() - began)
+            try:
+                output, value = roundtrip(result, what=f"{where}: result")
+            except SerializationError as exc:
+                record = self._record(position, StepKind.STEP, step.name, StepStatus.FAILED,
+                                      started_at=started_at, arity=arity, inputs=inputs,
+                                      error=json.dumps(error_to_data(exc)), attempts=attempt)
+                await self._commit(record)
+                raise
+            record = self._record(position, StepKind.STEP, step.name, StepStatus.COMPLETED,
+                                  started_at=started_at, arity=arity, inputs=inputs,
+                                  output=output, attempts=attempt)
+            await self._commit(record)
+            for hook in hooks:
+                hook.step_committed(info)
+            return value
+
+    # -- waits ---------------------------------------------------------------------
+
+    async def _wait(self, position: str, fire_at: float | None, event: str | None) -> None:
+        """Block this branch until `fire_at` or a delivery of `event` (or parking)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiters[position] = _Waiter(position, future, fire_at, event)
+        if fire_at is not None:
+            self.worker.schedule_timer(self.run_id, position, fire_at)
+        self._activity()
+        self._maybe_park_soon()
+        try:
+            await future
+        finally:
+            self.waiters.pop(position, None)
+            self._activity()
+
+    def fire(self, position: str) -> None:
+        """A timer came due while this run is live."""
+        waiter = self.waiters.get(position)
+        if waiter is not None and not waiter.future.done():
+            waiter.future.set_result(None)
+
+    def deliver(self, event: str | None = None) -> None:
+        """An event arrived (or might have, from another process): let its waiters look."""
+        for waiter in list(self.waiters.values()):
+            wanted = waiter.event is not None and (event is None or waiter.event == event)
+            if wanted and not waiter.future.done():
+                waiter.future.set_result(None)
+
+    async def sleep(self, branch: Branch, seconds: float) -> None:
+        position = branch.next_position()
+        entry = self._entry(position, StepKind.SLEEP, "sleep", 0)
+        if entry is not None and entry.status is StepStatus.COMPLETED:
+            return
+        clock = self.worker.clock
+        self.inflight += 1
+        self._activity()
+        try:
+            if entry is None:
+                started = clock.time()
+                entry = self._record(position, StepKind.SLEEP, "sleep", StepStatus.PENDING,
+                                     started_at=started, fire_at=started + max(seconds, 0.0))
+                await self._commit(entry)
+            fire_at = entry.fire_at or 0.0
+            while clock.time() < fire_at:
+                self.inflight -= 1
+                try:
+                    await self._wait(position, fire_at, None)
+                finally:
+                    self.inflight += 1
+            await self._commit(self._record(position, StepKind.SLEEP, "sleep",
+                                            StepStatus.COMPLETED, started_at=entry.started_at,
+                                            fire_at=fire_at))
+        finally:
+            self.inflight -= 1
+            self._activity()
+            self._maybe_park_soon()
+
+    async def wait_for(self, branch: Branch, name: str, timeout: float | None,
+                       default: Any) -> Any:
+        return await self._wait_event(branch.next_position(), StepKind.WAIT, name, name,
+                                      timeout, default)
+
+    async def _wait_event(self, position: str, kind: StepKind, name: str, event: str,
+                          timeout: float | None, default: Any) -> Any:
+        entry = self._entry(position, kind, name, 0)
+        if entry is not None and entry.status is StepStatus.COMPLETED:
+            return decode(entry.output) if entry.output is not None else default
+        clock = self.worker.clock
+        store = self.worker.store
+        self.inflight += 1
+        self._activity()
+        persisted = entry is not None
+        try:
+            await self._flush_buffered()
+            if entry is None:
+                started = clock.time()
+                deadline = started + timeout if timeout is not None else None
+                entry = self._record(position, kind, name, StepStatus.PENDING,
+                                     started_at=started, fire_at=deadline)
+            while True:
+                taken = await store.consume_event(self.run_id, event, entry)
+                if taken is not None:
+                    self.journal[position] = taken
+                    assert taken.output is not None
+                    return decode(taken.output)
+                if entry.fire_at is not None and clock.time() >= entry.fire_at:
+                    done = self._record(position, kind, name, StepStatus.COMPLETED,
+                                        started_at=entry.started_at, fire_at=entry.fire_at)
+                    await self._commit(done)
+                    return default
+                if not persisted:
+                    await self._commit(entry)  # the deadline must survive a crash
+                    persisted = True
+                self.inflight -= 1
+                try:
+                    await self._wait(position, entry.fire_at, event)
+                finally:
+                    self.inflight += 1
+        finally:
+            self.inflight -= 1
+            self._activity()
+            self._maybe_park_soon()
+
+    # -- children ------------------------------------------------------------------
+
+    async def start_child(self, branch: Branch, workflow: Any, args: tuple[Any, ...],
+                          kwargs: dict[str, Any], run_id: str | None) -> RunHandle[Any]:
+        definition = self.worker.app.workflow_definition(workflow)
+        position = branch.next_position()
+        entry = self._entry(position, StepKind.CHILD, definition.name, len(args) + len(kwargs))
+        if entry is not None and entry.output is not None:
+            return RunHandle(self.worker.app, decode(entry.output), parent_run_id=self.run_id)
+        child_id = run_id or f"{self.run_id}.{position}"
+        self.inflight += 1
+        self._activity()
+        try:
+            await self._flush_buffered()
+            now = self.worker.clock.time()
+            child = self.worker.app.new_run_record(definition, child_id, args, kwargs,
+                                                   parent=(self.run_id, position), now=now)
+            record = self._record(position, StepKind.CHILD, definition.name,
+                                  StepStatus.COMPLETED, started_at=now,
+                                  arity=len(args) + len(kwargs), output=encode(child_id))
+            stored, created = await self.worker.store.create_child_run(child, record)
+            if not created and stored.workflow_name != definition.name:
+                raise WorkflowConflictError(
+                    f"run {self.run_id} position {position}: child run id {child_id!r} already "
+                    f"belongs to workflow {stored.workflow_name!r}, not {definition.name!r}; "
+                    "choose another run_id",
+                    run_id=self.run_id, existing=stored.workflow_name, requested=definition.name,
+                )
+            if created:
+                self.worker.launch(stored, definition, journal=())
+            return RunHandle(self.worker.app, child_id, parent_run_id=self.run_id)
+        finally:
+            self.inflight -= 1
+            self._activity()
+            self._maybe_park_soon()
+
+    async def child_result(self, branch: Branch, child_run_id: str) -> Any:
+        """Durably wait for a child run's end; return its result or raise its failure."""
+        position = branch.next_position()
+        payload = await self._wait_event(position, StepKind.CHILD_RESULT, child_run_id,
+                                         child_event_name(child_run_id), None, None)
+        status = RunStatus(payload["status"])
+        if status is RunStatus.COMPLETED:
+            return decode(payload["result"]) if payload.get("result") is not None else None
+        if status is RunStatus.CANCELLED:
+            raise WorkflowCancelled(f"child run {child_run_id} was cancelled",
+                                    run_id=child_run_id)
+        error = payload.get("error") or {}
+        raise WorkflowFailed(
+            f"child run {child_run_id} failed: {error.get('type')}: {error.get('message')}",
+            run_id=child_run_id, error_type=error.get("type"),
+            error_message=error.get("message"), traceback=error.get("traceback"),
+        )

@@ -1,0 +1,44 @@
+"""Engine hooks: the points where resilience, observability and governance attach.
+
+Subclass `EngineHooks`, override what you need and pass it to `Garrison(hooks=[...])`.
+Hooks run synchronously on the event loop: keep them short. An exception raised by a
+hook propagates into the engine at that point (tests use this to simulate crashes).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from garrison.engine._context import StepInfo
+    from garrison.store import RunRecord, RunStatus
+
+__all__ = ["EngineHooks"]
+
+
+class EngineHooks:
+    """No-op base; every method is optional."""
+
+    def run_started(self, run: RunRecord) -> None:
+        """A run began executing in this process for the first time."""
+
+    def run_resumed(self, run: RunRecord, replayed_entries: int) -> None:
+        """A run with a journal began executing again (after a crash, restart or wake-up)."""
+
+    def run_parked(self, run_id: str, wake_at: float | None) -> None:
+        """A run's coroutine was released; it waits in the store."""
+
+    def run_finished(self, run_id: str, status: RunStatus) -> None:
+        """A run ended (COMPLETED, FAILED or CANCELLED) and that is durable."""
+
+    def step_started(self, step: StepInfo) -> None:
+        """A step's body is about to run (not replayed: replays return from the journal)."""
+
+    def step_completed(self, step: StepInfo, duration_s: float) -> None:
+        """A step's body returned; its result is not committed yet."""
+
+    def step_committed(self, step: StepInfo) -> None:
+        """A step's outcome is durable in the journal."""
+
+    def step_failed(self, step: StepInfo, error: BaseException, will_retry: bool) -> None:
+        """A step's body raised."""

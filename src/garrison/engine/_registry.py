@@ -1,0 +1,92 @@
+"""What `@app.step()` and `@app.workflow()` register: definitions and the registry."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from garrison.errors import ConfigurationError
+
+__all__ = ["Registry", "RetryPolicy", "StepDef", "WorkflowDef"]
+
+
+class RetryPolicy(Protocol):
+    """Decides whether a failed step runs again. `garrison.resilience.Retry` implements it."""
+
+    def delay_s(self, attempt: int, error: BaseException) -> float | None:
+        """Seconds to wait before attempt `attempt + 1`, or None to give up."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class StepDef:
+    """A registered step: its journal name, function and options."""
+
+    name: str
+    fn: Callable[..., Any]
+    is_async: bool
+    retry: RetryPolicy | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowDef:
+    """A registered workflow: its journal name, version and function."""
+
+    name: str
+    version: str
+    fn: Callable[..., Any]
+
+
+class Registry:
+    """Steps by name; workflows by (name, version)."""
+
+    def __init__(self) -> None:
+        self.steps: dict[str, StepDef] = {}
+        self.workflows: dict[tuple[str, str], WorkflowDef] = {}
+
+    def add_step(
+        self, fn: Callable[..., Any], name: str | None, retry: RetryPolicy | None
+    ) -> StepDef:
+        if not callable(fn):
+            raise ConfigurationError(f"@app.step() decorates a function, got {fn!r}")
+        step_name = name or fn.__qualname__
+        if retry is not None and not callable(getattr(retry, "delay_s", None)):
+            raise ConfigurationError(
+                f"step {step_name!r}: retry= takes an object with a delay_s(attempt, error) "
+                f"method (such as garrison.resilience.Retry), got {retry!r}",
+                step_name=step_name,
+            )
+        existing = self.steps.get(step_name)
+        if existing is not None and existing.fn is not fn:
+            raise ConfigurationError(
+                f"two steps are named {step_name!r}; give one another name with "
+                "@app.step(name=...)",
+                step_name=step_name,
+            )
+        definition = StepDef(step_name, fn, inspect.iscoroutinefunction(fn), retry)
+        self.steps[step_name] = definition
+        return definition
+
+    def add_workflow(self, fn: Callable[..., Any], name: str | None, version: str) -> WorkflowDef:
+        if not inspect.iscoroutinefunction(fn):
+            raise ConfigurationError(
+                f"@app.workflow() takes an `async def` function whose first parameter is the "
+                f"Context; {getattr(fn, '__qualname__', fn)!r} is not a coroutine function"
+            )
+        wf_name = name or fn.__qualname__
+        key = (wf_name, version)
+        existing = self.workflows.get(key)
+        if existing is not None and existing.fn is not fn:
+            raise ConfigurationError(
+                f"workflow {wf_name!r} version {version!r} is registered twice; bump version= "
+                "on the new code or give it another name",
+                workflow_name=wf_name,
+            )
+        definition = WorkflowDef(wf_name, version, fn)
+        self.workflows[key] = definition
+        return definition
+
+    def workflow(self, name: str, version: str) -> WorkflowDef | None:
+        return self.workflows.get((name, version))

@@ -1,0 +1,127 @@
+"""Every error Garrison raises, in one tree.
+
+```
+GarrisonError
+├── ConfigurationError          bad URL, bad option, wrong registration
+├── StoreError                  the store could not read or write
+│   ├── StoreLockedError        another worker process holds the embedded database
+│   └── SchemaVersionError      the database was written by a newer Garrison
+├── SerializationError          a value cannot be stored as JSON (names type and step)
+├── RunNotFoundError            no run with that id
+├── WorkflowError               something is wrong with one run
+│   ├── WorkflowConflictError   run id reused for another workflow
+│   ├── NonDeterminismError     code and journal disagree at a position
+│   └── NotInWorkflowError      a workflow-only call made outside a workflow
+├── WorkflowFailed              the run ended FAILED: carries the error as data
+├── WorkflowCancelled           the run ended CANCELLED
+├── StepFailed                  a journaled step error whose type is not loaded here
+└── ResultTimeoutError          `RunHandle.result(timeout=...)` gave up waiting
+```
+
+Ids are attributes (`run_id`, `position`, `step_name`); messages name the thing and the fix.
+Every error pickles through `__reduce__` so it can cross process boundaries intact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "ConfigurationError",
+    "GarrisonError",
+    "NonDeterminismError",
+    "NotInWorkflowError",
+    "ResultTimeoutError",
+    "RunNotFoundError",
+    "SchemaVersionError",
+    "SerializationError",
+    "StepFailed",
+    "StoreError",
+    "StoreLockedError",
+    "WorkflowCancelled",
+    "WorkflowConflictError",
+    "WorkflowError",
+    "WorkflowFailed",
+]
+
+
+class GarrisonError(Exception):
+    """Root of every error Garrison raises."""
+
+    def __init__(self, message: str, **fields: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self._fields = fields
+        for key, value in fields.items():
+            setattr(self, key, value)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.message, self._fields))
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _rebuild(cls: type[GarrisonError], message: str, fields: dict[str, Any]) -> GarrisonError:
+    error = cls.__new__(cls)
+    GarrisonError.__init__(error, message, **fields)
+    return error
+
+
+class ConfigurationError(GarrisonError):
+    """A URL, an option or a registration is wrong; the message says which and how to fix it."""
+
+
+class StoreError(GarrisonError):
+    """The store could not read or write. Nothing was half-written: the batch was rolled back."""
+
+
+class StoreLockedError(StoreError):
+    """Another worker process holds this embedded database (`pid` attribute when known)."""
+
+
+class SchemaVersionError(StoreError):
+    """The database schema is newer than this Garrison understands (`found`, `supported`)."""
+
+
+class SerializationError(GarrisonError):
+    """A value cannot be stored as JSON. Attributes: `type_name`, `what`, `run_id`, `step_name`."""
+
+
+class RunNotFoundError(GarrisonError):
+    """No run with this `run_id` exists in the store."""
+
+
+class WorkflowError(GarrisonError):
+    """Something is wrong with one run (`run_id`)."""
+
+
+class WorkflowConflictError(WorkflowError):
+    """A run id already belongs to a run of another workflow (`existing`, `requested`)."""
+
+
+class NonDeterminismError(WorkflowError):
+    """The workflow code and its journal disagree at `position` (`journal`, `code`)."""
+
+
+class NotInWorkflowError(WorkflowError):
+    """A call that only makes sense inside a running workflow was made outside one."""
+
+
+class WorkflowFailed(GarrisonError):
+    """A run ended FAILED; the error is data: `error_type`, `error_message`, `traceback`."""
+
+
+class WorkflowCancelled(GarrisonError):
+    """A run ended CANCELLED (`run_id`)."""
+
+
+class StepFailed(GarrisonError):
+    """A step's journaled error whose exception class is not loaded in this process.
+
+    Attributes: `error_type` (module-qualified name), `error_message`, `traceback`.
+    """
+
+
+class ResultTimeoutError(GarrisonError):
+    """`RunHandle.result(timeout=...)` stopped waiting; the run itself goes on (`run_id`)."""

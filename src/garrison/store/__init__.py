@@ -1,0 +1,59 @@
+"""Persistence: one `Store` protocol, an embedded SQLite backend (the default).
+
+The store knows nothing of agents: it keeps runs, journals and mailboxes, and offers
+the primitives the engine builds on.
+"""
+
+from __future__ import annotations
+
+from garrison.errors import ConfigurationError
+from garrison.store._protocol import Store
+from garrison.store._records import (
+    DEFAULT_TENANT,
+    EventRecord,
+    RunRecord,
+    RunStatus,
+    StepKind,
+    StepRecord,
+    StepStatus,
+    position_key,
+)
+from garrison.store._sqlite import SQLiteStore, parse_sqlite_url
+
+__all__ = [
+    "DEFAULT_TENANT",
+    "EventRecord",
+    "RunRecord",
+    "RunStatus",
+    "SQLiteStore",
+    "StepKind",
+    "StepRecord",
+    "StepStatus",
+    "Store",
+    "open_store",
+    "parse_sqlite_url",
+    "position_key",
+]
+
+DEFAULT_URL = "sqlite:///garrison.db"
+
+
+def open_store(url: str | None = None, *, create: bool = True) -> Store:
+    """The store for `url` (not yet opened). `None` means `sqlite:///garrison.db`.
+
+    Raises:
+        ConfigurationError: for a scheme Garrison does not know, naming the ones it does.
+    """
+    url = url or DEFAULT_URL
+    scheme = url.split(":", 1)[0].lower()
+    if scheme == "sqlite":
+        return SQLiteStore(url, create=create)
+    if scheme in {"postgres", "postgresql"}:
+        raise ConfigurationError(
+            f"store URL {url!r}: the PostgreSQL store is not part of this release yet; "
+            "use 'sqlite:///garrison.db'",
+            url=url,
+        )
+    raise ConfigurationError(
+        f"store URL {url!r}: unknown scheme {scheme!r}; use 'sqlite:///path.db'", url=url
+    )

@@ -1,0 +1,99 @@
+"""The one `Store` protocol every backend implements and the contract suite checks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from garrison.store._records import EventRecord, RunRecord, RunStatus, StepRecord
+
+__all__ = ["Store"]
+
+
+class Store(Protocol):
+    """Durable home of runs, their journals and their mailboxes.
+
+    Every write is durable when its awaitable returns (group-committed with the writes
+    of other runs queued at the same moment). A write that fails raised `StoreError`
+    and left nothing half-written.
+    """
+
+    url: str
+
+    async def open(self) -> None:
+        """Connect, create or migrate the schema. Raises `ConfigurationError`/`StoreError`."""
+
+    async def close(self) -> None:
+        """Flush queued writes and release every resource."""
+
+    async def register_worker(self, worker_id: str) -> None:
+        """Announce a worker. The embedded store admits one worker process at a time."""
+
+    async def create_run(self, run: RunRecord) -> tuple[RunRecord, bool]:
+        """Insert `run` unless its id exists; return the stored run and whether it was new."""
+
+    async def create_child_run(self, run: RunRecord, step: StepRecord) -> tuple[RunRecord, bool]:
+        """Insert a child run and its parent's journal entry in one transaction."""
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        """The run, or None."""
+
+    async def list_runs(
+        self,
+        *,
+        statuses: Sequence[RunStatus] | None = None,
+        workflow_name: str | None = None,
+        parent_run_id: str | None = None,
+        limit: int = 100,
+    ) -> list[RunRecord]:
+        """Runs, newest first, filtered by status, workflow or parent."""
+
+    async def load_journal(self, run_id: str) -> list[StepRecord]:
+        """Every journal entry of a run (any order)."""
+
+    async def append_steps(self, steps: Sequence[StepRecord]) -> None:
+        """Write journal entries; a COMPLETED/FAILED entry replaces a PENDING one."""
+
+    async def set_run_status(
+        self, run_id: str, status: RunStatus, *, owner: str | None = None,
+    ) -> None:
+        """Move a non-terminal run to `status` and clear its wake-up (terminal runs stay)."""
+
+    async def park_run(self, run_id: str, wake_at: float | None, events: Sequence[str]) -> None:
+        """Mark a run WAITING until `wake_at`, or at once if one of `events` is already queued."""
+
+    async def finish_run(
+        self, run_id: str, status: RunStatus, *, result: str | None, error: str | None,
+        completed_at: float, notify: EventRecord | None = None,
+    ) -> bool:
+        """End a run once; `notify` (to a parent) is sent in the same transaction.
+
+        Returns False when the run had already ended (nothing was changed).
+        """
+
+    async def send_event(self, run_id: str, name: str, payload: str, sent_at: float) -> int:
+        """Append to a run's mailbox and wake it if parked; returns the event's seq.
+
+        Raises `RunNotFoundError` for an unknown run.
+        """
+
+    async def consume_event(self, run_id: str, name: str, step: StepRecord) -> StepRecord | None:
+        """Take the oldest unconsumed event `name` and journal it as `step`, atomically.
+
+        Returns the written entry (its `output` is the event's payload), or None.
+        """
+
+    async def list_events(self, run_id: str) -> list[EventRecord]:
+        """A run's mailbox, consumed and not, in send order."""
+
+    async def request_cancel(self, run_id: str) -> RunRecord:
+        """Flag a run for cancellation. Raises `RunNotFoundError`."""
+
+    async def due_runs(self, now: float, *, limit: int = 1000) -> list[RunRecord]:
+        """WAITING runs whose `wake_at` has come."""
+
+    async def recoverable_runs(self, *, limit: int = 10_000) -> list[RunRecord]:
+        """PENDING and RUNNING runs that no live worker owns."""
+
+    async def changed(self) -> bool:
+        """Whether another process wrote since the last call (a cheap poll)."""

@@ -1,0 +1,120 @@
+"""The records a store persists: runs, journal steps and events."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+__all__ = [
+    "DEFAULT_TENANT",
+    "EventRecord", "RunRecord", "RunStatus", "StepKind", "StepRecord", "StepStatus",
+    "position_key",
+]
+
+DEFAULT_TENANT = "default"
+
+
+class RunStatus(enum.StrEnum):
+    """Where a run is in its life. Terminal: COMPLETED, FAILED, CANCELLED."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    WAITING = "WAITING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in _TERMINAL
+
+
+_TERMINAL = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
+
+
+class StepKind(enum.StrEnum):
+    """What a journal entry records."""
+
+    STEP = "step"
+    SLEEP = "sleep"
+    WAIT = "wait"
+    CHILD = "child"
+    CHILD_RESULT = "child_result"
+    NOW = "now"
+    UUID = "uuid"
+    RANDOM = "random"
+
+
+class StepStatus(enum.StrEnum):
+    """A journal entry is PENDING (a parked timer or wait) until it COMPLETED or FAILED."""
+
+    PENDING = "pending"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    """One durable run. Payload fields hold journal JSON text (see `engine._codec`)."""
+
+    run_id: str
+    workflow_name: str
+    workflow_version: str
+    status: RunStatus
+    inputs: str
+    created_at: float
+    updated_at: float
+    tenant_id: str = DEFAULT_TENANT
+    result: str | None = None
+    error: str | None = None
+    parent_run_id: str | None = None
+    parent_position: str | None = None
+    queue: str = "default"
+    completed_at: float | None = None
+    wake_at: float | None = None
+    deadline_at: float | None = None
+    trace_context: str | None = None
+    cancel_requested: bool = False
+    owner: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    """One journal entry: the outcome of a step, timer, wait, child start or journaled value.
+
+    `position` is a dotted path ("3", "4.2.1"): the branch's path, then its counter.
+    """
+
+    run_id: str
+    position: str
+    kind: StepKind
+    name: str
+    status: StepStatus
+    started_at: float
+    arity: int = 0
+    inputs: str | None = None
+    output: str | None = None
+    error: str | None = None
+    completed_at: float | None = None
+    fire_at: float | None = None
+    attempts: int = 1
+    worker: str | None = None
+    tenant_id: str = DEFAULT_TENANT
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    """A message sent to a run's mailbox with `Garrison.send`; consumed in `seq` order."""
+
+    run_id: str
+    seq: int
+    name: str
+    payload: str
+    sent_at: float
+    consumed_position: str | None = None
+    tenant_id: str = DEFAULT_TENANT
+
+
+def position_key(position: str) -> tuple[int, ...]:
+    """Sort key for dotted positions: "2" < "10" < "10.1"."""
+    return tuple(int(part) for part in position.split("."))

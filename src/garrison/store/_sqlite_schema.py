@@ -1,0 +1,72 @@
+"""The embedded store's schema, versioned; migrations apply in order on open.
+
+Every row carries `tenant_id` so that row-level security can be switched on later
+without a rewrite; payload columns hold journal JSON text and can move out to a
+claim-check table without changing the journal's meaning.
+"""
+
+from __future__ import annotations
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION"]
+
+_V1 = """
+CREATE TABLE IF NOT EXISTS garrison_meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL DEFAULT 'default',
+    workflow_name TEXT NOT NULL,
+    workflow_version TEXT NOT NULL,
+    status TEXT NOT NULL,
+    inputs TEXT NOT NULL,
+    result TEXT,
+    error TEXT,
+    parent_run_id TEXT,
+    parent_position TEXT,
+    queue TEXT NOT NULL DEFAULT 'default',
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    completed_at REAL,
+    wake_at REAL,
+    deadline_at REAL,
+    trace_context TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    owner TEXT
+);
+CREATE INDEX IF NOT EXISTS runs_status_wake ON runs (status, wake_at);
+CREATE INDEX IF NOT EXISTS runs_parent ON runs (parent_run_id);
+CREATE INDEX IF NOT EXISTS runs_created ON runs (created_at);
+CREATE TABLE IF NOT EXISTS steps (
+    run_id TEXT NOT NULL,
+    position TEXT NOT NULL,
+    tenant_id TEXT NOT NULL DEFAULT 'default',
+    kind TEXT NOT NULL,
+    name TEXT NOT NULL,
+    status TEXT NOT NULL,
+    arity INTEGER NOT NULL DEFAULT 0,
+    inputs TEXT,
+    output TEXT,
+    error TEXT,
+    started_at REAL NOT NULL,
+    completed_at REAL,
+    fire_at REAL,
+    attempts INTEGER NOT NULL DEFAULT 1,
+    worker TEXT,
+    PRIMARY KEY (run_id, position)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL,
+    tenant_id TEXT NOT NULL DEFAULT 'default',
+    name TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    sent_at REAL NOT NULL,
+    consumed_position TEXT
+);
+CREATE INDEX IF NOT EXISTS events_mailbox ON events (run_id, name, consumed_position, seq);
+"""
+
+SCHEMA_VERSION = 1
+MIGRATIONS: dict[int, str] = {1: _V1}
