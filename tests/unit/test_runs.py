@@ -133,7 +133,7 @@ async def test_unserializable_step_result_fails_at_the_call_site_naming_type_and
 
     async with app:
         assert await (await app.start(w)).result(timeout=5) == "handled"
-    assert "step 1 'test_unserializable" in seen[0] and "lock" in seen[0]
+    assert "step 1 'opens'" in seen[0] and "lock" in seen[0]
 
 
 async def test_sync_steps_run_in_threads_with_their_idempotency_key(db_url: str) -> None:

@@ -9,7 +9,14 @@ from typing import Any, Protocol
 
 from garrison.errors import ConfigurationError
 
-__all__ = ["Registry", "RetryPolicy", "StepDef", "WorkflowDef"]
+__all__ = ["Registry", "RetryPolicy", "StepDef", "WorkflowDef", "default_name"]
+
+
+def default_name(fn: Callable[..., Any]) -> str:
+    """The journal name of a function: its qualified name, or its plain name when it is
+    defined inside another function (where `<locals>` would leak into the journal)."""
+    qualname = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", repr(fn))
+    return fn.__name__ if "<locals>" in qualname else qualname
 
 
 class RetryPolicy(Protocol):
@@ -51,7 +58,7 @@ class Registry:
     ) -> StepDef:
         if not callable(fn):
             raise ConfigurationError(f"@app.step() decorates a function, got {fn!r}")
-        step_name = name or fn.__qualname__
+        step_name = name or default_name(fn)
         if retry is not None and not callable(getattr(retry, "delay_s", None)):
             raise ConfigurationError(
                 f"step {step_name!r}: retry= takes an object with a delay_s(attempt, error) "
@@ -75,7 +82,7 @@ class Registry:
                 f"@app.workflow() takes an `async def` function whose first parameter is the "
                 f"Context; {getattr(fn, '__qualname__', fn)!r} is not a coroutine function"
             )
-        wf_name = name or fn.__qualname__
+        wf_name = name or default_name(fn)
         key = (wf_name, version)
         existing = self.workflows.get(key)
         if existing is not None and existing.fn is not fn:

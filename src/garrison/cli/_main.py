@@ -1,0 +1,176 @@
+"""`garrison demo | worker | runs list | runs show`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from garrison.errors import GarrisonError
+from garrison.store import RunStatus, open_store
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(help="Garrison: durable execution for AI agents.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+runs_app = typer.Typer(help="Inspect runs in a store.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+console = Console()
+
+DbOption = Annotated[str | None, typer.Option(
+    "--db", envvar="GARRISON_DB",
+    help="Store URL (default: the --app's store, else sqlite:///garrison.db).")]
+AppOption = Annotated[str | None, typer.Option(
+    "--app", help="Your application as 'module:attribute'.")]
+
+
+def _fail(error: Exception) -> typer.Exit:
+    console.print(f"[red]error:[/] {error}")
+    return typer.Exit(2)
+
+
+def _store_url(db: str | None, app_spec: str | None) -> str | None:
+    if db:
+        return db
+    if app_spec:
+        from garrison.cli._load import load_app
+
+        return load_app(app_spec).store.url
+    return None
+
+
+@app.command()
+def demo(
+    runs: Annotated[int, typer.Option(help="How many order workflows to run.")] = 200,
+    folder: Annotated[Path, typer.Option(help="Where the demo database goes.")] = Path(
+        "garrison-demo"),
+) -> None:
+    """Run a batch of durable workflows, SIGKILL the worker midway, restart it, report."""
+    from garrison.demo._driver import run_demo
+
+    if runs < 1:
+        raise _fail(ValueError(f"--runs {runs}: run at least one workflow"))
+    report = run_demo(folder, runs=runs, console=console)
+    if report.lost:
+        raise typer.Exit(1)
+
+
+@app.command()
+def worker(app_spec: Annotated[str, typer.Option("--app", help="'module:attribute'.")]) -> None:
+    """Run a worker for an application until SIGINT/SIGTERM; resumes unfinished runs."""
+    from garrison.cli._load import load_app
+
+    try:
+        application = load_app(app_spec)
+    except GarrisonError as exc:
+        raise _fail(exc) from exc
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        async with application:
+            console.print(f"worker {application.worker_id} on {application.store.url} "
+                          f"(pid {os.getpid()}); Ctrl-C to stop")
+            for orphan in application.orphaned_runs:
+                console.print(f"[yellow]orphaned[/] {orphan.run_id}: {orphan.workflow_name} "
+                              f"v{orphan.workflow_version} is not registered here")
+            await stop.wait()
+        console.print("worker stopped; unfinished runs resume on the next start")
+
+    try:
+        asyncio.run(serve())
+    except GarrisonError as exc:
+        raise _fail(exc) from exc
+
+
+@runs_app.command("list")
+def runs_list(
+    db: DbOption = None,
+    app_spec: AppOption = None,
+    status: Annotated[list[RunStatus] | None, typer.Option(help="Only these statuses.")] = None,
+    orphaned: Annotated[bool, typer.Option(
+        help="Only unfinished runs whose workflow version --app does not register.")] = False,
+    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List runs, newest first."""
+    from garrison.cli._render import run_json, runs_table
+
+    if orphaned and not app_spec:
+        raise _fail(ValueError("--orphaned compares runs with an app's code: add --app module:app"))
+
+    async def fetch() -> list[object]:
+        store = open_store(_store_url(db, app_spec), create=False)
+        await store.open()
+        try:
+            statuses = list(status) if status else None
+            if orphaned:
+                from garrison.cli._load import load_app
+
+                registry = load_app(str(app_spec)).registry
+                unfinished = [s for s in RunStatus if not s.is_terminal]
+                runs = await store.list_runs(statuses=unfinished, limit=100_000)
+                return [r for r in runs if registry.workflow(r.workflow_name,
+                                                             r.workflow_version) is None][:limit]
+            return list(await store.list_runs(statuses=statuses, limit=limit))
+        finally:
+            await store.close()
+
+    try:
+        runs = asyncio.run(fetch())
+    except GarrisonError as exc:
+        raise _fail(exc) from exc
+    if as_json:
+        print(json.dumps([run_json(r) for r in runs], indent=2))  # type: ignore[arg-type]
+    else:
+        console.print(runs_table(runs, "orphaned runs" if orphaned else "runs"))  # type: ignore[arg-type]
+
+
+@runs_app.command("show")
+def runs_show(
+    run_id: Annotated[str, typer.Argument(help="The run's id.")],
+    db: DbOption = None,
+    app_spec: AppOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show one run and its step timeline: position, name, status, attempts, duration, error."""
+    from garrison.cli._render import run_json, timeline_table
+    from garrison.errors import RunNotFoundError
+
+    async def fetch() -> tuple[object, list[object]]:
+        store = open_store(_store_url(db, app_spec), create=False)
+        await store.open()
+        try:
+            run = await store.get_run(run_id)
+            if run is None:
+                raise RunNotFoundError(f"no run {run_id!r} in {store.url}; `garrison runs list` "
+                                       "shows the runs", run_id=run_id)
+            return run, list(await store.load_journal(run_id))
+        finally:
+            await store.close()
+
+    try:
+        run, steps = asyncio.run(fetch())
+    except GarrisonError as exc:
+        raise _fail(exc) from exc
+    if as_json:
+        print(json.dumps(run_json(run, steps), indent=2))  # type: ignore[arg-type]
+        return
+    console.print(timeline_table(run, steps))  # type: ignore[arg-type]
+    if run.error:  # type: ignore[attr-defined]
+        error = json.loads(run.error)  # type: ignore[attr-defined]
+        console.print(f"[red]{error.get('type')}[/]: {error.get('message')}")
+        console.print(error.get("traceback", ""), markup=False, highlight=False)
+
+
+def main() -> None:
+    """Entry point of the `garrison` script."""
+    app()
