@@ -20,7 +20,9 @@ def load_app(spec: str) -> Garrison:
     """
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
-        raise ConfigurationError(f"--app {spec!r}: expected 'module:attribute', e.g. 'shop.jobs:app'")
+        raise ConfigurationError(
+            f"--app {spec!r}: expected 'module:attribute', e.g. 'shop.jobs:app'"
+        )
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 
 from garrison.errors import GarrisonError
-from garrison.store import RunStatus, open_store
+from garrison.store import RunRecord, RunStatus, StepRecord, open_store
 
 __all__ = ["app", "main"]
 
@@ -107,7 +107,7 @@ def runs_list(
     if orphaned and not app_spec:
         raise _fail(ValueError("--orphaned compares runs with an app's code: add --app module:app"))
 
-    async def fetch() -> list[object]:
+    async def fetch() -> list[RunRecord]:
         store = open_store(_store_url(db, app_spec), create=False)
         await store.open()
         try:
@@ -120,7 +120,7 @@ def runs_list(
                 runs = await store.list_runs(statuses=unfinished, limit=100_000)
                 return [r for r in runs if registry.workflow(r.workflow_name,
                                                              r.workflow_version) is None][:limit]
-            return list(await store.list_runs(statuses=statuses, limit=limit))
+            return await store.list_runs(statuses=statuses, limit=limit)
         finally:
             await store.close()
 
@@ -129,9 +129,9 @@ def runs_list(
     except GarrisonError as exc:
         raise _fail(exc) from exc
     if as_json:
-        print(json.dumps([run_json(r) for r in runs], indent=2))  # type: ignore[arg-type]
+        print(json.dumps([run_json(r) for r in runs], indent=2))
     else:
-        console.print(runs_table(runs, "orphaned runs" if orphaned else "runs"))  # type: ignore[arg-type]
+        console.print(runs_table(runs, "orphaned runs" if orphaned else "runs"))
 
 
 @runs_app.command("show")
@@ -145,7 +145,7 @@ def runs_show(
     from garrison.cli._render import run_json, timeline_table
     from garrison.errors import RunNotFoundError
 
-    async def fetch() -> tuple[object, list[object]]:
+    async def fetch() -> tuple[RunRecord, list[StepRecord]]:
         store = open_store(_store_url(db, app_spec), create=False)
         await store.open()
         try:
@@ -153,7 +153,7 @@ def runs_show(
             if run is None:
                 raise RunNotFoundError(f"no run {run_id!r} in {store.url}; `garrison runs list` "
                                        "shows the runs", run_id=run_id)
-            return run, list(await store.load_journal(run_id))
+            return run, await store.load_journal(run_id)
         finally:
             await store.close()
 
@@ -162,11 +162,11 @@ def runs_show(
     except GarrisonError as exc:
         raise _fail(exc) from exc
     if as_json:
-        print(json.dumps(run_json(run, steps), indent=2))  # type: ignore[arg-type]
+        print(json.dumps(run_json(run, steps), indent=2))
         return
-    console.print(timeline_table(run, steps))  # type: ignore[arg-type]
-    if run.error:  # type: ignore[attr-defined]
-        error = json.loads(run.error)  # type: ignore[attr-defined]
+    console.print(timeline_table(run, steps))
+    if run.error:
+        error = json.loads(run.error)
         console.print(f"[red]{error.get('type')}[/]: {error.get('message')}")
         console.print(error.get("traceback", ""), markup=False, highlight=False)
 

@@ -2,7 +2,9 @@
 
 JSON types pass through as they are (tuples come back as lists). These come back as
 themselves: `datetime`, `date`, `time`, `timedelta`, `UUID`, `Decimal`, `bytes`, `set`,
-`frozenset`, enums, dataclasses and pydantic models. A tagged value is an object
+`frozenset` (tuples inside them come back as tuples), `Enum` members, dataclasses and
+pydantic models. `IntEnum`/`StrEnum` members are ints/strs to JSON and come back as
+their plain value (equal to the member). A tagged value is an object
 `{"$garrison": TAG, "v": ..., "type": "module:QualName"}`; the key `$garrison` is reserved.
 
 Reading a journal never runs code it names: a class is looked up among the modules this
@@ -23,7 +25,7 @@ import uuid
 from decimal import Decimal
 from typing import Any
 
-from garrison.errors import SerializationError
+from garrison.errors import GarrisonError, SerializationError
 
 __all__ = ["decode", "encode", "error_from_data", "error_to_data", "roundtrip"]
 
@@ -127,9 +129,16 @@ def _rebuild(tag: str, body: dict[str, Any]) -> Any:
     if tag == "bytes":
         return base64.b64decode(v)
     if tag == "set":
-        return set(v)
+        return {_hashable(item) for item in v}
     if tag == "frozenset":
-        return frozenset(v)
+        return frozenset(_hashable(item) for item in v)
+    if tag not in _CLASS_TAGS or not isinstance(body.get("type"), str):
+        raise SerializationError(
+            f"the journal holds a value tagged {tag!r} that this Garrison cannot read; "
+            "was it written by a newer version, or edited by hand?",
+            type_name=str(tag),
+            what="journal value",
+        )
     cls = _lookup_class(body["type"])
     if tag == "enum" and issubclass(cls, enum.Enum):
         return cls(v)
@@ -147,6 +156,16 @@ def _rebuild(tag: str, body: dict[str, Any]) -> Any:
         type_name=body["type"],
         what="journal value",
     )
+
+
+_CLASS_TAGS = frozenset({"enum", "dataclass", "pydantic"})
+
+
+def _hashable(item: Any) -> Any:
+    """Set members were tuples before JSON made them lists: make them tuples again."""
+    if isinstance(item, list):
+        return tuple(_hashable(x) for x in item)
+    return item
 
 
 def _object_hook(obj: dict[str, Any]) -> Any:
@@ -176,12 +195,24 @@ def error_to_data(error: BaseException) -> dict[str, Any]:
         args = list(error.args)
     except (TypeError, ValueError):
         args = None
-    return {
+    data: dict[str, Any] = {
         "type": _type_path(cls),
         "message": str(error),
         "traceback": "".join(traceback.format_exception(error)),
         "args": args,
     }
+    fields = getattr(error, "_fields", None)
+    if isinstance(error, GarrisonError) and fields:
+        try:
+            json.dumps(fields, default=_default)
+            data["fields"] = fields
+        except (TypeError, ValueError):
+            pass  # ids that are not JSON stay out; the message still names them
+    return data
+
+
+def _replay_note(data: dict[str, Any]) -> str:
+    return f"(replayed from the journal; original traceback:)\n{data.get('traceback')}"
 
 
 def error_from_data(data: dict[str, Any]) -> BaseException:
@@ -198,13 +229,17 @@ def error_from_data(data: dict[str, Any]) -> BaseException:
     for part in qualname.split("."):
         obj = getattr(obj, part, None) if obj is not None else None
     args = data.get("args")
+    if isinstance(obj, type) and issubclass(obj, GarrisonError):
+        error_ = obj(str(data.get("message", "")), **dict(data.get("fields") or {}))
+        error_.add_note(_replay_note(data))
+        return error_
     if isinstance(obj, type) and issubclass(obj, Exception) and args is not None:
         try:
             error: BaseException = obj(*args)
         except Exception:  # a constructor with another signature: rebuild without __init__
             error = obj.__new__(obj)
             error.args = tuple(args)
-        error.add_note(f"(replayed from the journal; original traceback:)\n{data.get('traceback')}")
+        error.add_note(_replay_note(data))
         return error
     return StepFailed(
         f"{path}: {data.get('message')}",

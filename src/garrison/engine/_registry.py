@@ -15,8 +15,8 @@ __all__ = ["Registry", "RetryPolicy", "StepDef", "WorkflowDef", "default_name"]
 def default_name(fn: Callable[..., Any]) -> str:
     """The journal name of a function: its qualified name, or its plain name when it is
     defined inside another function (where `<locals>` would leak into the journal)."""
-    qualname = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", repr(fn))
-    return fn.__name__ if "<locals>" in qualname else qualname
+    qualname = str(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", repr(fn)))
+    return str(getattr(fn, "__name__", qualname)) if "<locals>" in qualname else qualname
 
 
 class RetryPolicy(Protocol):

@@ -95,6 +95,13 @@ def parse_sqlite_url(url: str) -> tuple[str, dict[str, str]]:
             f"store URL {url!r}: synchronous={sync!r} is not one of {_SYNC_MODES}", url=url
         )
     options["synchronous"] = sync
+    busy = options.get("busy_timeout_ms", "5000")
+    if not busy.isdigit():
+        raise ConfigurationError(
+            f"store URL {url!r}: busy_timeout_ms={busy!r} must be a whole number of "
+            "milliseconds, e.g. busy_timeout_ms=5000",
+            url=url,
+        )
     return path, options
 
 
@@ -151,9 +158,18 @@ class _GroupCommit:
                 conn.execute("SAVEPOINT op")
                 try:
                     outcome = op(conn)
-                except (sqlite3.IntegrityError, WorkflowError, RunNotFoundError) as exc:
+                except (WorkflowError, RunNotFoundError) as exc:
                     conn.execute("ROLLBACK TO op")
                     outcomes.append((future, None, exc))
+                except sqlite3.IntegrityError as exc:
+                    conn.execute("ROLLBACK TO op")
+                    rejected = StoreError(
+                        f"SQLite store {self._path}: write rejected by a constraint: {exc}; "
+                        "nothing of this write was kept",
+                        path=self._path,
+                    )
+                    rejected.__cause__ = exc
+                    outcomes.append((future, None, rejected))
                 else:
                     outcomes.append((future, outcome, None))
                 conn.execute("RELEASE op")

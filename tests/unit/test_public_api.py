@@ -1,0 +1,39 @@
+"""Pins the public surface: later issues build on these names."""
+
+from __future__ import annotations
+
+import garrison
+import garrison.engine
+import garrison.store
+
+
+def test_top_level_names_are_pinned() -> None:
+    assert garrison.__all__ == [
+        "Clock", "ConfigurationError", "Context", "EngineHooks", "Garrison", "GarrisonError",
+        "NonDeterminismError", "NotInWorkflowError", "ResultTimeoutError", "RetryPolicy",
+        "RunHandle", "RunNotFoundError", "RunRecord", "RunStatus", "SchemaVersionError",
+        "SerializationError", "StepFailed", "StepInfo", "StepRecord", "Store", "StoreError",
+        "StoreLockedError", "WorkflowCancelled", "WorkflowConflictError", "WorkflowError",
+        "WorkflowFailed", "__version__", "current_step",
+    ]
+    for name in garrison.__all__:
+        assert hasattr(garrison, name), name
+
+
+def test_every_package_exports_a_sorted_all() -> None:
+    for module in (garrison, garrison.engine, garrison.store):
+        assert module.__all__ == sorted(module.__all__), module.__name__
+
+
+def test_run_status_is_a_str_enum_with_the_documented_members() -> None:
+    assert [s.value for s in garrison.RunStatus] == [
+        "PENDING", "RUNNING", "WAITING", "COMPLETED", "FAILED", "CANCELLED"]
+    assert garrison.RunStatus.COMPLETED == "COMPLETED"
+    assert isinstance(garrison.RunStatus.FAILED, str)
+
+
+def test_every_error_descends_from_garrison_error() -> None:
+    for name in garrison.__all__:
+        obj = getattr(garrison, name)
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            assert issubclass(obj, garrison.GarrisonError), name
