@@ -78,7 +78,13 @@ def encode(value: Any, *, what: str = "value") -> str:
             "result of step 'charge'").
     """
     try:
-        return json.dumps(value, default=_default, separators=(",", ":"), ensure_ascii=False)
+        text = json.dumps(value, default=_default, separators=(",", ":"), ensure_ascii=False)
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # lone surrogates (os.fsdecode of a bad file name)
+                text = json.dumps(value, default=_default, separators=(",", ":"))
+        return text
     except (TypeError, ValueError) as exc:
         bad = exc.args[0] if exc.args and isinstance(exc.args[0], type) else type(value)
         name = getattr(bad, "__qualname__", str(bad))
@@ -180,9 +186,14 @@ def decode(text: str) -> Any:
     return json.loads(text, object_hook=_object_hook)
 
 
+_SCALARS = (str, int, float, bool, type(None))
+
+
 def roundtrip(value: Any, *, what: str = "value") -> tuple[str, Any]:
     """Encode `value` and decode it again, so a first run sees exactly what a replay will."""
     text = encode(value, what=what)
+    if type(value) in _SCALARS:  # exact types only: an IntEnum must come back as an int
+        return text, value
     return text, decode(text)
 
 

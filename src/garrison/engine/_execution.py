@@ -22,8 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
+from garrison._log import get_logger
 from garrison.engine._codec import decode, encode, error_from_data, error_to_data, roundtrip
 from garrison.engine._context import (
     Branch,
@@ -51,7 +50,7 @@ if TYPE_CHECKING:
 
 __all__ = ["RunExecution", "child_event_name"]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 # Loop passes with no journaled activity before an all-waiting run is parked. A branch
 # between two operations runs synchronously, and a finished branch reaches the task
@@ -239,7 +238,10 @@ class RunExecution:
         return record
 
     async def _commit(self, record: StepRecord) -> None:
-        records, self._buffered = [*self._buffered, record], []
+        if self._buffered:
+            records, self._buffered = [*self._buffered, record], []
+        else:
+            records = [record]
         await self.worker.store.append_steps(records)
 
     async def _flush_buffered(self) -> None:

@@ -24,8 +24,10 @@ __all__ = ["RunHandle"]
 
 R = TypeVar("R")
 
-# How often `result()` re-reads the store when the run executes in another process.
+# How often `result()` re-reads the store: often when another process executes the run,
+# rarely as a safety net when this process's worker does (its end resolves a future).
 _POLL_S = 0.1
+_LOCAL_POLL_S = 5.0
 
 
 class RunHandle(Generic[R]):
@@ -98,7 +100,7 @@ class RunHandle(Generic[R]):
                 value: R = _outcome(run)
                 return value
             try:
-                async with asyncio.timeout(_POLL_S):
+                async with asyncio.timeout(_POLL_S if waiter is None else _LOCAL_POLL_S):
                     if waiter is not None:
                         await waiter
                     else:

@@ -14,8 +14,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-import structlog
-
+from garrison._log import get_logger
 from garrison.engine._clock import Clock
 from garrison.engine._context import enter_branch
 from garrison.engine._execution import RunExecution, child_event_name
@@ -29,7 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Worker"]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _RETRY_BASE_S = 0.5
 _RETRY_CAP_S = 30.0
@@ -120,7 +119,7 @@ class Worker:
                                                     owner=self.worker_id)
                 for hook in self.hooks:
                     hook.run_resumed(run, len(entries))
-                log.info("run.resumed", run_id=run.run_id, workflow=run.workflow_name,
+                log.debug("run.resumed", run_id=run.run_id, workflow=run.workflow_name,
                          journal_entries=len(entries))
             else:
                 for hook in self.hooks:
@@ -261,7 +260,7 @@ class Worker:
                                               completed_at=now, notify=notify)
         if not changed:
             return False
-        log.info("run.finished", run_id=run.run_id, status=status.value)
+        log.debug("run.finished", run_id=run.run_id, status=status.value)
         for hook in self.hooks:
             hook.run_finished(run.run_id, status)
         for future in self._result_waiters.pop(run.run_id, []):

@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
-import structlog
-
+from garrison._log import get_logger
 from garrison.errors import (
     ConfigurationError,
     RunNotFoundError,
@@ -41,7 +40,7 @@ from garrison.store._sqlite_schema import MIGRATIONS, SCHEMA_VERSION
 
 __all__ = ["SQLiteStore", "parse_sqlite_url"]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 T = TypeVar("T")
 _Op = Callable[[sqlite3.Connection], Any]
@@ -152,19 +151,24 @@ class _GroupCommit:
             return
         conn = self._conn
         outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        # A lone write needs no savepoint: if it fails, rolling back is the same thing.
+        isolate = len(ops) > 1
         try:
             conn.execute("BEGIN IMMEDIATE")
             for op, future in ops:
-                conn.execute("SAVEPOINT op")
+                if isolate:
+                    conn.execute("SAVEPOINT op")
                 try:
                     outcome = op(conn)
                 except (WorkflowError, RunNotFoundError) as exc:
-                    conn.execute("ROLLBACK TO op")
+                    conn.execute("ROLLBACK TO op" if isolate else "ROLLBACK")
                     outcomes.append((future, None, exc))
-                except sqlite3.IntegrityError as exc:
-                    conn.execute("ROLLBACK TO op")
+                except (sqlite3.IntegrityError, sqlite3.InterfaceError, ValueError) as exc:
+                    # This write alone is bad (a constraint, a value SQLite cannot bind):
+                    # undo it, keep the others.
+                    conn.execute("ROLLBACK TO op" if isolate else "ROLLBACK")
                     rejected = StoreError(
-                        f"SQLite store {self._path}: write rejected by a constraint: {exc}; "
+                        f"SQLite store {self._path}: write rejected: {exc}; "
                         "nothing of this write was kept",
                         path=self._path,
                     )
@@ -172,14 +176,26 @@ class _GroupCommit:
                     outcomes.append((future, None, rejected))
                 else:
                     outcomes.append((future, outcome, None))
-                conn.execute("RELEASE op")
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+                if isolate:
+                    conn.execute("RELEASE op")
+            if conn.in_transaction:
+                conn.execute("COMMIT")
+        except BaseException as exc:
             if conn.in_transaction:
                 # A broken connection may refuse even this; the error below says why.
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
-            error = _store_error(exc, self._path, "commit")
+            if not isinstance(exc, Exception):
+                for _, future in ops:
+                    if not future.done():
+                        future.cancel()
+                raise
+            if isinstance(exc, sqlite3.Error):
+                error = _store_error(exc, self._path, "commit")
+            else:
+                error = StoreError(f"SQLite store {self._path}: a write failed: {exc!r}; "
+                                   "the batch was rolled back whole", path=self._path)
+                error.__cause__ = exc
             log.error("store.commit_failed", path=self._path, writes=len(ops), error=str(exc))
             for _, future in ops:
                 if not future.done():
