@@ -17,6 +17,8 @@ import asyncio
 import json
 import os
 import signal
+import sys
+from pathlib import Path
 from typing import Any
 
 from garrison import Context, EngineHooks, Garrison, StepInfo, current_step
@@ -79,7 +81,7 @@ def expected(i: int) -> int:
     return 2 * (i + (i + 1) + sum(i * 10 + k for k in range(3)) + i + (i + 1) + (i + 2))
 
 
-async def main() -> None:
+async def main() -> list[int]:
     parser = argparse.ArgumentParser()
     parser.add_argument("--db", required=True)
     parser.add_argument("--effects", required=True)
@@ -94,9 +96,9 @@ async def main() -> None:
     async with app:
         handles = [await app.start(batch, i, run_id=f"batch-{i}") for i in range(RUNS)]
         results = [await h.result(timeout=60) for h in handles]
-    with open(args.out, "w") as out:
-        json.dump({"pid": os.getpid(), "results": results}, out)
+    return results
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    out = sys.argv[sys.argv.index("--out") + 1]
+    Path(out).write_text(json.dumps({"pid": os.getpid(), "results": asyncio.run(main())}))

@@ -38,9 +38,19 @@ class CrashAt(EngineHooks):
         self._tick("committed")
 
 
-async def wait_until(predicate: object, *, timeout_s: float = 5.0) -> None:
-    """Poll a sync predicate on the loop until it holds (event-driven tests prefer events)."""
-    assert callable(predicate)
-    async with asyncio.timeout(timeout_s):
-        while not predicate():
-            await asyncio.sleep(0.005)
+class ParkWatch(EngineHooks):
+    """Lets a test await the moment a run is parked in the store (no polling)."""
+
+    def __init__(self) -> None:
+        self._parked: dict[str, asyncio.Event] = {}
+
+    def _event(self, run_id: str) -> asyncio.Event:
+        return self._parked.setdefault(run_id, asyncio.Event())
+
+    def run_parked(self, run_id: str, wake_at: float | None) -> None:
+        self._event(run_id).set()
+
+    async def parked(self, *run_ids: str, timeout_s: float = 5.0) -> None:
+        async with asyncio.timeout(timeout_s):
+            for run_id in run_ids:
+                await self._event(run_id).wait()

@@ -13,7 +13,9 @@ from garrison.engine import EngineHooks
 from ._support import Crash, CrashAt
 
 
-def build(url: str, effects: Counter[str], hooks: tuple[EngineHooks, ...] = ()) -> tuple[Garrison, Any]:
+def build(
+    url: str, effects: Counter[str], hooks: tuple[EngineHooks, ...] = ()
+) -> tuple[Garrison, Any]:
     app = Garrison(url, hooks=hooks)
 
     @app.step()
@@ -151,7 +153,8 @@ def await_status(url: str, run_id: str) -> RunStatus:
 
     path = url.removeprefix("sqlite:///")
     with sqlite3.connect(path) as conn:
-        return RunStatus(conn.execute("SELECT status FROM runs WHERE run_id = ?", (run_id,)).fetchone()[0])
+        row = conn.execute("SELECT status FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return RunStatus(row[0])
 
 
 async def test_changed_arity_is_nondeterminism(db_url: str) -> None:

@@ -26,7 +26,7 @@ from garrison import (
 )
 from garrison.store import StepKind
 
-from ._support import wait_until
+from ._support import ParkWatch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,8 +187,8 @@ async def test_fan_out_positions_do_not_depend_on_completion_order(db_url: str) 
     }
 
 
-def family(url: str, gate: asyncio.Event | None = None) -> tuple[Garrison, Any, Any]:
-    app = Garrison(url)
+def family(url: str, watch: ParkWatch | None = None) -> tuple[Garrison, Any, Any]:
+    app = Garrison(url, hooks=[watch] if watch else [])
 
     @app.step()
     async def double(x: int) -> int:
@@ -223,15 +223,16 @@ async def test_child_failure_surfaces_in_parent_as_workflow_failed(db_url: str) 
     app, parent, _ = family(db_url)
     async with app:
         handle = await app.start(parent, [1, -1], run_id="p")
-        with pytest.raises(WorkflowFailed, match="child run p.2 failed: builtins:ValueError"):
+        with pytest.raises(WorkflowFailed, match=r"child run p\.2 failed: builtins:ValueError"):
             await handle.result(timeout=5)
 
 
 async def test_cancel_is_recorded_and_propagates_to_children(db_url: str) -> None:
-    app, parent, _ = family(db_url)
+    watch = ParkWatch()
+    app, parent, _ = family(db_url, watch)
     async with app:
         handle = await app.start(parent, [0, 0], run_id="p")
-        await wait_until(lambda: app.worker is not None and not app.worker.live)
+        await watch.parked("p", "p.1", "p.2")
         await handle.cancel()
         with pytest.raises(WorkflowCancelled):
             await handle.result(timeout=5)
@@ -296,7 +297,8 @@ async def test_ctx_operations_inside_a_step_are_refused(db_url: str) -> None:
 
 
 async def test_unregistered_version_is_reported_orphaned_not_failed(db_url: str) -> None:
-    app = Garrison(db_url)
+    watch = ParkWatch()
+    app = Garrison(db_url, hooks=[watch])
 
     @app.workflow(name="w", version="1")
     async def w1(ctx: Context) -> Any:
@@ -304,7 +306,7 @@ async def test_unregistered_version_is_reported_orphaned_not_failed(db_url: str)
 
     async with app:
         await app.start(w1, run_id="old")
-        await wait_until(lambda: app.worker is not None and not app.worker.live)
+        await watch.parked("old")
     app2 = Garrison(db_url)
 
     @app2.workflow(name="w", version="2")

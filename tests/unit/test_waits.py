@@ -9,11 +9,12 @@ import pytest
 from garrison import Context, Garrison, RunNotFoundError, RunStatus, WorkflowError
 from garrison.testing import FakeClock
 
-from ._support import wait_until
+from ._support import ParkWatch
 
 
-def timer_app(url: str, clock: FakeClock, marks: list[str]) -> tuple[Garrison, Any]:
-    app = Garrison(url, clock=clock)
+def timer_app(url: str, clock: FakeClock, marks: list[str],
+              watch: ParkWatch | None = None) -> tuple[Garrison, Any]:
+    app = Garrison(url, clock=clock, hooks=[watch] if watch else [])
 
     @app.step()
     async def mark(label: str) -> str:
@@ -33,10 +34,11 @@ async def test_sleeping_run_is_parked_with_no_coroutine_and_fires_on_time(
     db_url: str, clock: FakeClock
 ) -> None:
     marks: list[str] = []
-    app, nap = timer_app(db_url, clock, marks)
+    watch = ParkWatch()
+    app, nap = timer_app(db_url, clock, marks, watch)
     async with app:
         handle = await app.start(nap, run_id="n")
-        await wait_until(lambda: app.worker is not None and "n" not in app.worker.live)
+        await watch.parked("n")
         record = await handle.record()
         assert record.status is RunStatus.WAITING
         assert record.wake_at == pytest.approx(clock.time() + 3600)
@@ -51,10 +53,11 @@ async def test_timer_that_came_due_while_down_fires_at_once_on_start(
     db_url: str, clock: FakeClock
 ) -> None:
     marks: list[str] = []
-    app, nap = timer_app(db_url, clock, marks)
+    watch = ParkWatch()
+    app, nap = timer_app(db_url, clock, marks, watch)
     async with app:
         await app.start(nap, run_id="n")
-        await wait_until(lambda: app.worker is not None and "n" not in app.worker.live)
+        await watch.parked("n")
     clock.advance(7200)  # the process is down while the timer comes due
     app2, _ = timer_app(db_url, clock, marks)
     async with app2:
@@ -62,8 +65,9 @@ async def test_timer_that_came_due_while_down_fires_at_once_on_start(
     assert marks == ["before", "after"]
 
 
-def mailbox_app(url: str, clock: FakeClock | None = None) -> tuple[Garrison, Any]:
-    app = Garrison(url, clock=clock)
+def mailbox_app(url: str, clock: FakeClock | None = None,
+                watch: ParkWatch | None = None) -> tuple[Garrison, Any]:
+    app = Garrison(url, clock=clock, hooks=[watch] if watch else [])
 
     @app.workflow(name="inbox")
     async def inbox(ctx: Context, count: int) -> list[Any]:
@@ -86,21 +90,23 @@ async def test_events_sent_before_the_wait_are_kept_and_consumed_in_order(db_url
 
 
 async def test_event_wakes_a_parked_run(db_url: str) -> None:
-    app, inbox = mailbox_app(db_url)
+    watch = ParkWatch()
+    app, inbox = mailbox_app(db_url, watch=watch)
     async with app:
         handle = await app.start(inbox, 1, run_id="i")
-        await wait_until(lambda: app.worker is not None and "i" not in app.worker.live)
+        await watch.parked("i")
         assert await handle.status() is RunStatus.WAITING
         await app.send("i", "msg", 42)
         assert await handle.result(timeout=5) == [42]
 
 
 async def test_wait_survives_restart_and_event_sent_while_down(db_url: str) -> None:
-    app, inbox = mailbox_app(db_url)
+    watch = ParkWatch()
+    app, inbox = mailbox_app(db_url, watch=watch)
     async with app:
         await app.start(inbox, 2, run_id="i")
         await app.send("i", "msg", 1)
-        await wait_until(lambda: app.worker is not None and "i" not in app.worker.live)
+        await watch.parked("i")
     client = Garrison(db_url, worker=False)
     async with client:
         await client.send("i", "msg", 2)  # nobody executes runs in this process
@@ -111,10 +117,11 @@ async def test_wait_survives_restart_and_event_sent_while_down(db_url: str) -> N
 
 
 async def test_wait_timeout_returns_default_after_restart(db_url: str, clock: FakeClock) -> None:
-    app, _ = mailbox_app(db_url, clock)
+    watch = ParkWatch()
+    app, _ = mailbox_app(db_url, clock, watch)
     async with app:
         handle = await app.start("approval", run_id="a")
-        await wait_until(lambda: app.worker is not None and "a" not in app.worker.live)
+        await watch.parked("a")
     clock.advance(61)
     app2, _ = mailbox_app(db_url, clock)
     async with app2:
@@ -149,7 +156,8 @@ async def test_sending_to_a_finished_run_is_a_clear_error(db_url: str) -> None:
 async def test_fan_out_of_timers_and_steps_parks_once_everything_waits(
     db_url: str, clock: FakeClock
 ) -> None:
-    app = Garrison(db_url, clock=clock)
+    watch = ParkWatch()
+    app = Garrison(db_url, clock=clock, hooks=[watch])
     ran: list[int] = []
 
     @app.step()
@@ -170,7 +178,7 @@ async def test_fan_out_of_timers_and_steps_parks_once_everything_waits(
 
     async with app:
         handle = await app.start(mixed, run_id="m")
-        await wait_until(lambda: app.worker is not None and "m" not in app.worker.live)
+        await watch.parked("m")
         assert (await handle.record()).wake_at == pytest.approx(clock.time() + 10)
         clock.advance(30)
         assert await handle.result(timeout=5) == [100, 101, 102]

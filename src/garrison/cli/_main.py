@@ -31,7 +31,7 @@ AppOption = Annotated[str | None, typer.Option(
 
 
 def _fail(error: Exception) -> typer.Exit:
-    console.print(f"[red]error:[/] {error}")
+    console.print(f"[red]error:[/] {error}", soft_wrap=True, highlight=False)
     return typer.Exit(2)
 
 
@@ -78,7 +78,7 @@ def worker(app_spec: Annotated[str, typer.Option("--app", help="'module:attribut
             loop.add_signal_handler(signum, stop.set)
         async with application:
             console.print(f"worker {application.worker_id} on {application.store.url} "
-                          f"(pid {os.getpid()}); Ctrl-C to stop")
+                          f"(pid {os.getpid()}); Ctrl-C to stop", soft_wrap=True)
             for orphan in application.orphaned_runs:
                 console.print(f"[yellow]orphaned[/] {orphan.run_id}: {orphan.workflow_name} "
                               f"v{orphan.workflow_version} is not registered here")

@@ -277,7 +277,7 @@ class Garrison:
     async def cancel(self, run_id: str) -> None:
         """Cancel a run and its unfinished children. Raises `RunNotFoundError`."""
         self._require_open("cancel")
-        run = await self.store.request_cancel(run_id)
+        run = await self.store.request_cancel(run_id, now=self.clock.time())
         if run.status.is_terminal or self.worker is None:
             return  # another process's worker sees the request
         execution = self.worker.live.get(run_id)

@@ -230,7 +230,7 @@ class Worker:
 
     async def park_run(self, execution: RunExecution, wake_at: float | None,
                        events: Sequence[str]) -> None:
-        await self.store.park_run(execution.run_id, wake_at, events)
+        await self.store.park_run(execution.run_id, wake_at, events, now=self.clock.time())
         if self.live.get(execution.run_id) is execution:
             del self.live[execution.run_id]
         for hook in self.hooks:

@@ -59,8 +59,12 @@ class Store(Protocol):
     ) -> None:
         """Move a non-terminal run to `status` and clear its wake-up (terminal runs stay)."""
 
-    async def park_run(self, run_id: str, wake_at: float | None, events: Sequence[str]) -> None:
-        """Mark a run WAITING until `wake_at`, or at once if one of `events` is already queued."""
+    async def park_run(self, run_id: str, wake_at: float | None, events: Sequence[str], *,
+                       now: float | None = None) -> None:
+        """Mark a run WAITING until `wake_at`, or `now` if one of `events` is already queued.
+
+        `now` is the caller's clock (the engine's, possibly a fake one); default: wall time.
+        """
 
     async def finish_run(
         self, run_id: str, status: RunStatus, *, result: str | None, error: str | None,
@@ -86,8 +90,11 @@ class Store(Protocol):
     async def list_events(self, run_id: str) -> list[EventRecord]:
         """A run's mailbox, consumed and not, in send order."""
 
-    async def request_cancel(self, run_id: str) -> RunRecord:
-        """Flag a run for cancellation. Raises `RunNotFoundError`."""
+    async def request_cancel(self, run_id: str, *, now: float | None = None) -> RunRecord:
+        """Flag a run for cancellation and wake it (at `now`) if parked.
+
+        Raises `RunNotFoundError`.
+        """
 
     async def due_runs(self, now: float, *, limit: int = 1000) -> list[RunRecord]:
         """WAITING runs whose `wake_at` has come."""

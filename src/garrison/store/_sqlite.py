@@ -296,6 +296,9 @@ class SQLiteStore:
                 )
         try:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise _store_error(exc, self.path, "open") from exc
+        try:
             busy = int(self._options.get("busy_timeout_ms", "5000"))
             conn.execute(f"PRAGMA busy_timeout = {busy}")
             if not memory:
@@ -308,8 +311,11 @@ class SQLiteStore:
                     )
             conn.execute(f"PRAGMA synchronous = {self._options['synchronous']}")
             self._migrate(conn)
-        except sqlite3.Error as exc:
-            raise _store_error(exc, self.path, "open") from exc
+        except BaseException as exc:
+            conn.close()  # release the file now, not when the garbage collector runs
+            if isinstance(exc, sqlite3.Error):
+                raise _store_error(exc, self.path, "open") from exc
+            raise
         self._conn = conn
         self._writer = _GroupCommit(conn, self.path)
 
@@ -484,8 +490,9 @@ class SQLiteStore:
 
         await self._write(op)
 
-    async def park_run(self, run_id: str, wake_at: float | None, events: Sequence[str]) -> None:
-        now = time.time()
+    async def park_run(self, run_id: str, wake_at: float | None, events: Sequence[str], *,
+                       now: float | None = None) -> None:
+        now = time.time() if now is None else now
         names = list(events)
 
         def op(conn: sqlite3.Connection) -> None:
@@ -523,14 +530,15 @@ class SQLiteStore:
 
         return await self._write(op)
 
-    async def request_cancel(self, run_id: str) -> RunRecord:
+    async def request_cancel(self, run_id: str, *, now: float | None = None) -> RunRecord:
+        at = time.time() if now is None else now
+
         def op(conn: sqlite3.Connection) -> RunRecord:
-            now = time.time()
             conn.execute(  # a parked run is woken so that its worker sees the request
                 "UPDATE runs SET cancel_requested = 1, updated_at = ?, wake_at = CASE "
                 "WHEN status = 'WAITING' THEN ? ELSE wake_at END "
                 f"WHERE run_id = ? AND status NOT IN {_TERMINAL_SQL}",
-                (now, now, run_id),
+                (at, at, run_id),
             )
             row = conn.execute(
                 f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,)

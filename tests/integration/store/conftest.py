@@ -2,27 +2,20 @@
 
 A backend is one entry in `_DATABASES`: a factory that returns the URL of a fresh, empty
 database for one test. Adding PostgreSQL is one line there; the store itself comes from
-`garrison.store.open_store(url)`, so nothing else changes.
+`garrison.store.open_store(url)`, so nothing else changes. A factory whose server is
+unreachable calls `pytest.skip(...)`; `tests/conftest.py` turns that skip into a failure
+under `CI=true`.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import NoReturn
 
 import pytest
 
 from garrison.store import Store, open_store
-
-
-def skip_backend(name: str, reason: str) -> NoReturn:
-    """Skip a backend whose database is unreachable here; under `CI=true` that is a failure."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"store backend {name!r} is unavailable under CI=true: {reason}")
-    pytest.skip(f"store backend {name!r} unavailable: {reason}")
 
 
 def _sqlite_database(tmp_path: Path) -> str:
