@@ -148,12 +148,17 @@ class Worker:
         return True
 
     async def recover(self) -> None:
-        """Resume every unfinished run this process can run, and every due parked run."""
+        """Resume every unfinished run this process can run, and every due parked run;
+        report unfinished runs of workflow versions not registered here (orphaned)."""
         for run in await self.store.recoverable_runs():
             if run.cancel_requested:
                 await self.app.cancel(run.run_id)
             else:
                 self.resume(run)
+        registry = self.app.registry
+        for run in await self.store.list_runs(statuses=[RunStatus.WAITING], limit=1_000_000):
+            if registry.workflow(run.workflow_name, run.workflow_version) is None:
+                self.resume(run)  # records and logs it as orphaned; runs nothing
         await self._wake_due()
 
     def retry_later(self, run_id: str) -> None:
@@ -179,7 +184,8 @@ class Worker:
                 execution.fire(position)
 
     async def _wake_due(self) -> None:
-        for run in await self.store.due_runs(self.clock.time()):
+        registered = list(self.app.registry.workflows)
+        for run in await self.store.due_runs(self.clock.time(), workflows=registered):
             if run.run_id not in self.live:
                 if run.cancel_requested:
                     await self.app.cancel(run.run_id)

@@ -96,8 +96,13 @@ class Store(Protocol):
         Raises `RunNotFoundError`.
         """
 
-    async def due_runs(self, now: float, *, limit: int = 1000) -> list[RunRecord]:
-        """WAITING runs whose `wake_at` has come."""
+    async def due_runs(self, now: float, *, limit: int = 1000,
+                       workflows: Sequence[tuple[str, str]] | None = None) -> list[RunRecord]:
+        """WAITING runs whose `wake_at` has come, earliest first.
+
+        `workflows` keeps only these (name, version) pairs, so that runs of versions a
+        worker cannot run never crowd out the ones it can.
+        """
 
     async def recoverable_runs(self, *, limit: int = 10_000) -> list[RunRecord]:
         """PENDING and RUNNING runs that no live worker owns."""

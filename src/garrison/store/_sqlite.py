@@ -549,11 +549,20 @@ class SQLiteStore:
 
         return await self._write(op)
 
-    async def due_runs(self, now: float, *, limit: int = 1000) -> list[RunRecord]:
+    async def due_runs(self, now: float, *, limit: int = 1000,
+                       workflows: Sequence[tuple[str, str]] | None = None) -> list[RunRecord]:
+        only = ""
+        params: list[Any] = [now]
+        if workflows is not None:
+            if not workflows:
+                return []
+            only = ("AND (workflow_name, workflow_version) IN "
+                    f"(VALUES {', '.join(['(?, ?)'] * len(workflows))}) ")
+            params.extend(part for pair in workflows for part in pair)
         rows = self._read(
             f"SELECT {_RUN_COLUMNS} FROM runs WHERE status = 'WAITING' AND wake_at <= ? "
-            "ORDER BY wake_at LIMIT ?",
-            (now, limit),
+            f"{only}ORDER BY wake_at LIMIT ?",
+            (*params, limit),
         )
         return [_run_from_row(r) for r in rows]
 

@@ -40,9 +40,11 @@ def make_run(
     parent_run_id: str | None = None,
     wake_at: float | None = None,
     owner: str | None = None,
+    workflow_version: str = "v1",
 ) -> RunRecord:
     return RunRecord(
-        run_id=run_id, workflow_name=workflow_name, workflow_version="v1", status=status,
+        run_id=run_id, workflow_name=workflow_name, workflow_version=workflow_version,
+        status=status,
         inputs=inputs, created_at=created_at, updated_at=created_at,
         parent_run_id=parent_run_id, parent_position="1" if parent_run_id else None,
         wake_at=wake_at, owner=owner,
@@ -698,3 +700,14 @@ async def test_concurrent_append_steps_share_transactions(sqlite_store: SQLiteSt
     assert after["writes"] - before["writes"] == calls
     assert after["batches"] - before["batches"] < calls
     assert len(await sqlite_store.load_journal("r1")) == calls
+
+
+async def test_due_runs_can_be_limited_to_registered_workflow_versions(store: Store) -> None:
+    await store.create_run(make_run(run_id="old", status=RunStatus.WAITING, wake_at=1_000.0,
+                                    workflow_version="1"))
+    await store.create_run(make_run(run_id="new", status=RunStatus.WAITING, wake_at=1_001.0,
+                                    workflow_version="2"))
+    only_v2 = await store.due_runs(2_000.0, limit=1, workflows=[("checkout", "2")])
+    assert [r.run_id for r in only_v2] == ["new"]
+    assert await store.due_runs(2_000.0, workflows=[]) == []
+    assert [r.run_id for r in await store.due_runs(2_000.0)] == ["old", "new"]
