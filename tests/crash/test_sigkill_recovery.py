@@ -25,7 +25,7 @@ WORKLOAD = Path(__file__).with_name("_workload.py")
 POINTS = ("started", "completed", "committed", "parked", "fanout")
 # Steps per run of the workload: 1 + 1 + 3 fan-out + 2 in the child + 1.
 STEPS_PER_RUN = 8
-SEEDS = range(int(os.environ.get("GARRISON_CRASH_SEEDS", "15")))
+SEEDS = range(int(os.environ.get("GARRISON_CRASH_SEEDS", "30")))
 
 
 def run_worker(tmp: Path, kill_at: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import datetime as dt
 import functools
 import json
@@ -429,7 +430,8 @@ class RunExecution:
                 entry = self._record(position, kind, name, StepStatus.PENDING,
                                      started_at=started, fire_at=deadline)
             while True:
-                taken = await store.consume_event(self.run_id, event, entry)
+                attempt = dataclasses.replace(entry, completed_at=clock.time())
+                taken = await store.consume_event(self.run_id, event, attempt)
                 if taken is not None:
                     self.journal[position] = taken
                     assert taken.output is not None

@@ -1,0 +1,42 @@
+"""Journals recorded by earlier versions replay to the same result, running nothing.
+
+A change to position numbering, the codec or the journal's meaning breaks this test:
+such a change needs a migration (and a deliberate re-recording, see fixtures/reference).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from garrison.store import RunStatus, SQLiteStore
+from tests.fixtures import reference
+
+JOURNALS = sorted((Path(__file__).parents[1] / "fixtures" / "journals").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", JOURNALS, ids=[p.stem for p in JOURNALS])
+async def test_recorded_journal_replays_to_the_recorded_result_without_running_steps(
+    path: Path, tmp_path: Path
+) -> None:
+    runs, steps = reference.load(json.loads(path.read_text()))
+    url = f"sqlite:///{tmp_path}/replay.db"
+    store = SQLiteStore(url)
+    await store.open()
+    for run in runs:  # as if every run had been interrupted just before finishing
+        await store.create_run(dataclasses.replace(run, status=RunStatus.RUNNING, result=None,
+                                                   completed_at=None))
+    await store.append_steps(steps)
+    await store.close()
+
+    reference.EXECUTIONS.clear()
+    app = reference.build(url)
+    async with app:
+        for run in runs:
+            replayed = await app.handle(run.run_id).result(timeout=10)
+            assert run.result is not None
+            assert replayed == json.loads(run.result), run.run_id
+    assert reference.EXECUTIONS == {}, "a journaled step ran again"
