@@ -18,11 +18,12 @@ from tests.fixtures import reference
 JOURNALS = sorted((Path(__file__).parents[1] / "fixtures" / "journals").glob("*.json"))
 
 
-@pytest.mark.parametrize("path", JOURNALS, ids=[p.stem for p in JOURNALS])
+@pytest.mark.parametrize("text", [p.read_text() for p in JOURNALS],
+                         ids=[p.stem for p in JOURNALS])
 async def test_recorded_journal_replays_to_the_recorded_result_without_running_steps(
-    path: Path, tmp_path: Path
+    text: str, tmp_path: Path
 ) -> None:
-    runs, steps = reference.load(json.loads(path.read_text()))
+    runs, steps = reference.load(json.loads(text))
     url = f"sqlite:///{tmp_path}/replay.db"
     store = SQLiteStore(url)
     await store.open()
