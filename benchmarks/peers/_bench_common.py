@@ -7,11 +7,19 @@ Only the standard library may be imported here: this module is loaded by the
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import os
 import pathlib
 import resource
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
+from types import TracebackType
 from typing import Any
 
 W1_STEPS = 500
@@ -21,7 +29,11 @@ W2_STEPS = 10
 W2_SLEEP_S = 0.005
 W2_REPEATS = 3
 W5_REPEATS = 5
+SERVER_MAX_S = 900
+SERVER_READY_S = 120
 _REAL_STDOUT = sys.stdout
+_NETNS_ENV = "GARRISON_PEER_NETNS"
+_PR_SET_PDEATHSIG = 1
 
 _IMPORT_PROBE = """
 import resource, time
@@ -70,3 +82,135 @@ def emit(peer: str, version: str, workload: str, result: dict[str, Any]) -> None
 def quiet_stdout() -> None:
     """Send anything the framework prints to stderr so stdout stays one JSON line."""
     sys.stdout = sys.stderr
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def isolate_network() -> None:
+    """Re-run this script in a new network namespace whose only interface is loopback.
+
+    Servers started from here then cannot reach anything off the machine (Restate's
+    server, for one, asks GitHub for its latest release at start and has no setting to
+    stop it). Where namespaces are not available the script runs as it is.
+    """
+    if os.environ.get(_NETNS_ENV) == "1":
+        log("running in a private network namespace (loopback only)")
+        return
+    unshare, ip = shutil.which("unshare"), shutil.which("ip")
+    if unshare is None or ip is None:
+        log("unshare or ip not found: running in the host network namespace")
+        return
+    lo_up = [unshare, "--net", "--", ip, "link", "set", "lo", "up"]
+    if subprocess.run(lo_up, capture_output=True, timeout=30, check=False).returncode != 0:
+        log("cannot create a network namespace: running in the host network namespace")
+        return
+    os.environ[_NETNS_ENV] = "1"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    script = f'"{ip}" link set lo up && exec "$0" "$@"'
+    os.execv(unshare, [unshare, "--net", "--", "sh", "-c", script, sys.executable, *sys.argv])
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec: SIGTERM it when this script dies.
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class Server:
+    """A server process bounded in time and stopped (TERM, then KILL) on exit.
+
+    It runs under ``timeout`` (at most SERVER_MAX_S), in its own process group, gets
+    SIGTERM if this script dies, and writes its output to ``log_path``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        cmd: list[str],
+        log_path: pathlib.Path,
+        env: dict[str, str] | None = None,
+        cwd: pathlib.Path | None = None,
+    ) -> None:
+        self.name = name
+        self.cmd = cmd
+        self.log_path = log_path
+        self.env = env
+        self.cwd = cwd
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Server:
+        bounded = ["timeout", "--kill-after=5", str(SERVER_MAX_S), *self.cmd]
+        with open(self.log_path, "wb") as log_file:
+            self.proc = subprocess.Popen(
+                bounded,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.cwd,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def check_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(
+                f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}"
+            )
+
+    def wait_ready(self, ready: Callable[[], bool], timeout_s: float = SERVER_READY_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.check_alive()
+            if ready():
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name} not ready after {timeout_s} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                proc.wait(timeout=grace)
+                return
+            except subprocess.TimeoutExpired:
+                continue

@@ -122,7 +122,11 @@ def install_task_factory(loop: asyncio.AbstractEventLoop) -> None:
         coro: Coroutine[Any, Any, Any],
         **kwargs: Any,
     ) -> asyncio.Future[Any]:
-        context: contextvars.Context = kwargs.pop("context", None) or contextvars.copy_context()
+        # `is None`, not `or`: an empty Context is falsy, and an empty Context is exactly
+        # what infrastructure passes to say "not part of any workflow".
+        context: contextvars.Context | None = kwargs.pop("context", None)
+        if context is None:
+            context = contextvars.copy_context()
         parent = context.get(_branch)
         if parent is not None:
             context.run(_branch.set, parent.fork())

@@ -49,11 +49,11 @@ def open_store(url: str | None = None, *, create: bool = True) -> Store:
     if scheme == "sqlite":
         return SQLiteStore(url, create=create)
     if scheme in {"postgres", "postgresql"}:
-        raise ConfigurationError(
-            f"store URL {url!r}: the PostgreSQL store is not part of this release yet; "
-            "use 'sqlite:///garrison.db'",
-            url=url,
-        )
+        from garrison.store._postgres import PostgresStore
+
+        return PostgresStore(url)
     raise ConfigurationError(
-        f"store URL {url!r}: unknown scheme {scheme!r}; use 'sqlite:///path.db'", url=url
+        f"store URL {url!r}: unknown scheme {scheme!r}; use 'sqlite:///path.db' or "
+        "'postgresql://user@host:5432/db'",
+        url=url,
     )

@@ -32,9 +32,19 @@ from garrison.store._records import (
     EventRecord,
     RunRecord,
     RunStatus,
-    StepKind,
     StepRecord,
     StepStatus,
+)
+from garrison.store._rows import (
+    INSERT_RUN,
+    RUN_COLUMNS,
+    STEP_COLUMNS,
+    TERMINAL_SQL,
+    UPSERT_STEP,
+    run_from_row,
+    run_values,
+    step_from_row,
+    step_values,
 )
 from garrison.store._sqlite_schema import MIGRATIONS, SCHEMA_VERSION
 
@@ -46,16 +56,6 @@ T = TypeVar("T")
 _Op = Callable[[sqlite3.Connection], Any]
 
 _SYNC_MODES = ("FULL", "NORMAL", "EXTRA", "OFF")
-_TERMINAL_SQL = "('COMPLETED', 'FAILED', 'CANCELLED')"
-_RUN_COLUMNS = (
-    "run_id, workflow_name, workflow_version, status, inputs, created_at, updated_at, "
-    "tenant_id, result, error, parent_run_id, parent_position, queue, completed_at, "
-    "wake_at, deadline_at, trace_context, cancel_requested, owner"
-)
-_STEP_COLUMNS = (
-    "run_id, position, kind, name, status, started_at, arity, inputs, output, error, "
-    "completed_at, fire_at, attempts, worker, tenant_id"
-)
 
 
 def parse_sqlite_url(url: str) -> tuple[str, dict[str, str]]:
@@ -210,52 +210,6 @@ class _GroupCommit:
                 future.set_exception(error_)
             else:
                 future.set_result(outcome)
-
-
-def _run_from_row(row: Sequence[Any]) -> RunRecord:
-    return RunRecord(
-        run_id=row[0], workflow_name=row[1], workflow_version=row[2],
-        status=RunStatus(row[3]), inputs=row[4], created_at=row[5], updated_at=row[6],
-        tenant_id=row[7], result=row[8], error=row[9], parent_run_id=row[10],
-        parent_position=row[11], queue=row[12], completed_at=row[13], wake_at=row[14],
-        deadline_at=row[15], trace_context=row[16], cancel_requested=bool(row[17]),
-        owner=row[18],
-    )
-
-
-def _step_from_row(row: Sequence[Any]) -> StepRecord:
-    return StepRecord(
-        run_id=row[0], position=row[1], kind=StepKind(row[2]), name=row[3],
-        status=StepStatus(row[4]), started_at=row[5], arity=row[6], inputs=row[7],
-        output=row[8], error=row[9], completed_at=row[10], fire_at=row[11],
-        attempts=row[12], worker=row[13], tenant_id=row[14],
-    )
-
-
-def _run_values(run: RunRecord) -> tuple[Any, ...]:
-    return (
-        run.run_id, run.workflow_name, run.workflow_version, run.status.value, run.inputs,
-        run.created_at, run.updated_at, run.tenant_id, run.result, run.error,
-        run.parent_run_id, run.parent_position, run.queue, run.completed_at, run.wake_at,
-        run.deadline_at, run.trace_context, int(run.cancel_requested), run.owner,
-    )
-
-
-def _step_values(step: StepRecord) -> tuple[Any, ...]:
-    return (
-        step.run_id, step.position, step.kind.value, step.name, step.status.value,
-        step.started_at, step.arity, step.inputs, step.output, step.error,
-        step.completed_at, step.fire_at, step.attempts, step.worker, step.tenant_id,
-    )
-
-
-_INSERT_RUN = f"INSERT OR IGNORE INTO runs ({_RUN_COLUMNS}) VALUES ({', '.join('?' * 19)})"
-_UPSERT_STEP = (
-    f"INSERT INTO steps ({_STEP_COLUMNS}) VALUES ({', '.join('?' * 15)}) "
-    "ON CONFLICT (run_id, position) DO UPDATE SET status = excluded.status, "
-    "output = excluded.output, error = excluded.error, completed_at = excluded.completed_at, "
-    "attempts = excluded.attempts, worker = excluded.worker WHERE steps.status = 'pending'"
-)
 
 
 class SQLiteStore:
@@ -426,28 +380,28 @@ class SQLiteStore:
 
     async def create_run(self, run: RunRecord) -> tuple[RunRecord, bool]:
         def op(conn: sqlite3.Connection) -> tuple[RunRecord, bool]:
-            created = conn.execute(_INSERT_RUN, _run_values(run)).rowcount == 1
+            created = conn.execute(INSERT_RUN, run_values(run)).rowcount == 1
             row = conn.execute(
-                f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ?", (run.run_id,)
+                f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?", (run.run_id,)
             ).fetchone()
-            return _run_from_row(row), created
+            return run_from_row(row), created
 
         return await self._write(op)
 
     async def create_child_run(self, run: RunRecord, step: StepRecord) -> tuple[RunRecord, bool]:
         def op(conn: sqlite3.Connection) -> tuple[RunRecord, bool]:
-            created = conn.execute(_INSERT_RUN, _run_values(run)).rowcount == 1
-            conn.execute(_UPSERT_STEP, _step_values(step))
+            created = conn.execute(INSERT_RUN, run_values(run)).rowcount == 1
+            conn.execute(UPSERT_STEP, step_values(step))
             row = conn.execute(
-                f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ?", (run.run_id,)
+                f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?", (run.run_id,)
             ).fetchone()
-            return _run_from_row(row), created
+            return run_from_row(row), created
 
         return await self._write(op)
 
     async def get_run(self, run_id: str) -> RunRecord | None:
-        rows = self._read(f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,))
-        return _run_from_row(rows[0]) if rows else None
+        rows = self._read(f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,))
+        return run_from_row(rows[0]) if rows else None
 
     async def list_runs(
         self,
@@ -470,11 +424,11 @@ class SQLiteStore:
             params.append(parent_run_id)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         rows = self._read(
-            f"SELECT {_RUN_COLUMNS} FROM runs {where} ORDER BY created_at DESC, run_id DESC "
+            f"SELECT {RUN_COLUMNS} FROM runs {where} ORDER BY created_at DESC, run_id DESC "
             "LIMIT ?",
             [*params, limit],
         )
-        return [_run_from_row(r) for r in rows]
+        return [run_from_row(r) for r in rows]
 
     async def set_run_status(
         self, run_id: str, status: RunStatus, *, owner: str | None = None,
@@ -484,7 +438,7 @@ class SQLiteStore:
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "UPDATE runs SET status = ?, wake_at = NULL, owner = coalesce(?, owner), "
-                f"updated_at = ? WHERE run_id = ? AND status NOT IN {_TERMINAL_SQL}",
+                f"updated_at = ? WHERE run_id = ? AND status NOT IN {TERMINAL_SQL}",
                 (status.value, owner, now, run_id),
             )
 
@@ -507,7 +461,7 @@ class SQLiteStore:
                     wake = now  # an event arrived while the run was parking
             conn.execute(
                 "UPDATE runs SET status = 'WAITING', wake_at = ?, updated_at = ? "
-                f"WHERE run_id = ? AND status NOT IN {_TERMINAL_SQL}",
+                f"WHERE run_id = ? AND status NOT IN {TERMINAL_SQL}",
                 (wake, now, run_id),
             )
 
@@ -521,7 +475,7 @@ class SQLiteStore:
             changed = conn.execute(
                 "UPDATE runs SET status = ?, result = ?, error = ?, completed_at = ?, "
                 "updated_at = ?, wake_at = NULL "
-                f"WHERE run_id = ? AND status NOT IN {_TERMINAL_SQL}",
+                f"WHERE run_id = ? AND status NOT IN {TERMINAL_SQL}",
                 (status.value, result, error, completed_at, completed_at, run_id),
             ).rowcount == 1
             if changed and notify is not None:
@@ -537,15 +491,15 @@ class SQLiteStore:
             conn.execute(  # a parked run is woken so that its worker sees the request
                 "UPDATE runs SET cancel_requested = 1, updated_at = ?, wake_at = CASE "
                 "WHEN status = 'WAITING' THEN ? ELSE wake_at END "
-                f"WHERE run_id = ? AND status NOT IN {_TERMINAL_SQL}",
+                f"WHERE run_id = ? AND status NOT IN {TERMINAL_SQL}",
                 (at, at, run_id),
             )
             row = conn.execute(
-                f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,)
+                f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,)
             ).fetchone()
             if row is None:
                 raise RunNotFoundError(f"no run {run_id!r} in {self.path}", run_id=run_id)
-            return _run_from_row(row)
+            return run_from_row(row)
 
         return await self._write(op)
 
@@ -560,19 +514,19 @@ class SQLiteStore:
                     f"(VALUES {', '.join(['(?, ?)'] * len(workflows))}) ")
             params.extend(part for pair in workflows for part in pair)
         rows = self._read(
-            f"SELECT {_RUN_COLUMNS} FROM runs WHERE status = 'WAITING' AND wake_at <= ? "
+            f"SELECT {RUN_COLUMNS} FROM runs WHERE status = 'WAITING' AND wake_at <= ? "
             f"{only}ORDER BY wake_at LIMIT ?",
             (*params, limit),
         )
-        return [_run_from_row(r) for r in rows]
+        return [run_from_row(r) for r in rows]
 
     async def recoverable_runs(self, *, limit: int = 10_000) -> list[RunRecord]:
         rows = self._read(
-            f"SELECT {_RUN_COLUMNS} FROM runs WHERE status IN ('PENDING', 'RUNNING') "
+            f"SELECT {RUN_COLUMNS} FROM runs WHERE status IN ('PENDING', 'RUNNING') "
             "ORDER BY created_at LIMIT ?",
             (limit,),
         )
-        return [_run_from_row(r) for r in rows]
+        return [run_from_row(r) for r in rows]
 
     async def changed(self) -> bool:
         version = int(self._read("PRAGMA data_version")[0][0])
@@ -583,14 +537,14 @@ class SQLiteStore:
     # -- journal -------------------------------------------------------------------
 
     async def load_journal(self, run_id: str) -> list[StepRecord]:
-        rows = self._read(f"SELECT {_STEP_COLUMNS} FROM steps WHERE run_id = ?", (run_id,))
-        return [_step_from_row(r) for r in rows]
+        rows = self._read(f"SELECT {STEP_COLUMNS} FROM steps WHERE run_id = ?", (run_id,))
+        return [step_from_row(r) for r in rows]
 
     async def append_steps(self, steps: Sequence[StepRecord]) -> None:
-        rows = [_step_values(step) for step in steps]
+        rows = [step_values(step) for step in steps]
 
         def op(conn: sqlite3.Connection) -> None:
-            conn.executemany(_UPSERT_STEP, rows)
+            conn.executemany(UPSERT_STEP, rows)
 
         await self._write(op)
 
@@ -633,7 +587,7 @@ class SQLiteStore:
                 inputs=step.inputs, output=row[1], completed_at=step.completed_at,
                 fire_at=step.fire_at, worker=step.worker, tenant_id=step.tenant_id,
             )
-            conn.execute(_UPSERT_STEP, _step_values(done))
+            conn.execute(UPSERT_STEP, step_values(done))
             return done
 
         return await self._write(op)

@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+from tests.pg import drop_schemas, fresh_postgres_url
 
 from garrison.store import Store, open_store
 
@@ -22,11 +23,22 @@ def _sqlite_database(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path}/g.db"
 
 
+def _postgres_database(tmp_path: Path) -> str:
+    return fresh_postgres_url()
+
+
 _DATABASES: dict[str, Callable[[Path], str]] = {
     "sqlite": _sqlite_database,
+    "postgres": _postgres_database,
 }
 
 BACKENDS = list(_DATABASES)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_test_schemas() -> object:
+    yield
+    drop_schemas()
 
 
 @pytest.fixture(params=BACKENDS)

@@ -1,0 +1,624 @@
+"""The PostgreSQL store: psycopg 3 (async) with a pool, group commit, LISTEN for changes.
+
+This release runs one worker process per database schema, like the embedded store:
+the worker holds a session advisory lock, which PostgreSQL releases the moment the
+worker's connection drops (a SIGKILLed worker included). A fleet of workers with leases
+and fencing is the next step (see docs/operations.md). Any number of processes may read,
+start and signal runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import re
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from garrison._log import get_logger
+from garrison.errors import (
+    ConfigurationError,
+    RunNotFoundError,
+    SchemaVersionError,
+    StoreError,
+    StoreLockedError,
+    WorkflowError,
+)
+from garrison.store._postgres_schema import MIGRATIONS, SCHEMA_VERSION
+from garrison.store._records import EventRecord, RunRecord, RunStatus, StepRecord, StepStatus
+from garrison.store._rows import (
+    INSERT_RUN,
+    RUN_COLUMNS,
+    STEP_COLUMNS,
+    TERMINAL_SQL,
+    UPSERT_STEP,
+    run_from_row,
+    run_values,
+    step_from_row,
+    step_values,
+)
+
+if TYPE_CHECKING:
+    import psycopg
+    import psycopg_pool
+
+__all__ = ["PostgresStore", "parse_postgres_url"]
+
+log = get_logger(__name__)
+
+T = TypeVar("T")
+_Op = Callable[["psycopg.AsyncConnection[Any]"], Awaitable[Any]]
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_CHANNEL = "garrison_changes"
+
+
+def _sql(statement: str) -> str:
+    """The shared `?`-placeholder statements, in psycopg's `%s` style."""
+    return statement.replace("?", "%s")
+
+
+_INSERT_RUN = _sql(INSERT_RUN)
+_UPSERT_STEP = _sql(UPSERT_STEP)
+_SELECT_RUN = f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id = %s"
+
+
+def parse_postgres_url(url: str) -> tuple[str, str, int]:
+    """Split a `postgresql://...?schema=garrison&pool_size=10` URL.
+
+    Returns (the libpq URL without Garrison's options, the schema, the pool size).
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in {"postgresql", "postgres"}:
+        raise ConfigurationError(f"store URL {url!r}: expected 'postgresql://user@host/db'")
+    if not parts.path.strip("/"):
+        raise ConfigurationError(
+            f"store URL {url!r}: no database name; write e.g. "
+            "'postgresql://postgres@127.0.0.1:5432/garrison'",
+            url=url,
+        )
+    query = dict(parse_qsl(parts.query))
+    schema = query.pop("schema", "garrison")
+    if not _SCHEMA_NAME.match(schema):
+        raise ConfigurationError(
+            f"store URL {url!r}: schema={schema!r} must be a lower-case SQL identifier "
+            "(letters, digits, underscore)",
+            url=url,
+        )
+    pool = query.pop("pool_size", "10")
+    if not pool.isdigit() or int(pool) < 2:
+        raise ConfigurationError(
+            f"store URL {url!r}: pool_size={pool!r} must be a whole number >= 2", url=url
+        )
+    libpq = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), ""))
+    return libpq, schema, int(pool)
+
+
+def _import_psycopg() -> tuple[Any, Any]:
+    try:
+        import psycopg
+        import psycopg_pool
+    except ImportError as exc:
+        raise ConfigurationError(
+            "the PostgreSQL store needs psycopg: pip install 'garrison[postgres]'"
+        ) from exc
+    return psycopg, psycopg_pool
+
+
+def _connect_error(exc: Exception, url: str) -> ConfigurationError | StoreError:
+    text = str(exc).strip()
+    safe = urlsplit(url)._replace(netloc=urlsplit(url).hostname or "").geturl()
+    if "does not exist" in text and "database" in text:
+        hint = "create it (createdb NAME) or fix the database name in the URL"
+        return ConfigurationError(f"PostgreSQL store {safe}: {text}; {hint}", url=safe)
+    if "password authentication failed" in text or ("role" in text and "does not exist" in text):
+        return ConfigurationError(
+            f"PostgreSQL store {safe}: {text}; check the user and password in the URL", url=safe
+        )
+    if "Connection refused" in text or "could not connect" in text or "timeout" in text:
+        return StoreError(
+            f"PostgreSQL store {safe}: cannot connect ({text}); is PostgreSQL running and "
+            "reachable at that host and port?",
+            url=safe,
+        )
+    return StoreError(f"PostgreSQL store {safe}: {text}", url=safe)
+
+
+class _GroupCommit:
+    """Writes queued while a transaction is in flight share the next transaction.
+
+    One flusher task at a time: while it commits a batch, new writes queue; it then
+    commits them all together. Each write runs in its own savepoint when the batch holds
+    several, so a rejected write fails only its caller.
+    """
+
+    def __init__(self, store: PostgresStore) -> None:
+        self._store = store
+        self._ops: list[tuple[_Op, asyncio.Future[Any]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self.batches = 0
+        self.writes = 0
+
+    def submit(self, op: _Op) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._ops.append((op, future))
+        if self._flusher is None or self._flusher.done():
+            # An empty context: this task is the store's, never a branch of the workflow
+            # whose write happened to start it (see engine decision 0004).
+            self._flusher = loop.create_task(self._flush_all(), context=contextvars.Context())
+        return future
+
+    async def drain(self) -> None:
+        if self._flusher is not None:
+            with contextlib.suppress(Exception):
+                await self._flusher
+
+    async def _flush_all(self) -> None:
+        while self._ops:
+            ops, self._ops = self._ops, []
+            await self._flush(ops)
+
+    async def _flush(self, ops: list[tuple[_Op, asyncio.Future[Any]]]) -> None:
+        psycopg = self._store._psycopg
+        rejected = (psycopg.errors.IntegrityError, psycopg.errors.DataError,
+                    WorkflowError, RunNotFoundError)
+        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        try:
+            async with self._store._pool.connection() as conn, conn.transaction():
+                if len(ops) == 1:  # a lone write needs no savepoint: the tx is its own
+                    op, future = ops[0]
+                    outcomes.append((future, await op(conn), None))
+                else:
+                    for op, future in ops:
+                        try:
+                            async with conn.transaction():  # a savepoint per write
+                                outcomes.append((future, await op(conn), None))
+                        except rejected as exc:
+                            outcomes.append((future, None, self._rejected(exc)))
+        except rejected as exc:  # the lone write was rejected and rolled back
+            outcomes = [(ops[0][1], None, self._rejected(exc))]
+        except Exception as exc:
+            error = exc if isinstance(exc, StoreError) else StoreError(
+                f"PostgreSQL store: commit failed: {exc}; the batch was rolled back whole",
+                url=self._store.safe_url,
+            )
+            log.error("store.commit_failed", writes=len(ops), error=str(exc))
+            for _, future in ops:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        except BaseException:
+            for _, future in ops:
+                if not future.done():
+                    future.cancel()
+            raise
+        self.batches += 1
+        self.writes += len(ops)
+        for future, outcome, error_ in outcomes:
+            if future.done():
+                continue
+            if error_ is not None:
+                future.set_exception(error_)
+            else:
+                future.set_result(outcome)
+
+    def _rejected(self, exc: BaseException) -> BaseException:
+        if isinstance(exc, WorkflowError | RunNotFoundError):
+            return exc
+        error = StoreError(f"PostgreSQL store: write rejected: {exc}; nothing of this write "
+                           "was kept", url=self._store.safe_url)
+        error.__cause__ = exc
+        return error
+
+
+class PostgresStore:
+    """Runs, journals and mailboxes in PostgreSQL (one schema per application)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._libpq, self.schema, self._pool_size = parse_postgres_url(url)
+        parts = urlsplit(self._libpq)
+        self.safe_url = f"{parts.scheme}://{parts.hostname}:{parts.port or 5432}{parts.path}"
+        self._psycopg: Any = None
+        self._pool: psycopg_pool.AsyncConnectionPool[Any] = None  # type: ignore[assignment]
+        self._writer: _GroupCommit | None = None
+        self._lock_conn: Any = None
+        self._listen_conn: Any = None
+        self._listener: asyncio.Task[None] | None = None
+        self._dirty = True
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def _options(self) -> str:
+        return f"-c search_path={self.schema}"
+
+    async def _connect(self, *, autocommit: bool = True) -> Any:
+        try:
+            return await self._psycopg.AsyncConnection.connect(
+                self._libpq, autocommit=autocommit, connect_timeout=10, options=self._options()
+            )
+        except self._psycopg.Error as exc:
+            raise _connect_error(exc, self._libpq) from exc
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        self._psycopg, psycopg_pool = _import_psycopg()
+        conn = await self._connect(autocommit=False)
+        try:
+            await self._migrate(conn)
+        finally:
+            await conn.close()
+        self._pool = psycopg_pool.AsyncConnectionPool(
+            self._libpq, min_size=1, max_size=self._pool_size, open=False,
+            kwargs={"autocommit": True, "options": self._options()},
+        )
+        await self._pool.open(wait=True, timeout=10)
+        self._writer = _GroupCommit(self)
+        self._listen_conn = await self._connect()
+        await self._listen_conn.execute(f"LISTEN {_CHANNEL}")
+        self._listener = asyncio.get_running_loop().create_task(
+            self._listen(), context=contextvars.Context()
+        )
+
+    async def _migrate(self, conn: Any) -> None:
+        psycopg = self._psycopg
+        try:
+            async with conn.transaction():
+                # Many workers may start at once: one migrates, the others wait here.
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext('garrison-migrate'))")
+                await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
+                cursor = await conn.execute(
+                    "SELECT 1 FROM information_schema.tables WHERE table_schema = %s "
+                    "AND table_name = 'garrison_meta'", (self.schema,))
+                found = 0
+                if await cursor.fetchone():
+                    row = await (await conn.execute(
+                        "SELECT value FROM garrison_meta WHERE key = 'schema_version'"
+                    )).fetchone()
+                    found = int(row[0]) if row else 0
+                if found > SCHEMA_VERSION:
+                    raise SchemaVersionError(
+                        f"PostgreSQL store {self.safe_url} schema {self.schema}: version {found} "
+                        f"was written by a newer Garrison (this one knows {SCHEMA_VERSION}); "
+                        "upgrade Garrison",
+                        found=found, supported=SCHEMA_VERSION,
+                    )
+                for version in range(found + 1, SCHEMA_VERSION + 1):
+                    await conn.execute(MIGRATIONS[version])
+                await conn.execute(
+                    "INSERT INTO garrison_meta (key, value) VALUES ('schema_version', %s) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (str(max(found, SCHEMA_VERSION)),),
+                )
+        except psycopg.Error as exc:
+            raise StoreError(f"PostgreSQL store {self.safe_url}: migration failed: {exc}",
+                             url=self.safe_url) from exc
+
+    async def _listen(self) -> None:
+        try:
+            async for _ in self._listen_conn.notifies():
+                self._dirty = True
+        except self._psycopg.Error as exc:  # the connection dropped: poll from now on
+            log.warning("store.listen_lost", error=str(exc))
+            self._listen_conn = None
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            await self._writer.drain()
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(BaseException):
+                await self._listener
+            self._listener = None
+        for conn in (self._listen_conn, self._lock_conn):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+        self._listen_conn = self._lock_conn = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None  # type: ignore[assignment]
+            self._writer = None
+
+    async def register_worker(self, worker_id: str) -> None:
+        if self._lock_conn is not None:
+            return
+        conn = await self._connect()
+        cursor = await conn.execute(
+            "SELECT pg_try_advisory_lock(hashtext('garrison-worker:' || %s))", (self.schema,))
+        row = await cursor.fetchone()
+        if not row or not row[0]:
+            holder = await (await conn.execute(
+                "SELECT a.application_name, a.client_addr, a.pid FROM pg_locks l "
+                "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
+                "AND l.objid = (hashtext('garrison-worker:' || %s))::oid LIMIT 1",
+                (self.schema,))).fetchone()
+            await conn.close()
+            raise StoreLockedError(
+                f"PostgreSQL store {self.safe_url} schema {self.schema}: another Garrison "
+                f"worker (backend pid {holder[2] if holder else 'unknown'}) is running; this "
+                "release runs one worker per schema. Stop it, or use another schema= for "
+                "another application.",
+                url=self.safe_url, pid=holder[2] if holder else None,
+            )
+        self._lock_conn = conn
+
+    # -- plumbing ------------------------------------------------------------------
+
+    def _require_open(self) -> None:
+        if self._pool is None:
+            raise StoreError(f"PostgreSQL store {self.safe_url}: not open; use "
+                             "`async with app:` first", url=self.safe_url)
+
+    async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        self._require_open()
+        # The pool may create tasks while it waits for a connection; run in an empty
+        # context so that a read made from workflow code never looks like a fan-out.
+        task = asyncio.get_running_loop().create_task(
+            self._fetch(sql, params), context=contextvars.Context()
+        )
+        return await task
+
+    async def _fetch(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        try:
+            async with self._pool.connection() as conn:
+                cursor = await conn.execute(sql, params)
+                rows: list[Any] = await cursor.fetchall()
+                return rows
+        except self._psycopg.Error as exc:
+            raise StoreError(f"PostgreSQL store {self.safe_url}: read failed: {exc}",
+                             url=self.safe_url) from exc
+
+    async def _write(self, op: Callable[[Any], Awaitable[T]]) -> T:
+        self._require_open()
+        assert self._writer is not None
+        result: T = await self._writer.submit(op)
+        return result
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Group-commit counters: transactions committed and writes they carried."""
+        if self._writer is None:
+            return {"batches": 0, "writes": 0}
+        return {"batches": self._writer.batches, "writes": self._writer.writes}
+
+    # -- runs ----------------------------------------------------------------------
+
+    async def create_run(self, run: RunRecord) -> tuple[RunRecord, bool]:
+        async def op(conn: Any) -> tuple[RunRecord, bool]:
+            created = (await conn.execute(_INSERT_RUN, run_values(run))).rowcount == 1
+            row = await (await conn.execute(_SELECT_RUN, (run.run_id,))).fetchone()
+            if created and run.status is RunStatus.PENDING:
+                await conn.execute(f"NOTIFY {_CHANNEL}")
+            return run_from_row(row), created
+
+        return await self._write(op)
+
+    async def create_child_run(self, run: RunRecord, step: StepRecord) -> tuple[RunRecord, bool]:
+        async def op(conn: Any) -> tuple[RunRecord, bool]:
+            created = (await conn.execute(_INSERT_RUN, run_values(run))).rowcount == 1
+            await conn.execute(_UPSERT_STEP, step_values(step))
+            row = await (await conn.execute(_SELECT_RUN, (run.run_id,))).fetchone()
+            return run_from_row(row), created
+
+        return await self._write(op)
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        rows = await self._read(_SELECT_RUN, (run_id,))
+        return run_from_row(rows[0]) if rows else None
+
+    async def list_runs(
+        self,
+        *,
+        statuses: Sequence[RunStatus] | None = None,
+        workflow_name: str | None = None,
+        parent_run_id: str | None = None,
+        limit: int = 100,
+    ) -> list[RunRecord]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        if statuses:
+            clauses.append("status = ANY(%s)")
+            params.append([s.value for s in statuses])
+        if workflow_name is not None:
+            clauses.append("workflow_name = %s")
+            params.append(workflow_name)
+        if parent_run_id is not None:
+            clauses.append("parent_run_id = %s")
+            params.append(parent_run_id)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = await self._read(
+            f"SELECT {RUN_COLUMNS} FROM runs {where} ORDER BY created_at DESC, run_id DESC "
+            "LIMIT %s",
+            [*params, limit],
+        )
+        return [run_from_row(r) for r in rows]
+
+    async def set_run_status(
+        self, run_id: str, status: RunStatus, *, owner: str | None = None,
+    ) -> None:
+        now = time.time()
+
+        async def op(conn: Any) -> None:
+            await conn.execute(
+                "UPDATE runs SET status = %s, wake_at = NULL, owner = coalesce(%s, owner), "
+                f"updated_at = %s WHERE run_id = %s AND status NOT IN {TERMINAL_SQL}",
+                (status.value, owner, now, run_id),
+            )
+
+        await self._write(op)
+
+    async def park_run(self, run_id: str, wake_at: float | None, events: Sequence[str], *,
+                       now: float | None = None) -> None:
+        at = time.time() if now is None else now
+
+        async def op(conn: Any) -> None:
+            wake = wake_at
+            if events:
+                waiting = await (await conn.execute(
+                    "SELECT 1 FROM events WHERE run_id = %s AND consumed_position IS NULL "
+                    "AND name = ANY(%s) LIMIT 1", (run_id, list(events)))).fetchone()
+                if waiting is not None:
+                    wake = at  # an event arrived while the run was parking
+            await conn.execute(
+                "UPDATE runs SET status = 'WAITING', wake_at = %s, updated_at = %s "
+                f"WHERE run_id = %s AND status NOT IN {TERMINAL_SQL}",
+                (wake, at, run_id),
+            )
+
+        await self._write(op)
+
+    async def finish_run(
+        self, run_id: str, status: RunStatus, *, result: str | None, error: str | None,
+        completed_at: float, notify: EventRecord | None = None,
+    ) -> bool:
+        async def op(conn: Any) -> bool:
+            cursor = await conn.execute(
+                "UPDATE runs SET status = %s, result = %s, error = %s, completed_at = %s, "
+                "updated_at = %s, wake_at = NULL "
+                f"WHERE run_id = %s AND status NOT IN {TERMINAL_SQL}",
+                (status.value, result, error, completed_at, completed_at, run_id),
+            )
+            changed: bool = cursor.rowcount == 1
+            if changed and notify is not None:
+                await _insert_event(conn, notify.run_id, notify.name, notify.payload,
+                                    notify.sent_at)
+            return changed
+
+        return await self._write(op)
+
+    async def request_cancel(self, run_id: str, *, now: float | None = None) -> RunRecord:
+        at = time.time() if now is None else now
+
+        async def op(conn: Any) -> RunRecord:
+            await conn.execute(  # a parked run is woken so that its worker sees the request
+                "UPDATE runs SET cancel_requested = 1, updated_at = %s, wake_at = CASE "
+                "WHEN status = 'WAITING' THEN %s ELSE wake_at END "
+                f"WHERE run_id = %s AND status NOT IN {TERMINAL_SQL}",
+                (at, at, run_id),
+            )
+            row = await (await conn.execute(_SELECT_RUN, (run_id,))).fetchone()
+            if row is None:
+                raise RunNotFoundError(f"no run {run_id!r} in {self.safe_url}", run_id=run_id)
+            await conn.execute(f"NOTIFY {_CHANNEL}")
+            return run_from_row(row)
+
+        return await self._write(op)
+
+    async def due_runs(self, now: float, *, limit: int = 1000,
+                       workflows: Sequence[tuple[str, str]] | None = None) -> list[RunRecord]:
+        only = ""
+        params: list[Any] = [now]
+        if workflows is not None:
+            if not workflows:
+                return []
+            only = "AND workflow_name || '@' || workflow_version = ANY(%s) "
+            params.append([f"{name}@{version}" for name, version in workflows])
+        rows = await self._read(
+            f"SELECT {RUN_COLUMNS} FROM runs WHERE status = 'WAITING' AND wake_at <= %s "
+            f"{only}ORDER BY wake_at LIMIT %s",
+            (*params, limit),
+        )
+        return [run_from_row(r) for r in rows]
+
+    async def recoverable_runs(self, *, limit: int = 10_000) -> list[RunRecord]:
+        rows = await self._read(
+            f"SELECT {RUN_COLUMNS} FROM runs WHERE status IN ('PENDING', 'RUNNING') "
+            "ORDER BY created_at LIMIT %s",
+            (limit,),
+        )
+        return [run_from_row(r) for r in rows]
+
+    async def changed(self) -> bool:
+        if self._listen_conn is None:
+            return True  # no LISTEN connection: every poll looks
+        dirty, self._dirty = self._dirty, False
+        return dirty
+
+    # -- journal -------------------------------------------------------------------
+
+    async def load_journal(self, run_id: str) -> list[StepRecord]:
+        rows = await self._read(f"SELECT {STEP_COLUMNS} FROM steps WHERE run_id = %s",
+                                (run_id,))
+        return [step_from_row(r) for r in rows]
+
+    async def append_steps(self, steps: Sequence[StepRecord]) -> None:
+        rows = [step_values(step) for step in steps]
+
+        async def op(conn: Any) -> None:
+            async with conn.cursor() as cursor:
+                await cursor.executemany(_UPSERT_STEP, rows)
+
+        await self._write(op)
+
+    # -- mailbox -------------------------------------------------------------------
+
+    async def send_event(self, run_id: str, name: str, payload: str, sent_at: float) -> int:
+        async def op(conn: Any) -> int:
+            row = await (await conn.execute(
+                "SELECT status FROM runs WHERE run_id = %s", (run_id,))).fetchone()
+            if row is None:
+                raise RunNotFoundError(
+                    f"cannot send {name!r} to run {run_id!r}: no such run in {self.safe_url}; "
+                    "check the run id (app.start returns it on its handle)",
+                    run_id=run_id,
+                )
+            if RunStatus(row[0]).is_terminal:
+                raise WorkflowError(
+                    f"cannot send {name!r} to run {run_id!r}: it already ended {row[0]}, so "
+                    "nothing would ever read it",
+                    run_id=run_id,
+                )
+            return await _insert_event(conn, run_id, name, payload, sent_at)
+
+        return await self._write(op)
+
+    async def consume_event(self, run_id: str, name: str, step: StepRecord) -> StepRecord | None:
+        async def op(conn: Any) -> StepRecord | None:
+            row = await (await conn.execute(
+                "SELECT seq, payload FROM events WHERE run_id = %s AND name = %s "
+                "AND consumed_position IS NULL ORDER BY seq LIMIT 1 FOR UPDATE",
+                (run_id, name),
+            )).fetchone()
+            if row is None:
+                return None
+            await conn.execute("UPDATE events SET consumed_position = %s WHERE seq = %s",
+                               (step.position, row[0]))
+            done = StepRecord(
+                run_id=step.run_id, position=step.position, kind=step.kind, name=step.name,
+                status=StepStatus.COMPLETED, started_at=step.started_at, arity=step.arity,
+                inputs=step.inputs, output=row[1], completed_at=step.completed_at,
+                fire_at=step.fire_at, worker=step.worker, tenant_id=step.tenant_id,
+            )
+            await conn.execute(_UPSERT_STEP, step_values(done))
+            return done
+
+        return await self._write(op)
+
+    async def list_events(self, run_id: str) -> list[EventRecord]:
+        rows = await self._read(
+            "SELECT run_id, seq, name, payload, sent_at, consumed_position, tenant_id "
+            "FROM events WHERE run_id = %s ORDER BY seq",
+            (run_id,),
+        )
+        return [EventRecord(*r) for r in rows]
+
+
+async def _insert_event(conn: Any, run_id: str, name: str, payload: str, sent_at: float) -> int:
+    cursor = await conn.execute(
+        "INSERT INTO events (run_id, name, payload, sent_at) VALUES (%s, %s, %s, %s) "
+        "RETURNING seq",
+        (run_id, name, payload, sent_at),
+    )
+    row = await cursor.fetchone()
+    await conn.execute(
+        "UPDATE runs SET wake_at = least(coalesce(wake_at, %s), %s) "
+        "WHERE run_id = %s AND status = 'WAITING'",
+        (sent_at, sent_at, run_id),
+    )
+    await conn.execute(f"NOTIFY {_CHANNEL}")
+    return int(row[0])

@@ -1,0 +1,71 @@
+"""The PostgreSQL store's schema, versioned; migrations run under an advisory lock.
+
+Same tables and meaning as the SQLite schema. Every row carries `tenant_id` so that
+row-level security can be switched on without a rewrite.
+"""
+
+from __future__ import annotations
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION"]
+
+_V1 = """
+CREATE TABLE IF NOT EXISTS garrison_meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL DEFAULT 'default',
+    workflow_name TEXT NOT NULL,
+    workflow_version TEXT NOT NULL,
+    status TEXT NOT NULL,
+    inputs TEXT NOT NULL,
+    result TEXT,
+    error TEXT,
+    parent_run_id TEXT,
+    parent_position TEXT,
+    queue TEXT NOT NULL DEFAULT 'default',
+    created_at DOUBLE PRECISION NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL,
+    completed_at DOUBLE PRECISION,
+    wake_at DOUBLE PRECISION,
+    deadline_at DOUBLE PRECISION,
+    trace_context TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    owner TEXT
+);
+CREATE INDEX IF NOT EXISTS runs_status_wake ON runs (status, wake_at);
+CREATE INDEX IF NOT EXISTS runs_parent ON runs (parent_run_id);
+CREATE INDEX IF NOT EXISTS runs_created ON runs (created_at);
+CREATE TABLE IF NOT EXISTS steps (
+    run_id TEXT NOT NULL,
+    position TEXT NOT NULL,
+    tenant_id TEXT NOT NULL DEFAULT 'default',
+    kind TEXT NOT NULL,
+    name TEXT NOT NULL,
+    status TEXT NOT NULL,
+    arity INTEGER NOT NULL DEFAULT 0,
+    inputs TEXT,
+    output TEXT,
+    error TEXT,
+    started_at DOUBLE PRECISION NOT NULL,
+    completed_at DOUBLE PRECISION,
+    fire_at DOUBLE PRECISION,
+    attempts INTEGER NOT NULL DEFAULT 1,
+    worker TEXT,
+    PRIMARY KEY (run_id, position)
+);
+CREATE TABLE IF NOT EXISTS events (
+    seq BIGSERIAL PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    tenant_id TEXT NOT NULL DEFAULT 'default',
+    name TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    sent_at DOUBLE PRECISION NOT NULL,
+    consumed_position TEXT
+);
+CREATE INDEX IF NOT EXISTS events_mailbox ON events (run_id, name, consumed_position, seq);
+"""
+
+SCHEMA_VERSION = 1
+MIGRATIONS: dict[int, str] = {1: _V1}

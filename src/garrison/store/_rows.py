@@ -1,0 +1,85 @@
+"""Row layout shared by the SQL backends: column lists, statements, record mapping.
+
+Statements use `?` placeholders; the PostgreSQL store turns them into `%s`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from garrison.store._records import RunRecord, RunStatus, StepKind, StepRecord, StepStatus
+
+__all__ = [
+    "INSERT_RUN",
+    "RUN_COLUMNS",
+    "STEP_COLUMNS",
+    "TERMINAL_SQL",
+    "UPSERT_STEP",
+    "run_from_row",
+    "run_values",
+    "step_from_row",
+    "step_values",
+]
+
+TERMINAL_SQL = "('COMPLETED', 'FAILED', 'CANCELLED')"
+RUN_COLUMNS = (
+    "run_id, workflow_name, workflow_version, status, inputs, created_at, updated_at, "
+    "tenant_id, result, error, parent_run_id, parent_position, queue, completed_at, "
+    "wake_at, deadline_at, trace_context, cancel_requested, owner"
+)
+STEP_COLUMNS = (
+    "run_id, position, kind, name, status, started_at, arity, inputs, output, error, "
+    "completed_at, fire_at, attempts, worker, tenant_id"
+)
+
+
+def run_from_row(row: Sequence[Any]) -> RunRecord:
+    return RunRecord(
+        run_id=row[0], workflow_name=row[1], workflow_version=row[2],
+        status=RunStatus(row[3]), inputs=row[4], created_at=row[5], updated_at=row[6],
+        tenant_id=row[7], result=row[8], error=row[9], parent_run_id=row[10],
+        parent_position=row[11], queue=row[12], completed_at=row[13], wake_at=row[14],
+        deadline_at=row[15], trace_context=row[16], cancel_requested=bool(row[17]),
+        owner=row[18],
+    )
+
+
+def step_from_row(row: Sequence[Any]) -> StepRecord:
+    return StepRecord(
+        run_id=row[0], position=row[1], kind=StepKind(row[2]), name=row[3],
+        status=StepStatus(row[4]), started_at=row[5], arity=row[6], inputs=row[7],
+        output=row[8], error=row[9], completed_at=row[10], fire_at=row[11],
+        attempts=row[12], worker=row[13], tenant_id=row[14],
+    )
+
+
+def run_values(run: RunRecord) -> tuple[Any, ...]:
+    return (
+        run.run_id, run.workflow_name, run.workflow_version, run.status.value, run.inputs,
+        run.created_at, run.updated_at, run.tenant_id, run.result, run.error,
+        run.parent_run_id, run.parent_position, run.queue, run.completed_at, run.wake_at,
+        run.deadline_at, run.trace_context, int(run.cancel_requested), run.owner,
+    )
+
+
+def step_values(step: StepRecord) -> tuple[Any, ...]:
+    return (
+        step.run_id, step.position, step.kind.value, step.name, step.status.value,
+        step.started_at, step.arity, step.inputs, step.output, step.error,
+        step.completed_at, step.fire_at, step.attempts, step.worker, step.tenant_id,
+    )
+
+
+INSERT_RUN = (
+    f"INSERT INTO runs ({RUN_COLUMNS}) VALUES ({', '.join('?' * 19)}) "
+    "ON CONFLICT (run_id) DO NOTHING"
+)
+UPSERT_STEP = (
+    f"INSERT INTO steps ({STEP_COLUMNS}) VALUES ({', '.join('?' * 15)}) "
+    "ON CONFLICT (run_id, position) DO UPDATE SET status = excluded.status, "
+    "output = excluded.output, error = excluded.error, completed_at = excluded.completed_at, "
+    "attempts = excluded.attempts, worker = excluded.worker WHERE steps.status = 'pending'"
+)
+
+
