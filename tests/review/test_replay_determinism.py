@@ -14,9 +14,6 @@ from garrison.testing import FakeClock
 from tests.unit._support import ParkWatch
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: CancelledError skips leave_step (_execution.py "
-                   "_run_step_live catches only Exception), so after asyncio.timeout() around a "
-                   "step the branch is None and later steps run unjournaled")
 async def test_step_after_a_timed_out_step_is_still_journaled(db_url: str) -> None:
     app = Garrison(db_url)
     effects: Counter[str] = Counter()
@@ -51,9 +48,6 @@ class PaymentDeclined(Exception):
         self.code = code
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a journaled error is rebuilt from args only "
-                   "(codec.error_from_data); the live run sees the original exception, the "
-                   "replay a different one, so workflow logic on its attributes diverges")
 async def test_caught_step_error_has_the_same_attributes_on_replay(
     db_url: str, clock: FakeClock
 ) -> None:
@@ -92,9 +86,6 @@ class SpawningHook(EngineHooks):
         task.add_done_callback(self.tasks.discard)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: hooks run in the workflow branch's context; a task "
-                   "a hook creates takes a position on live runs only, so replay positions shift "
-                   "and completed steps run again")
 async def test_a_hook_that_creates_a_task_does_not_shift_positions(
     db_url: str, clock: FakeClock
 ) -> None:
@@ -127,9 +118,6 @@ async def test_a_hook_that_creates_a_task_does_not_shift_positions(
     assert status is RunStatus.COMPLETED
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: on replay a journaled failure returns at once, so "
-                   "TaskGroup siblings get further than they did live; a sibling's consume_event "
-                   "is committed although the sibling was cancelled, eating the event")
 async def test_task_group_replay_does_not_consume_an_event_the_live_run_left(
     db_url: str,
 ) -> None:
@@ -161,8 +149,6 @@ async def test_task_group_replay_does_not_consume_an_event_the_live_run_left(
     assert [e.consumed_position for e in events] == ["3"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a NonDeterminismError caught by workflow code does "
-                   "not stop it; later steps still run live (side effects) before the run fails")
 async def test_no_step_runs_live_after_nondeterminism_is_detected(db_url: str) -> None:
     effects: Counter[str] = Counter()
     watch = ParkWatch()

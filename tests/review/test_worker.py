@@ -27,9 +27,6 @@ class FailFirstCommitOf(SQLiteStore):
         await super().append_steps(steps)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a StoreError in one branch sends the run to "
-                   "retry_later while its sibling branches keep running detached; the retry "
-                   "launches a second execution, and both run the same steps concurrently")
 async def test_store_error_in_one_branch_does_not_run_a_sibling_step_twice(db_url: str) -> None:
     app = Garrison(store=FailFirstCommitOf(db_url, "flaky"))
     gate = asyncio.Event()
@@ -64,8 +61,6 @@ async def test_store_error_in_one_branch_does_not_run_a_sibling_step_twice(db_ur
     assert effects["charge"] == 1  # got 2, with no crash anywhere
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: recover() takes the 10,000 oldest PENDING/RUNNING "
-                   "runs including orphaned versions; newer runs it can run are never resumed")
 async def test_orphaned_running_runs_do_not_starve_recovery(db_url: str) -> None:
     app = Garrison(db_url, version="2")
 
@@ -90,10 +85,6 @@ async def test_orphaned_running_runs_do_not_starve_recovery(db_url: str) -> None
         assert await app.handle("new").result(timeout=3) == "ok"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a StoreError raised by a step body is journaled "
-                   "as the step's error, then treated as the engine's own store failure on "
-                   "every replay (_execute_body re-raises StoreError -> retry_later): the run "
-                   "never ends")
 async def test_store_error_raised_by_a_step_fails_the_run_instead_of_retrying_forever(
     db_url: str,
 ) -> None:

@@ -141,20 +141,11 @@ async def test_changed_step_name_fails_run_with_nondeterminism_error(db_url: str
     async with app2:
         with pytest.raises(WorkflowFailed) as info:
             await app2.handle("o1").result(timeout=5)
+        assert await app2.handle("o1").status() is RunStatus.FAILED
     error = info.value
     assert error.error_type == "garrison.errors:NonDeterminismError"
     assert "position 1" in error.error_message
     assert "'reserve_stock'" in error.error_message and "'charge_card'" in error.error_message
-    assert await_status(db_url, "o1") is RunStatus.FAILED
-
-
-def await_status(url: str, run_id: str) -> RunStatus:
-    import sqlite3
-
-    path = url.removeprefix("sqlite:///")
-    with sqlite3.connect(path) as conn:
-        row = conn.execute("SELECT status FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-        return RunStatus(row[0])
 
 
 async def test_changed_arity_is_nondeterminism(db_url: str) -> None:

@@ -215,7 +215,7 @@ async def test_children_results_are_awaited_durably(db_url: str) -> None:
     async with app:
         assert await (await app.start(parent, [1, 2, 3], run_id="p")).result(timeout=5) == [2, 4, 6]
         children = await app.store.list_runs(parent_run_id="p")
-    assert sorted(c.run_id for c in children) == ["p.1", "p.2", "p.3"]
+    assert sorted(c.run_id for c in children) == ["p/1", "p/2", "p/3"]
     assert all(c.status is RunStatus.COMPLETED for c in children)
 
 
@@ -223,7 +223,7 @@ async def test_child_failure_surfaces_in_parent_as_workflow_failed(db_url: str) 
     app, parent, _ = family(db_url)
     async with app:
         handle = await app.start(parent, [1, -1], run_id="p")
-        with pytest.raises(WorkflowFailed, match=r"child run p\.2 failed: builtins:ValueError"):
+        with pytest.raises(WorkflowFailed, match=r"child run p/2 failed: builtins:ValueError"):
             await handle.result(timeout=5)
 
 
@@ -232,13 +232,13 @@ async def test_cancel_is_recorded_and_propagates_to_children(db_url: str) -> Non
     app, parent, _ = family(db_url, watch)
     async with app:
         handle = await app.start(parent, [0, 0], run_id="p")
-        await watch.parked("p", "p.1", "p.2")
+        await watch.parked("p", "p/1", "p/2")
         await handle.cancel()
         with pytest.raises(WorkflowCancelled):
             await handle.result(timeout=5)
         statuses = {r.run_id: r.status for r in await app.store.list_runs()}
-    assert statuses == {"p": RunStatus.CANCELLED, "p.1": RunStatus.CANCELLED,
-                        "p.2": RunStatus.CANCELLED}
+    assert statuses == {"p": RunStatus.CANCELLED, "p/1": RunStatus.CANCELLED,
+                        "p/2": RunStatus.CANCELLED}
 
 
 async def test_cancel_of_a_live_run_raises_cancelled_error_inside_it(db_url: str) -> None:

@@ -117,7 +117,8 @@ class Garrison:
 
         A step interrupted by a crash may run again (at-least-once) with the same
         `current_step().idempotency_key`. A synchronous `def` step runs in a thread pool.
-        Called outside a workflow, a step is a plain function call.
+        Called outside a workflow, the function runs directly, unjournaled (the
+        decorated step is always awaited, even when the function is a `def`).
         """
         return _StepDecorator(self, name, retry)
 
@@ -269,6 +270,13 @@ class Garrison:
             SerializationError: `value` cannot be stored.
         """
         self._require_open("send")
+        branch = current_branch()
+        if branch is not None:
+            raise WorkflowError(
+                f"run {branch.execution.run_id}: app.send() inside a workflow is not journaled "
+                "and would be sent again on every replay; send from a step instead",
+                run_id=branch.execution.run_id,
+            )
         payload = encode(value, what=f"event {name!r} for run {run_id}")
         await self.store.send_event(run_id, name, payload, self.clock.time())
         if self.worker is not None:

@@ -15,6 +15,7 @@ enums are rebuilt. A class that is not loaded is a clear `SerializationError`.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import datetime as dt
 import enum
@@ -212,22 +213,27 @@ def error_to_data(error: BaseException) -> dict[str, Any]:
         "traceback": "".join(traceback.format_exception(error)),
         "args": args,
     }
-    fields = getattr(error, "_fields", None)
-    if isinstance(error, GarrisonError) and fields:
+    attrs: dict[str, Any] = {}
+    for key, value in getattr(error, "__dict__", {}).items():
+        if key.startswith("__"):
+            continue
         try:
-            json.dumps(fields, default=_default)
-            data["fields"] = fields
+            json.dumps(value, default=_default)
         except (TypeError, ValueError):
-            pass  # ids that are not JSON stay out; the message still names them
+            continue  # an attribute that cannot be journaled stays out
+        attrs[key] = value
+    if attrs:
+        data["attrs"] = encode(attrs)
     return data
 
 
 def _replay_note(data: dict[str, Any]) -> str:
-    return f"(replayed from the journal; original traceback:)\n{data.get('traceback')}"
+    return f"(rebuilt from the journal; original traceback:)\n{data.get('traceback')}"
 
 
 def error_from_data(data: dict[str, Any]) -> BaseException:
-    """Rebuild a journaled error as the same exception type when that type is loaded here.
+    """Rebuild a journaled error as the same exception type when that type is loaded here,
+    with the same args and JSON-able attributes (its `__init__` is not called).
 
     Falls back to `StepFailed` carrying type, message and traceback text. Only classes
     already imported by this process are considered; no module is imported.
@@ -239,17 +245,17 @@ def error_from_data(data: dict[str, Any]) -> BaseException:
     obj: Any = sys.modules.get(module_name)
     for part in qualname.split("."):
         obj = getattr(obj, part, None) if obj is not None else None
-    args = data.get("args")
-    if isinstance(obj, type) and issubclass(obj, GarrisonError):
-        error_ = obj(str(data.get("message", "")), **dict(data.get("fields") or {}))
-        error_.add_note(_replay_note(data))
-        return error_
-    if isinstance(obj, type) and issubclass(obj, Exception) and args is not None:
-        try:
-            error: BaseException = obj(*args)
-        except Exception:  # a constructor with another signature: rebuild without __init__
-            error = obj.__new__(obj)
-            error.args = tuple(args)
+    if isinstance(obj, type) and issubclass(obj, Exception):
+        error: BaseException = obj.__new__(obj)
+        args = data.get("args")
+        error.args = tuple(args) if args is not None else (str(data.get("message", "")),)
+        attrs = data.get("attrs")
+        if attrs:
+            # No __dict__ (slots), or an attribute's class is gone: the args remain.
+            with contextlib.suppress(AttributeError, SerializationError):
+                error.__dict__.update(decode(attrs))
+        elif issubclass(obj, GarrisonError):
+            GarrisonError.__init__(error, str(data.get("message", "")))  # type: ignore[arg-type]
         error.add_note(_replay_note(data))
         return error
     return StepFailed(

@@ -130,9 +130,14 @@ def install_task_factory(loop: asyncio.AbstractEventLoop) -> None:
         parent = context.get(_branch)
         if parent is not None:
             context.run(_branch.set, parent.fork())
+        task: asyncio.Task[Any]
         if previous is not None:
-            return previous(loop, coro, context=context, **kwargs)  # type: ignore[call-arg]  # 3.11 factories take context
-        return asyncio.Task(coro, loop=loop, context=context, **kwargs)
+            task = previous(loop, coro, context=context, **kwargs)  # type: ignore[call-arg,assignment]  # 3.11 factories take context
+        else:
+            task = asyncio.Task(coro, loop=loop, context=context, **kwargs)
+        if parent is not None:
+            parent.execution.adopt(task)  # the run owns its branches (closes them at exit)
+        return task
 
     factory._garrison = True  # type: ignore[attr-defined]  # marks our factory for idempotency
     loop.set_task_factory(factory)  # type: ignore[arg-type]  # typeshed lags the 3.11 signature

@@ -4,8 +4,12 @@ The workflow body runs from the top every time the run starts executing. A journ
 operation first looks at its position in the journal: a completed entry returns its
 value (or re-raises its error) without running anything; a missing entry runs live and
 is committed before the workflow goes past it. A run whose every branch waits on a
-timer or an event, with nothing in flight, is *parked*: its coroutine is released and
+timer or an event, with nothing in flight, is *parked*: its coroutines are released and
 the store wakes it later.
+
+The execution owns every task its body creates (the task factory adopts them): when the
+body ends, parks or loses its store, every branch is cancelled and awaited before the
+outcome is written, so no branch of a finished or parked run ever runs on.
 """
 
 from __future__ import annotations
@@ -38,10 +42,10 @@ from garrison.engine._handle import RunHandle
 from garrison.engine._registry import StepDef, WorkflowDef
 from garrison.errors import (
     NonDeterminismError,
+    ResultTimeoutError,
     SerializationError,
     StoreError,
     WorkflowCancelled,
-    WorkflowConflictError,
     WorkflowFailed,
 )
 from garrison.store import RunRecord, RunStatus, StepKind, StepRecord, StepStatus
@@ -57,11 +61,23 @@ log = get_logger(__name__)
 # between two operations runs synchronously, and a finished branch reaches the task
 # awaiting it within two passes (done callback, then the waiter's wake-up).
 _QUIESCENT_PASSES = 4
+# How long closing waits for branches that ignore cancellation before giving up on them.
+_CLOSE_TIMEOUT_S = 5.0
+_TIMED_OUT = object()
 
 
 def child_event_name(child_run_id: str) -> str:
     """The mailbox event through which a child run reports its end to its parent."""
     return f"garrison.child:{child_run_id}"
+
+
+class _StoreFailure(BaseException):
+    """The engine's own journal write failed. A BaseException on purpose: workflow code's
+    `except Exception` must not swallow it and go on past an uncommitted step."""
+
+    def __init__(self, error: StoreError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 @dataclass(slots=True)
@@ -91,13 +107,17 @@ class RunExecution:
         self.context = Context(self)
         self.root = Branch(self, "")
         self.task: asyncio.Task[None] | None = None
+        self.branches: set[asyncio.Task[Any]] = set()
         self.waiters: dict[str, _Waiter] = {}
         self.inflight = 0
         self.epoch = 0
         self.nondeterminism: NonDeterminismError | None = None
         self._buffered: list[StepRecord] = []
+        self._timers: set[str] = set()
         self._suspending = False
         self._cancelling = False
+        self._cancel_after_close = False
+        self._closing = False
         self._quiescence_scheduled = False
         self._quiet_passes = 0
         self._quiet_epoch = -1
@@ -109,8 +129,16 @@ class RunExecution:
     def run_id(self) -> str:
         return self.run.run_id
 
+    def adopt(self, task: asyncio.Task[Any]) -> None:
+        """A task created by this run's body (called by the task factory)."""
+        self.branches.add(task)
+        task.add_done_callback(self.branches.discard)
+
     def cancel(self) -> None:
         """Cancel cooperatively: CancelledError at the workflow's current await."""
+        if self._closing:  # the body is over; the outcome being written is replaced
+            self._cancel_after_close = True
+            return
         if self.task is not None and not self.task.done():
             self._cancelling = True
             self.task.cancel("garrison: run cancelled")
@@ -119,24 +147,30 @@ class RunExecution:
         """Run the workflow body to its end, to a park, or until shutdown."""
         token = enter_branch(self.root)
         try:
-            outcome = await self._execute_body()
-        except asyncio.CancelledError:
-            if not (self._suspending or self._cancelling):
-                raise  # worker shutdown: the run stays RUNNING and resumes on next start
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
-            if not self._cancelling:
-                await self._park()
+            try:
+                outcome: _Outcome | None = await self._execute_body()
+            except asyncio.CancelledError:
+                if not (self._suspending or self._cancelling):
+                    await self._close_branches()
+                    raise  # worker shutdown: the run stays RUNNING, resumes on next start
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+                outcome = _Outcome(RunStatus.CANCELLED) if self._cancelling else None
+            except _StoreFailure as failure:
+                await self._close_branches()
+                log.error("run.store_error", run_id=self.run_id, error=str(failure.error))
+                self.worker.retry_later(self.run_id)
                 return
-            outcome = _Outcome(RunStatus.CANCELLED)
-        except StoreError as exc:
-            log.error("run.store_error", run_id=self.run_id, error=str(exc))
-            self.worker.retry_later(self.run_id)
-            return
+            await self._close_branches()
+            if outcome is None:
+                await self._park()
+            else:
+                await self._finish(outcome)
         finally:
             leave_branch(token)
-        await self._finish(outcome)
+        if self._cancel_after_close:
+            await self.worker.app.cancel(self.run_id)
 
     async def _execute_body(self) -> _Outcome:
         try:
@@ -144,19 +178,34 @@ class RunExecution:
                 return _Outcome(RunStatus.CANCELLED)
             inputs = decode(self.run.inputs)
             result = await self.workflow.fn(self.context, *inputs["args"], **inputs["kwargs"])
+            self._closing = True
             await self._flush_buffered()
             if self.nondeterminism is not None:
                 raise self.nondeterminism
             what = f"run {self.run_id}: result of workflow {self.workflow.name!r}"
             text, _ = roundtrip(result, what=what)
             return _Outcome(RunStatus.COMPLETED, result=text)
-        except (StoreError, asyncio.CancelledError):
+        except asyncio.CancelledError:
             raise
         except Exception as exc:
             error = self.nondeterminism or exc
             log.warning("run.failed", run_id=self.run_id, error_type=type(error).__name__,
                         error=str(error))
             return _Outcome(RunStatus.FAILED, error=error_to_data(error))
+        finally:
+            self._closing = True
+
+    async def _close_branches(self) -> None:
+        """Cancel and await every task the body created; none may outlive the body."""
+        self._closing = True
+        current = asyncio.current_task()
+        pending = [t for t in self.branches if t is not current and not t.done()]
+        for task in pending:
+            task.cancel("garrison: run closing")
+        if pending:
+            _, stuck = await asyncio.wait(pending, timeout=_CLOSE_TIMEOUT_S)
+            if stuck:
+                log.error("run.branches_ignore_cancel", run_id=self.run_id, count=len(stuck))
 
     async def _finish(self, outcome: _Outcome) -> None:
         error_text = json.dumps(outcome.error) if outcome.error is not None else None
@@ -173,7 +222,7 @@ class RunExecution:
         self.epoch += 1
 
     def _maybe_park_soon(self) -> None:
-        if self._quiescence_scheduled or not self.waiters or self.inflight:
+        if self._quiescence_scheduled or self._closing or not self.waiters or self.inflight:
             return
         self._quiescence_scheduled = True
         self._quiet_passes = 0
@@ -182,7 +231,8 @@ class RunExecution:
 
     def _check_quiescent(self) -> None:
         task = self.task
-        if task is None or task.done() or not self.waiters or self.inflight:
+        if (task is None or task.done() or self._closing or not self.waiters
+                or self.inflight):
             self._quiescence_scheduled = False
             return
         if self.epoch != self._quiet_epoch:
@@ -193,19 +243,29 @@ class RunExecution:
         if self._quiet_passes >= _QUIESCENT_PASSES:
             self._quiescence_scheduled = False
             self._suspending = True
-            # Read the waits now: cancelling the task unwinds and forgets them.
+            # Read the waits now: cancelling the tasks unwinds and forgets them.
             waiters = self.waiters.values()
             self._park_plan = (
                 min((w.fire_at for w in waiters if w.fire_at is not None), default=None),
                 sorted({w.event for w in waiters if w.event is not None}),
             )
+            self._closing = True
             task.cancel("garrison: run parked")
             return
         asyncio.get_running_loop().call_soon(self._check_quiescent)
 
     # -- journal -------------------------------------------------------------------
 
+    def _gate(self) -> None:
+        """Every journaled operation starts here: no operation after the body is over,
+        none after a divergence was found (even if the workflow code caught it)."""
+        if self._closing:
+            raise asyncio.CancelledError("garrison: run closing")
+        if self.nondeterminism is not None:
+            raise self.nondeterminism
+
     def _entry(self, position: str, kind: StepKind, name: str, arity: int) -> StepRecord | None:
+        self._gate()
         entry = self.journal.get(position)
         if entry is None:
             return None
@@ -219,8 +279,7 @@ class RunExecution:
                 journal=f"{entry.kind.value}:{entry.name}/{entry.arity}",
                 code=f"{kind.value}:{name}/{arity}",
             )
-            if self.nondeterminism is None:
-                self.nondeterminism = error
+            self.nondeterminism = error
             raise error
         return entry
 
@@ -238,17 +297,24 @@ class RunExecution:
         self.journal[position] = record
         return record
 
+    async def _store(self, write: Any) -> Any:
+        """Await one of the engine's own store writes; a failure aborts the run's body."""
+        try:
+            return await write
+        except StoreError as exc:
+            raise _StoreFailure(exc) from exc
+
     async def _commit(self, record: StepRecord) -> None:
         if self._buffered:
             records, self._buffered = [*self._buffered, record], []
         else:
             records = [record]
-        await self.worker.store.append_steps(records)
+        await self._store(self.worker.store.append_steps(records))
 
     async def _flush_buffered(self) -> None:
         if self._buffered:
             records, self._buffered = self._buffered, []
-            await self.worker.store.append_steps(records)
+            await self._store(self.worker.store.append_steps(records))
 
     def journal_value(self, branch: Branch, kind_name: str) -> Any:
         """`ctx.now()` / `uuid()` / `random()`: journaled, committed before the next step."""
@@ -268,6 +334,18 @@ class RunExecution:
         self._buffered.append(self._record(position, kind, kind_name, StepStatus.COMPLETED,
                                            started_at=self.worker.clock.time(), output=text))
         return value
+
+    def _emit(self, hook_name: str, *args: Any) -> None:
+        """Call a hook outside the workflow branch: a task it creates is not a fan-out."""
+        hooks = self.worker.hooks
+        if not hooks:
+            return
+        token = enter_branch(None)
+        try:
+            for hook in hooks:
+                getattr(hook, hook_name)(*args)
+        finally:
+            leave_branch(token)
 
     # -- steps ---------------------------------------------------------------------
 
@@ -295,13 +373,11 @@ class RunExecution:
 
     async def _run_step_live(self, position: str, step: StepDef, args: tuple[Any, ...],
                              kwargs: dict[str, Any], arity: int, inputs: str, where: str) -> Any:
-        hooks = self.worker.hooks
         started_at = self.worker.clock.time()
         attempt = 1
         while True:
             info = StepInfo(self.run_id, position, step.name, attempt, f"{self.run_id}:{position}")
-            for hook in hooks:
-                hook.step_started(info)
+            self._emit("step_started", info)
             began = time.perf_counter()
             tokens = enter_step(info)
             try:
@@ -315,24 +391,26 @@ class RunExecution:
             except Exception as exc:
                 leave_step(tokens)
                 delay = step.retry.delay_s(attempt, exc) if step.retry is not None else None
-                for hook in hooks:
-                    hook.step_failed(info, exc, delay is not None)
+                self._emit("step_failed", info, exc, delay is not None)
                 if delay is not None:
                     log.info("step.retry_scheduled", run_id=self.run_id, position=position,
                              step=step.name, attempt=attempt + 1, delay_s=delay)
                     await asyncio.sleep(delay)
                     attempt += 1
                     continue
+                data = error_to_data(exc)
                 record = self._record(position, StepKind.STEP, step.name, StepStatus.FAILED,
                                       started_at=started_at, arity=arity, inputs=inputs,
-                                      error=json.dumps(error_to_data(exc)), attempts=attempt)
+                                      error=json.dumps(data), attempts=attempt)
                 await self._commit(record)
-                for hook in hooks:
-                    hook.step_committed(info)
+                self._emit("step_committed", info)
+                # What the workflow sees now is what a replay will see: the journaled error.
+                raise error_from_data(data) from exc
+            except BaseException:
+                leave_step(tokens)  # cancelled (timeout, run cancel): the branch goes on
                 raise
             leave_step(tokens)
-            for hook in hooks:
-                hook.step_completed(info, time.perf_counter() - began)
+            self._emit("step_completed", info, time.perf_counter() - began)
             try:
                 output, value = roundtrip(result, what=f"{where}: result")
             except SerializationError as exc:
@@ -345,38 +423,48 @@ class RunExecution:
                                   started_at=started_at, arity=arity, inputs=inputs,
                                   output=output, attempts=attempt)
             await self._commit(record)
-            for hook in hooks:
-                hook.step_committed(info)
+            self._emit("step_committed", info)
             return value
 
     # -- waits ---------------------------------------------------------------------
 
-    async def _wait(self, position: str, fire_at: float | None, event: str | None) -> None:
-        """Block this branch until `fire_at` or a delivery of `event` (or parking)."""
+    def _register(self, position: str, fire_at: float | None, event: str | None
+                  ) -> asyncio.Future[None]:
+        """Register a wait *before* looking for what it waits for, so a delivery that
+        lands in between is not lost."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.waiters[position] = _Waiter(position, future, fire_at, event)
-        if fire_at is not None:
+        if fire_at is not None and position not in self._timers:
+            self._timers.add(position)
             self.worker.schedule_timer(self.run_id, position, fire_at)
+        return future
+
+    async def _block(self, future: asyncio.Future[None]) -> None:
+        """Wait outside the in-flight count, so the run may park meanwhile."""
+        self.inflight -= 1
         self._activity()
         self._maybe_park_soon()
         try:
             await future
         finally:
-            self.waiters.pop(position, None)
-            self._activity()
+            self.inflight += 1
 
     def fire(self, position: str) -> None:
         """A timer came due while this run is live."""
         waiter = self.waiters.get(position)
-        if waiter is not None and not waiter.future.done():
+        if waiter is not None and not waiter.future.done() and not self._closing:
             waiter.future.set_result(None)
+            self._activity()
 
     def deliver(self, event: str | None = None) -> None:
         """An event arrived (or might have, from another process): let its waiters look."""
+        if self._closing:
+            return
         for waiter in list(self.waiters.values()):
             wanted = waiter.event is not None and (event is None or waiter.event == event)
             if wanted and not waiter.future.done():
                 waiter.future.set_result(None)
+                self._activity()
 
     async def sleep(self, branch: Branch, seconds: float) -> None:
         position = branch.next_position()
@@ -394,11 +482,12 @@ class RunExecution:
                 await self._commit(entry)
             fire_at = entry.fire_at or 0.0
             while clock.time() < fire_at:
-                self.inflight -= 1
+                future = self._register(position, fire_at, None)
                 try:
-                    await self._wait(position, fire_at, None)
+                    await self._block(future)
                 finally:
-                    self.inflight += 1
+                    self.waiters.pop(position, None)
+                self._gate()
             await self._commit(self._record(position, StepKind.SLEEP, "sleep",
                                             StepStatus.COMPLETED, started_at=entry.started_at,
                                             fire_at=fire_at))
@@ -419,9 +508,9 @@ class RunExecution:
             return decode(entry.output) if entry.output is not None else default
         clock = self.worker.clock
         store = self.worker.store
+        persisted = entry is not None
         self.inflight += 1
         self._activity()
-        persisted = entry is not None
         try:
             await self._flush_buffered()
             if entry is None:
@@ -430,25 +519,30 @@ class RunExecution:
                 entry = self._record(position, kind, name, StepStatus.PENDING,
                                      started_at=started, fire_at=deadline)
             while True:
-                attempt = dataclasses.replace(entry, completed_at=clock.time())
-                taken = await store.consume_event(self.run_id, event, attempt)
-                if taken is not None:
-                    self.journal[position] = taken
-                    assert taken.output is not None
-                    return decode(taken.output)
-                if entry.fire_at is not None and clock.time() >= entry.fire_at:
-                    done = self._record(position, kind, name, StepStatus.COMPLETED,
-                                        started_at=entry.started_at, fire_at=entry.fire_at)
-                    await self._commit(done)
-                    return default
-                if not persisted:
-                    await self._commit(entry)  # the deadline must survive a crash
-                    persisted = True
-                self.inflight -= 1
+                future = self._register(position, entry.fire_at, event)
                 try:
-                    await self._wait(position, entry.fire_at, event)
+                    attempt = dataclasses.replace(entry, completed_at=clock.time())
+                    taken = await self._store(store.consume_event(self.run_id, event, attempt))
+                    if taken is not None:
+                        self.journal[position] = taken
+                        assert taken.output is not None
+                        return decode(taken.output)
+                    if kind is StepKind.CHILD_RESULT:
+                        ended = await self._child_already_reported(position, entry, name)
+                        if ended is not None:
+                            return ended
+                    if entry.fire_at is not None and clock.time() >= entry.fire_at:
+                        done = self._record(position, kind, name, StepStatus.COMPLETED,
+                                            started_at=entry.started_at, fire_at=entry.fire_at)
+                        await self._commit(done)
+                        return default
+                    if not persisted:
+                        await self._commit(entry)  # the deadline must survive a crash
+                        persisted = True
+                    await self._block(future)
                 finally:
-                    self.inflight += 1
+                    self.waiters.pop(position, None)
+                self._gate()
         finally:
             self.inflight -= 1
             self._activity()
@@ -463,7 +557,8 @@ class RunExecution:
         entry = self._entry(position, StepKind.CHILD, definition.name, len(args) + len(kwargs))
         if entry is not None and entry.output is not None:
             return RunHandle(self.worker.app, decode(entry.output), parent_run_id=self.run_id)
-        child_id = run_id or f"{self.run_id}.{position}"
+        # "/" never occurs in a position, so "a" at "1.2" and "a/1" at "2" cannot collide.
+        child_id = run_id or f"{self.run_id}/{position}"
         self.inflight += 1
         self._activity()
         try:
@@ -474,14 +569,13 @@ class RunExecution:
             record = self._record(position, StepKind.CHILD, definition.name,
                                   StepStatus.COMPLETED, started_at=now,
                                   arity=len(args) + len(kwargs), output=encode(child_id))
-            stored, created = await self.worker.store.create_child_run(child, record)
-            if not created and stored.workflow_name != definition.name:
-                raise WorkflowConflictError(
-                    f"run {self.run_id} position {position}: child run id {child_id!r} already "
-                    f"belongs to workflow {stored.workflow_name!r}, not {definition.name!r}; "
-                    "choose another run_id",
-                    run_id=self.run_id, existing=stored.workflow_name, requested=definition.name,
-                )
+            try:
+                stored, created = await self.worker.store.create_child_run(child, record)
+            except StoreError as exc:
+                raise _StoreFailure(exc) from exc
+            except Exception:
+                del self.journal[position]  # refused (a conflict): nothing was journaled
+                raise
             if created:
                 self.worker.launch(stored, definition, journal=())
             return RunHandle(self.worker.app, child_id, parent_run_id=self.run_id)
@@ -490,11 +584,31 @@ class RunExecution:
             self._activity()
             self._maybe_park_soon()
 
-    async def child_result(self, branch: Branch, child_run_id: str) -> Any:
+    async def _child_already_reported(self, position: str, entry: StepRecord,
+                                      child_run_id: str) -> Any:
+        """A child's end is one mailbox event; a second await of its result reads the run."""
+        child = await self._store(self.worker.store.get_run(child_run_id))
+        if child is None or not child.status.is_terminal:
+            return None
+        payload = json.dumps({"status": child.status.value, "result": child.result,
+                              "error": json.loads(child.error) if child.error else None})
+        done = self._record(position, entry.kind, entry.name, StepStatus.COMPLETED,
+                            started_at=entry.started_at, output=payload)
+        await self._commit(done)
+        return decode(payload)
+
+    async def child_result(self, branch: Branch, child_run_id: str,
+                           timeout: float | None = None) -> Any:
         """Durably wait for a child run's end; return its result or raise its failure."""
         position = branch.next_position()
         payload = await self._wait_event(position, StepKind.CHILD_RESULT, child_run_id,
-                                         child_event_name(child_run_id), None, None)
+                                         child_event_name(child_run_id), timeout, _TIMED_OUT)
+        if payload is _TIMED_OUT or payload is None:
+            raise ResultTimeoutError(
+                f"run {self.run_id}: child run {child_run_id} did not end within {timeout} s "
+                "(a durable deadline); it goes on running",
+                run_id=child_run_id,
+            )
         status = RunStatus(payload["status"])
         if status is RunStatus.COMPLETED:
             return decode(payload["result"]) if payload.get("result") is not None else None

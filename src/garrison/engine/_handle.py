@@ -6,7 +6,7 @@ import asyncio
 import json
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from garrison.engine._codec import decode
+from garrison.engine._codec import decode, encode
 from garrison.engine._context import current_branch
 from garrison.errors import (
     ResultTimeoutError,
@@ -70,14 +70,15 @@ class RunHandle(Generic[R]):
         """
         branch = current_branch()
         if branch is not None:
-            if branch.execution.run_id != self._parent_run_id:
+            execution = branch.execution
+            if execution.run_id != self._parent_run_id and not _is_child_of(execution, self):
                 raise WorkflowError(
-                    f"run {branch.execution.run_id}: a workflow may await the result of its "
+                    f"run {execution.run_id}: a workflow may await the result of its "
                     f"own children only; {self.run_id} is not one. Start it with "
                     "ctx.start_child(), or read it in a step.",
-                    run_id=branch.execution.run_id,
+                    run_id=execution.run_id,
                 )
-            value: R = await branch.execution.child_result(branch, self.run_id)
+            value: R = await execution.child_result(branch, self.run_id, timeout)
             return value
         try:
             async with asyncio.timeout(timeout):
@@ -99,19 +100,24 @@ class RunHandle(Generic[R]):
                     waiter.cancel()
                 value: R = _outcome(run)
                 return value
-            try:
-                async with asyncio.timeout(_POLL_S if waiter is None else _LOCAL_POLL_S):
-                    if waiter is not None:
-                        await waiter
-                    else:
-                        await asyncio.sleep(_POLL_S)
-            except TimeoutError:
-                pass
+            if waiter is not None:  # asyncio.wait: a timeout that never cancels anything
+                await asyncio.wait({waiter}, timeout=_LOCAL_POLL_S)
+            else:
+                await asyncio.sleep(_POLL_S)
 
     async def cancel(self) -> None:
         """Cancel the run cooperatively (CancelledError at its current await); recorded,
         and propagated to its unfinished children. A finished run is left as it is."""
         await self._app.cancel(self.run_id)
+
+
+def _is_child_of(execution: Any, handle: RunHandle[Any]) -> bool:
+    """Whether `handle`'s run was started by `execution` (found in its journal)."""
+    from garrison.store import StepKind
+
+    wanted = encode(handle.run_id)
+    return any(entry.kind is StepKind.CHILD and entry.output == wanted
+               for entry in execution.journal.values())
 
 
 def _outcome(run: RunRecord) -> Any:

@@ -32,6 +32,11 @@ log = get_logger(__name__)
 
 _RETRY_BASE_S = 0.5
 _RETRY_CAP_S = 30.0
+# At most this many orphaned runs are listed in memory (`garrison runs list --orphaned`
+# shows them all).
+_ORPHAN_REPORT_LIMIT = 10_000
+# How long stopping waits for run tasks to unwind after their cancellation.
+_STOP_TIMEOUT_S = 10.0
 
 
 class Worker:
@@ -52,6 +57,8 @@ class Worker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._timers: list[tuple[float, str, str]] = []
         self._retry_at: dict[str, tuple[float, int]] = {}
+        self._store_failures: dict[str, int] = {}
+        self._stopping = False
         self._poke = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._result_waiters: dict[str, list[asyncio.Future[None]]] = {}
@@ -67,10 +74,17 @@ class Worker:
             subscribe(self.poke)
 
     async def stop(self) -> None:
+        # The flag ends the loop even if a cancellation is lost: on Python 3.11 a cancel
+        # that lands as asyncio.timeout() expires can be swallowed (fixed in 3.12).
+        self._stopping = True
+        self.poke()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel("garrison: worker stopping")
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            _, stuck = await asyncio.wait(tasks, timeout=_STOP_TIMEOUT_S)
+            for task in stuck:
+                log.error("worker.task_ignores_stop", task=task.get_name())
         self.live.clear()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
@@ -150,22 +164,26 @@ class Worker:
     async def recover(self) -> None:
         """Resume every unfinished run this process can run, and every due parked run;
         report unfinished runs of workflow versions not registered here (orphaned)."""
-        for run in await self.store.recoverable_runs():
+        registered = list(self.app.registry.workflows)
+        for run in await self.store.recoverable_runs(workflows=registered):
             if run.cancel_requested:
                 await self.app.cancel(run.run_id)
             else:
                 self.resume(run)
         registry = self.app.registry
-        for run in await self.store.list_runs(statuses=[RunStatus.WAITING], limit=1_000_000):
+        unfinished = [s for s in RunStatus if not s.is_terminal]
+        for run in await self.store.list_runs(statuses=unfinished, limit=_ORPHAN_REPORT_LIMIT):
             if registry.workflow(run.workflow_name, run.workflow_version) is None:
                 self.resume(run)  # records and logs it as orphaned; runs nothing
         await self._wake_due()
 
     def retry_later(self, run_id: str) -> None:
-        """The store failed under this run: drop it from memory, resume it after a backoff."""
+        """The store failed under this run: drop it from memory, resume it after a backoff
+        that doubles (0.5 s to 30 s) until the run parks or finishes."""
         self.live.pop(run_id, None)
-        _, attempts = self._retry_at.get(run_id, (0.0, 0))
+        attempts = self._store_failures.get(run_id, 0)
         delay = min(_RETRY_CAP_S, _RETRY_BASE_S * 2**attempts)
+        self._store_failures[run_id] = attempts + 1
         self._retry_at[run_id] = (self.clock.time() + delay, attempts + 1)
         log.warning("run.retry_scheduled", run_id=run_id, delay_s=delay)
 
@@ -201,7 +219,8 @@ class Worker:
 
     async def _foreign_changes(self) -> None:
         """Another process wrote: new runs, events for live runs, cancellations."""
-        for run in await self.store.recoverable_runs():
+        registered = list(self.app.registry.workflows)
+        for run in await self.store.recoverable_runs(workflows=registered):
             if run.run_id in self.live:
                 if run.cancel_requested:
                     self.live[run.run_id].cancel()
@@ -211,7 +230,7 @@ class Worker:
             execution.deliver(None)
 
     async def _loop(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 now = self.clock.time()
                 self._fire_due_timers(now)
@@ -226,17 +245,19 @@ class Worker:
             if self._timers:
                 timeout = max(0.0, min(timeout, self._timers[0][0] - self.clock.time()))
             self._poke.clear()
+            # A timer that pokes, rather than asyncio.timeout(): no cancellation involved.
+            alarm = asyncio.get_running_loop().call_later(timeout, self._poke.set)
             try:
-                async with asyncio.timeout(timeout):
-                    await self._poke.wait()
-            except TimeoutError:
-                pass
+                await self._poke.wait()
+            finally:
+                alarm.cancel()
 
     # -- run ends ------------------------------------------------------------------
 
     async def park_run(self, execution: RunExecution, wake_at: float | None,
                        events: Sequence[str]) -> None:
         await self.store.park_run(execution.run_id, wake_at, events, now=self.clock.time())
+        self._store_failures.pop(execution.run_id, None)
         if self.live.get(execution.run_id) is execution:
             del self.live[execution.run_id]
         for hook in self.hooks:
@@ -264,6 +285,7 @@ class Worker:
                                  payload=json.dumps(payload), sent_at=now)
         changed = await self.store.finish_run(run.run_id, status, result=result, error=error,
                                               completed_at=now, notify=notify)
+        self._store_failures.pop(run.run_id, None)
         if not changed:
             return False
         log.debug("run.finished", run_id=run.run_id, status=status.value)

@@ -30,11 +30,13 @@ from garrison.errors import (
 from garrison.store._postgres_schema import MIGRATIONS, SCHEMA_VERSION
 from garrison.store._records import EventRecord, RunRecord, RunStatus, StepRecord, StepStatus
 from garrison.store._rows import (
+    CANCEL_CHILDREN,
     INSERT_RUN,
     RUN_COLUMNS,
     STEP_COLUMNS,
     TERMINAL_SQL,
     UPSERT_STEP,
+    child_conflict,
     run_from_row,
     run_values,
     step_from_row,
@@ -62,6 +64,7 @@ def _sql(statement: str) -> str:
 
 _INSERT_RUN = _sql(INSERT_RUN)
 _UPSERT_STEP = _sql(UPSERT_STEP)
+_CANCEL_CHILDREN = _sql(CANCEL_CHILDREN)
 _SELECT_RUN = f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id = %s"
 
 
@@ -158,8 +161,10 @@ class _GroupCommit:
 
     async def _flush_all(self) -> None:
         while self._ops:
-            ops, self._ops = self._ops, []
-            await self._flush(ops)
+            ops = [(op, f) for op, f in self._ops if not f.cancelled()]
+            self._ops = []
+            if ops:
+                await self._flush(ops)
 
     async def _flush(self, ops: list[tuple[_Op, asyncio.Future[Any]]]) -> None:
         psycopg = self._store._psycopg
@@ -173,6 +178,8 @@ class _GroupCommit:
                     outcomes.append((future, await op(conn), None))
                 else:
                     for op, future in ops:
+                        if future.cancelled():
+                            continue  # its caller is gone (run closing, shutdown)
                         try:
                             async with conn.transaction():  # a savepoint per write
                                 outcomes.append((future, await op(conn), None))
@@ -401,9 +408,13 @@ class PostgresStore:
     async def create_child_run(self, run: RunRecord, step: StepRecord) -> tuple[RunRecord, bool]:
         async def op(conn: Any) -> tuple[RunRecord, bool]:
             created = (await conn.execute(_INSERT_RUN, run_values(run))).rowcount == 1
-            await conn.execute(_UPSERT_STEP, step_values(step))
             row = await (await conn.execute(_SELECT_RUN, (run.run_id,))).fetchone()
-            return run_from_row(row), created
+            stored = run_from_row(row)
+            conflict = None if created else child_conflict(stored, run)
+            if conflict is not None:
+                raise conflict  # rolls back: no journal entry for a child we do not own
+            await conn.execute(_UPSERT_STEP, step_values(step))
+            return stored, created
 
         return await self._write(op)
 
@@ -487,6 +498,8 @@ class PostgresStore:
             if changed and notify is not None:
                 await _insert_event(conn, notify.run_id, notify.name, notify.payload,
                                     notify.sent_at)
+            if changed and status is RunStatus.CANCELLED:
+                await conn.execute(_CANCEL_CHILDREN, (completed_at, completed_at, run_id))
             return changed
 
         return await self._write(op)
@@ -503,7 +516,11 @@ class PostgresStore:
             )
             row = await (await conn.execute(_SELECT_RUN, (run_id,))).fetchone()
             if row is None:
-                raise RunNotFoundError(f"no run {run_id!r} in {self.safe_url}", run_id=run_id)
+                raise RunNotFoundError(
+                    f"no run {run_id!r} in {self.safe_url}; check the id "
+                    "(`garrison runs list` shows the runs)",
+                    run_id=run_id,
+                )
             await conn.execute(f"NOTIFY {_CHANNEL}")
             return run_from_row(row)
 
@@ -511,25 +528,26 @@ class PostgresStore:
 
     async def due_runs(self, now: float, *, limit: int = 1000,
                        workflows: Sequence[tuple[str, str]] | None = None) -> list[RunRecord]:
-        only = ""
-        params: list[Any] = [now]
-        if workflows is not None:
-            if not workflows:
-                return []
-            only = "AND workflow_name || '@' || workflow_version = ANY(%s) "
-            params.append([f"{name}@{version}" for name, version in workflows])
+        only, params = _only_workflows(workflows)
+        if only is None:
+            return []
         rows = await self._read(
             f"SELECT {RUN_COLUMNS} FROM runs WHERE status = 'WAITING' AND wake_at <= %s "
             f"{only}ORDER BY wake_at LIMIT %s",
-            (*params, limit),
+            (now, *params, limit),
         )
         return [run_from_row(r) for r in rows]
 
-    async def recoverable_runs(self, *, limit: int = 10_000) -> list[RunRecord]:
+    async def recoverable_runs(self, *, limit: int = 10_000,
+                               workflows: Sequence[tuple[str, str]] | None = None
+                               ) -> list[RunRecord]:
+        only, params = _only_workflows(workflows)
+        if only is None:
+            return []
         rows = await self._read(
             f"SELECT {RUN_COLUMNS} FROM runs WHERE status IN ('PENDING', 'RUNNING') "
-            "ORDER BY created_at LIMIT %s",
-            (limit,),
+            f"{only}ORDER BY created_at LIMIT %s",
+            (*params, limit),
         )
         return [run_from_row(r) for r in rows]
 
@@ -606,6 +624,17 @@ class PostgresStore:
             (run_id,),
         )
         return [EventRecord(*r) for r in rows]
+
+
+def _only_workflows(workflows: Sequence[tuple[str, str]] | None
+                    ) -> tuple[str | None, list[Any]]:
+    """A filter on (workflow_name, workflow_version); None for an empty allow-list."""
+    if workflows is None:
+        return "", []
+    if not workflows:
+        return None, []
+    return ("AND workflow_name || '@' || workflow_version = ANY(%s) ",
+            [[f"{name}@{version}" for name, version in workflows]])
 
 
 async def _insert_event(conn: Any, run_id: str, name: str, payload: str, sent_at: float) -> int:

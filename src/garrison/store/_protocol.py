@@ -104,8 +104,10 @@ class Store(Protocol):
         worker cannot run never crowd out the ones it can.
         """
 
-    async def recoverable_runs(self, *, limit: int = 10_000) -> list[RunRecord]:
-        """PENDING and RUNNING runs that no live worker owns."""
+    async def recoverable_runs(self, *, limit: int = 10_000,
+                               workflows: Sequence[tuple[str, str]] | None = None
+                               ) -> list[RunRecord]:
+        """PENDING and RUNNING runs, oldest first (only these (name, version) pairs)."""
 
     async def changed(self) -> bool:
         """Whether another process wrote since the last call (a cheap poll)."""

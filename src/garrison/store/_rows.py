@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from garrison.errors import WorkflowConflictError
 from garrison.store._records import RunRecord, RunStatus, StepKind, StepRecord, StepStatus
 
 __all__ = [
@@ -15,7 +16,9 @@ __all__ = [
     "RUN_COLUMNS",
     "STEP_COLUMNS",
     "TERMINAL_SQL",
+    "CANCEL_CHILDREN",
     "UPSERT_STEP",
+    "child_conflict",
     "run_from_row",
     "run_values",
     "step_from_row",
@@ -83,3 +86,26 @@ UPSERT_STEP = (
 )
 
 
+
+# A cancelled parent flags its unfinished children in the same transaction (and wakes the
+# parked ones), so that a crash right after the commit cannot leave them running.
+CANCEL_CHILDREN = (
+    "UPDATE runs SET cancel_requested = 1, updated_at = ?, wake_at = CASE "
+    "WHEN status = 'WAITING' THEN ? ELSE wake_at END "
+    f"WHERE parent_run_id = ? AND status NOT IN {TERMINAL_SQL}"
+)
+
+
+def child_conflict(stored: RunRecord, wanted: RunRecord) -> WorkflowConflictError | None:
+    """Why an existing run cannot serve as the child `wanted` describes, if it cannot."""
+    if (stored.parent_run_id, stored.parent_position, stored.workflow_name) == (
+        wanted.parent_run_id, wanted.parent_position, wanted.workflow_name
+    ):
+        return None
+    return WorkflowConflictError(
+        f"run {wanted.parent_run_id} position {wanted.parent_position}: child run id "
+        f"{wanted.run_id!r} already belongs to another run ({stored.workflow_name!r}, parent "
+        f"{stored.parent_run_id!r}); choose another run_id or let Garrison name the child",
+        run_id=wanted.parent_run_id, existing=stored.workflow_name,
+        requested=wanted.workflow_name,
+    )

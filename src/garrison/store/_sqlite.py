@@ -36,11 +36,13 @@ from garrison.store._records import (
     StepStatus,
 )
 from garrison.store._rows import (
+    CANCEL_CHILDREN,
     INSERT_RUN,
     RUN_COLUMNS,
     STEP_COLUMNS,
     TERMINAL_SQL,
     UPSERT_STEP,
+    child_conflict,
     run_from_row,
     run_values,
     step_from_row,
@@ -156,6 +158,8 @@ class _GroupCommit:
         try:
             conn.execute("BEGIN IMMEDIATE")
             for op, future in ops:
+                if future.cancelled():
+                    continue  # its caller is gone (run closing, shutdown): write nothing
                 if isolate:
                     conn.execute("SAVEPOINT op")
                 try:
@@ -391,11 +395,15 @@ class SQLiteStore:
     async def create_child_run(self, run: RunRecord, step: StepRecord) -> tuple[RunRecord, bool]:
         def op(conn: sqlite3.Connection) -> tuple[RunRecord, bool]:
             created = conn.execute(INSERT_RUN, run_values(run)).rowcount == 1
-            conn.execute(UPSERT_STEP, step_values(step))
             row = conn.execute(
                 f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?", (run.run_id,)
             ).fetchone()
-            return run_from_row(row), created
+            stored = run_from_row(row)
+            conflict = None if created else child_conflict(stored, run)
+            if conflict is not None:
+                raise conflict  # rolls back: no journal entry for a child we do not own
+            conn.execute(UPSERT_STEP, step_values(step))
+            return stored, created
 
         return await self._write(op)
 
@@ -480,6 +488,8 @@ class SQLiteStore:
             ).rowcount == 1
             if changed and notify is not None:
                 _insert_event(conn, notify.run_id, notify.name, notify.payload, notify.sent_at)
+            if changed and status is RunStatus.CANCELLED:
+                conn.execute(CANCEL_CHILDREN, (completed_at, completed_at, run_id))
             return changed
 
         return await self._write(op)
@@ -498,33 +508,37 @@ class SQLiteStore:
                 f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,)
             ).fetchone()
             if row is None:
-                raise RunNotFoundError(f"no run {run_id!r} in {self.path}", run_id=run_id)
+                raise RunNotFoundError(
+                    f"no run {run_id!r} in {self.path}; check the id "
+                    "(`garrison runs list` shows the runs)",
+                    run_id=run_id,
+                )
             return run_from_row(row)
 
         return await self._write(op)
 
     async def due_runs(self, now: float, *, limit: int = 1000,
                        workflows: Sequence[tuple[str, str]] | None = None) -> list[RunRecord]:
-        only = ""
-        params: list[Any] = [now]
-        if workflows is not None:
-            if not workflows:
-                return []
-            only = ("AND (workflow_name, workflow_version) IN "
-                    f"(VALUES {', '.join(['(?, ?)'] * len(workflows))}) ")
-            params.extend(part for pair in workflows for part in pair)
+        only, params = _only_workflows(workflows)
+        if only is None:
+            return []
         rows = self._read(
             f"SELECT {RUN_COLUMNS} FROM runs WHERE status = 'WAITING' AND wake_at <= ? "
             f"{only}ORDER BY wake_at LIMIT ?",
-            (*params, limit),
+            (now, *params, limit),
         )
         return [run_from_row(r) for r in rows]
 
-    async def recoverable_runs(self, *, limit: int = 10_000) -> list[RunRecord]:
+    async def recoverable_runs(self, *, limit: int = 10_000,
+                               workflows: Sequence[tuple[str, str]] | None = None
+                               ) -> list[RunRecord]:
+        only, params = _only_workflows(workflows)
+        if only is None:
+            return []
         rows = self._read(
             f"SELECT {RUN_COLUMNS} FROM runs WHERE status IN ('PENDING', 'RUNNING') "
-            "ORDER BY created_at LIMIT ?",
-            (limit,),
+            f"{only}ORDER BY created_at LIMIT ?",
+            (*params, limit),
         )
         return [run_from_row(r) for r in rows]
 
@@ -600,6 +614,18 @@ class SQLiteStore:
             (run_id,),
         )
         return [EventRecord(*r) for r in rows]
+
+
+def _only_workflows(workflows: Sequence[tuple[str, str]] | None
+                    ) -> tuple[str | None, list[Any]]:
+    """A filter on (workflow_name, workflow_version); None for an empty allow-list."""
+    if workflows is None:
+        return "", []
+    if not workflows:
+        return None, []
+    pairs = ", ".join(["(?, ?)"] * len(workflows))
+    return (f"AND (workflow_name, workflow_version) IN (VALUES {pairs}) ",
+            [part for pair in workflows for part in pair])
 
 
 def _insert_event(

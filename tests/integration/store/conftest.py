@@ -14,9 +14,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-from tests.pg import drop_schemas, fresh_postgres_url
 
 from garrison.store import Store, open_store
+from tests.pg import drop_schemas, fresh_postgres_url
 
 
 def _sqlite_database(tmp_path: Path) -> str:

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from garrison.errors import RunNotFoundError, StoreError, WorkflowError
+from garrison.errors import RunNotFoundError, StoreError, WorkflowConflictError, WorkflowError
 from garrison.store import (
     EventRecord,
     RunRecord,
@@ -166,10 +166,23 @@ async def test_create_child_run_again_returns_existing_child_and_keeps_one_entry
     entry = make_step("parent", "1", kind=StepKind.CHILD, name="ship", output='"child"')
     await store.create_child_run(child, entry)
 
-    again = await store.create_child_run(make_run("child", inputs='["other"]'), entry)
+    again = await store.create_child_run(
+        make_run("child", parent_run_id="parent", inputs='["other"]'), entry)
 
     assert again == (child, False)
     assert await journal(store, "parent") == [entry]
+
+
+async def test_create_child_run_refuses_a_run_id_owned_by_another_parent(store: Store) -> None:
+    await store.create_run(make_run("parent", status=RunStatus.RUNNING))
+    await store.create_run(make_run("other", status=RunStatus.RUNNING))
+    await store.create_run(make_run("child", parent_run_id="other"))
+    entry = make_step("parent", "1", kind=StepKind.CHILD, name="ship", output='"child"')
+
+    with pytest.raises(WorkflowConflictError, match="already belongs to another run"):
+        await store.create_child_run(make_run("child", parent_run_id="parent"), entry)
+
+    assert await journal(store, "parent") == []
 
 
 async def test_create_child_run_whose_journal_entry_fails_writes_no_child_run(
