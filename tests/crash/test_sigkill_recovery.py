@@ -21,6 +21,8 @@ import pytest
 
 from tests.crash._workload import RUNS, expected
 
+pytestmark = pytest.mark.crash  # a skip of these is a failure under CI=true
+
 WORKLOAD = Path(__file__).with_name("_workload.py")
 POINTS = ("started", "completed", "committed", "parked", "fanout")
 # Steps per run of the workload: 1 + 1 + 3 fan-out + 2 in the child + 1.

@@ -33,7 +33,7 @@ from garrison.store import (
     StepStatus,
     parse_sqlite_url,
 )
-from garrison.store._sqlite_schema import SCHEMA_VERSION
+from garrison.store._schema import SCHEMA_VERSION
 
 
 def make_run(run_id: str = "r1") -> RunRecord:

@@ -27,7 +27,6 @@ from garrison.errors import (
     StoreLockedError,
     WorkflowError,
 )
-from garrison.store._postgres_schema import MIGRATIONS, SCHEMA_VERSION
 from garrison.store._records import EventRecord, RunRecord, RunStatus, StepRecord, StepStatus
 from garrison.store._rows import (
     CANCEL_CHILDREN,
@@ -37,11 +36,13 @@ from garrison.store._rows import (
     TERMINAL_SQL,
     UPSERT_STEP,
     child_conflict,
+    refuse_event,
     run_from_row,
     run_values,
     step_from_row,
     step_values,
 )
+from garrison.store._schema import SCHEMA_VERSION, migrations
 
 if TYPE_CHECKING:
     import psycopg
@@ -50,6 +51,8 @@ if TYPE_CHECKING:
 __all__ = ["PostgresStore", "parse_postgres_url"]
 
 log = get_logger(__name__)
+
+MIGRATIONS = migrations("postgres")
 
 T = TypeVar("T")
 _Op = Callable[["psycopg.AsyncConnection[Any]"], Awaitable[Any]]
@@ -111,8 +114,9 @@ def _import_psycopg() -> tuple[Any, Any]:
 
 
 def _connect_error(exc: Exception, url: str) -> ConfigurationError | StoreError:
-    text = str(exc).strip()
-    safe = urlsplit(url)._replace(netloc=urlsplit(url).hostname or "").geturl()
+    text = " ".join(str(exc).split())  # libpq's messages span lines
+    parts = urlsplit(url)  # never echo credentials: scheme://host:port/db only
+    safe = f"{parts.scheme}://{parts.hostname}:{parts.port or 5432}{parts.path}"
     if "does not exist" in text and "database" in text:
         hint = "create it (createdb NAME) or fix the database name in the URL"
         return ConfigurationError(f"PostgreSQL store {safe}: {text}; {hint}", url=safe)
@@ -579,18 +583,7 @@ class PostgresStore:
         async def op(conn: Any) -> int:
             row = await (await conn.execute(
                 "SELECT status FROM runs WHERE run_id = %s", (run_id,))).fetchone()
-            if row is None:
-                raise RunNotFoundError(
-                    f"cannot send {name!r} to run {run_id!r}: no such run in {self.safe_url}; "
-                    "check the run id (app.start returns it on its handle)",
-                    run_id=run_id,
-                )
-            if RunStatus(row[0]).is_terminal:
-                raise WorkflowError(
-                    f"cannot send {name!r} to run {run_id!r}: it already ended {row[0]}, so "
-                    "nothing would ever read it",
-                    run_id=run_id,
-                )
+            refuse_event(run_id, name, row[0] if row else None, self.safe_url)
             return await _insert_event(conn, run_id, name, payload, sent_at)
 
         return await self._write(op)

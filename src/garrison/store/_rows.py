@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from garrison.errors import WorkflowConflictError
+from garrison.errors import RunNotFoundError, WorkflowConflictError, WorkflowError
 from garrison.store._records import RunRecord, RunStatus, StepKind, StepRecord, StepStatus
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "CANCEL_CHILDREN",
     "UPSERT_STEP",
     "child_conflict",
+    "refuse_event",
     "run_from_row",
     "run_values",
     "step_from_row",
@@ -109,3 +110,19 @@ def child_conflict(stored: RunRecord, wanted: RunRecord) -> WorkflowConflictErro
         run_id=wanted.parent_run_id, existing=stored.workflow_name,
         requested=wanted.workflow_name,
     )
+
+
+def refuse_event(run_id: str, name: str, status: str | None, where: str) -> None:
+    """Raise when an event cannot go to `run_id` (unknown, or already ended)."""
+    if status is None:
+        raise RunNotFoundError(
+            f"cannot send {name!r} to run {run_id!r}: no such run in {where}; "
+            "check the run id (app.start returns it on its handle)",
+            run_id=run_id,
+        )
+    if RunStatus(status).is_terminal:
+        raise WorkflowError(
+            f"cannot send {name!r} to run {run_id!r}: it already ended {status}, so "
+            "nothing would ever read it",
+            run_id=run_id,
+        )

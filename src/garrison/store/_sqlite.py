@@ -43,16 +43,19 @@ from garrison.store._rows import (
     TERMINAL_SQL,
     UPSERT_STEP,
     child_conflict,
+    refuse_event,
     run_from_row,
     run_values,
     step_from_row,
     step_values,
 )
-from garrison.store._sqlite_schema import MIGRATIONS, SCHEMA_VERSION
+from garrison.store._schema import SCHEMA_VERSION, migrations
 
 __all__ = ["SQLiteStore", "parse_sqlite_url"]
 
 log = get_logger(__name__)
+
+MIGRATIONS = migrations("sqlite")
 
 T = TypeVar("T")
 _Op = Callable[[sqlite3.Connection], Any]
@@ -567,18 +570,7 @@ class SQLiteStore:
     async def send_event(self, run_id: str, name: str, payload: str, sent_at: float) -> int:
         def op(conn: sqlite3.Connection) -> int:
             row = conn.execute("SELECT status FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-            if row is None:
-                raise RunNotFoundError(
-                    f"cannot send {name!r} to run {run_id!r}: no such run in {self.path}; "
-                    "check the run id (app.start returns it on its handle)",
-                    run_id=run_id,
-                )
-            if RunStatus(row[0]).is_terminal:
-                raise WorkflowError(
-                    f"cannot send {name!r} to run {run_id!r}: it already ended {row[0]}, so "
-                    "nothing would ever read it",
-                    run_id=run_id,
-                )
+            refuse_event(run_id, name, row[0] if row else None, self.path)
             return _insert_event(conn, run_id, name, payload, sent_at)
 
         return await self._write(op)

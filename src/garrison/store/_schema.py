@@ -1,13 +1,14 @@
-"""The embedded store's schema, versioned; migrations apply in order on open.
+"""The schema both SQL stores share, versioned; migrations apply in order on open.
 
 Every row carries `tenant_id` so that row-level security can be switched on later
 without a rewrite; payload columns hold journal JSON text and can move out to a
-claim-check table without changing the journal's meaning.
+claim-check table without changing the journal's meaning. The dialects differ only in
+the mailbox's sequence column and SQLite's WITHOUT ROWID journal table.
 """
 
 from __future__ import annotations
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION"]
+__all__ = ["SCHEMA_VERSION", "migrations"]
 
 _V1 = """
 CREATE TABLE IF NOT EXISTS garrison_meta (
@@ -26,11 +27,11 @@ CREATE TABLE IF NOT EXISTS runs (
     parent_run_id TEXT,
     parent_position TEXT,
     queue TEXT NOT NULL DEFAULT 'default',
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    completed_at REAL,
-    wake_at REAL,
-    deadline_at REAL,
+    created_at DOUBLE PRECISION NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL,
+    completed_at DOUBLE PRECISION,
+    wake_at DOUBLE PRECISION,
+    deadline_at DOUBLE PRECISION,
     trace_context TEXT,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     owner TEXT
@@ -49,24 +50,33 @@ CREATE TABLE IF NOT EXISTS steps (
     inputs TEXT,
     output TEXT,
     error TEXT,
-    started_at REAL NOT NULL,
-    completed_at REAL,
-    fire_at REAL,
+    started_at DOUBLE PRECISION NOT NULL,
+    completed_at DOUBLE PRECISION,
+    fire_at DOUBLE PRECISION,
     attempts INTEGER NOT NULL DEFAULT 1,
     worker TEXT,
     PRIMARY KEY (run_id, position)
-) WITHOUT ROWID;
+){steps_options};
 CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq {seq},
     run_id TEXT NOT NULL,
     tenant_id TEXT NOT NULL DEFAULT 'default',
     name TEXT NOT NULL,
     payload TEXT NOT NULL,
-    sent_at REAL NOT NULL,
+    sent_at DOUBLE PRECISION NOT NULL,
     consumed_position TEXT
 );
 CREATE INDEX IF NOT EXISTS events_mailbox ON events (run_id, name, consumed_position, seq);
 """
 
+_DIALECTS = {
+    "sqlite": {"seq": "INTEGER PRIMARY KEY AUTOINCREMENT", "steps_options": " WITHOUT ROWID"},
+    "postgres": {"seq": "BIGSERIAL PRIMARY KEY", "steps_options": ""},
+}
+
 SCHEMA_VERSION = 1
-MIGRATIONS: dict[int, str] = {1: _V1}
+
+
+def migrations(dialect: str) -> dict[int, str]:
+    """The DDL of each schema version for `dialect` ("sqlite" or "postgres")."""
+    return {1: _V1.format(**_DIALECTS[dialect])}
