@@ -120,7 +120,7 @@ def main() -> None:
             baseline["version"] = "-"
             rows.append(baseline)
         for peer in peers:
-            if peer in PEERS and workload in ("w1", "w2", "w5"):
+            if peer in PEERS and workload in ("w1", "w2", "w3", "w5"):
                 try:
                     rows.append(run_peer(peer, workload))
                 except PeerError as exc:

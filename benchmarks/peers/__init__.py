@@ -32,7 +32,7 @@ PEERS: dict[str, list[str]] = {
 NPM_PACKAGES: dict[str, list[str]] = {
     "restate": ["@restatedev/restate-server@>=1.5"],
 }
-WORKLOADS = ("w1", "w2", "w5")
+WORKLOADS = ("w1", "w2", "w3", "w5")
 RUN_TIMEOUT_S = 600
 _HERE = pathlib.Path(__file__).resolve().parent
 
@@ -66,7 +66,7 @@ def _invoke(python: pathlib.Path, script: pathlib.Path, workload: str) -> str:
 
 
 def run_peer(peer: str, workload: str) -> dict[str, Any]:
-    """Run ``workload`` ("w1", "w2" or "w5") on ``peer`` and return its record."""
+    """Run ``workload`` ("w1", "w2", "w3" or "w5") on ``peer`` and return its record."""
     if peer not in PEERS:
         raise PeerError(f"unknown peer {peer!r}; known: {', '.join(PEERS)}")
     if workload not in WORKLOADS:

@@ -7,6 +7,7 @@ Only the standard library may be imported here: this module is loaded by the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -28,6 +29,12 @@ W2_WORKFLOWS = 200
 W2_STEPS = 10
 W2_SLEEP_S = 0.005
 W2_REPEATS = 3
+W3_STEPS = 20
+W3_KILL_AT = 10
+W3_SLEEP_S = 0.01
+W3_REPEATS = 3
+W3_WORKFLOW_ID = "w3"
+W3_CHILD_MAX_S = 300
 W5_REPEATS = 5
 SERVER_MAX_S = 900
 SERVER_READY_S = 120
@@ -46,8 +53,10 @@ print(elapsed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 def parse_args(description: str | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--workload", required=True, choices=("w1", "w2", "w5"))
+    parser.add_argument("--workload", required=True, choices=("w1", "w2", "w3", "w5"))
     parser.add_argument("--workdir", required=True, type=pathlib.Path)
+    # W3 only: this run is one of the child processes; a JSON object (see run_w3).
+    parser.add_argument("--w3-child", type=json.loads, default=None, help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
@@ -214,3 +223,119 @@ class Server:
                 return
             except subprocess.TimeoutExpired:
                 continue
+
+
+# -- W3: SIGKILL inside step 10 of 20, restart, time to the first resumed step ----------
+
+
+class W3Log:
+    """The W3 step's side effect: one ``<pid> <index> <time.time()>`` line per step run.
+
+    A child opens it once (``W3Log.open``); in the "first" child the step of index
+    ``W3_KILL_AT - 1`` (the 10th) SIGKILLs the process right after writing its line,
+    before the engine can record the step's result.
+    """
+
+    fd: int | None = None
+    kill: bool = False
+
+    @classmethod
+    def open(cls, path: str, kill: bool) -> None:
+        cls.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        cls.kill = kill
+
+    @classmethod
+    def mark(cls, index: int) -> None:
+        if cls.fd is None:
+            raise RuntimeError("W3Log.open was not called in this process")
+        os.write(cls.fd, f"{os.getpid()} {index} {time.time()}\n".encode())
+        if cls.kill and index == W3_KILL_AT - 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def w3_child_cmd(workload_args: argparse.Namespace, spec: dict[str, Any]) -> list[str]:
+    """The command line re-running this script as a W3 child described by ``spec``."""
+    return [
+        sys.executable,
+        sys.argv[0],
+        "--workload",
+        "w3",
+        "--workdir",
+        str(workload_args.workdir),
+        "--w3-child",
+        json.dumps(spec),
+    ]
+
+
+def _run_child(cmd: list[str], log_path: pathlib.Path) -> int:
+    """Run a W3 child to its end; killed (with its group) if it outlives W3_CHILD_MAX_S."""
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+    try:
+        return proc.wait(timeout=W3_CHILD_MAX_S)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"W3 child did not end in {W3_CHILD_MAX_S} s: {cmd}") from None
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def w3_repetition(
+    args: argparse.Namespace, rep: int, spec: dict[str, Any]
+) -> tuple[float, float, int]:
+    """One W3 repetition: a "first" child SIGKILLed in step 10, then a "resume" child.
+
+    ``spec`` carries whatever the engine's children need (ports, a database path);
+    ``role`` and ``log`` are added here. Returns (s from spawning the resume child to
+    its first step line, s to its exit, number of step indices logged more than once).
+    """
+    step_log = args.workdir / f"w3-{rep}.steps"
+    child_log = args.workdir / f"w3-{rep}.children.log"
+    first = _run_child(
+        w3_child_cmd(args, {**spec, "role": "first", "log": str(step_log)}), child_log
+    )
+    if first != -signal.SIGKILL:
+        raise RuntimeError(
+            f"W3 first child exited with {first}, not SIGKILL:\n"
+            f"{child_log.read_text(errors='replace')[-3000:]}"
+        )
+    started = time.time()
+    resumed = _run_child(
+        w3_child_cmd(args, {**spec, "role": "resume", "log": str(step_log)}), child_log
+    )
+    finished = time.time()
+    if resumed != 0:
+        raise RuntimeError(
+            f"W3 resume child exited with {resumed}:\n"
+            f"{child_log.read_text(errors='replace')[-3000:]}"
+        )
+    rows = [line.split() for line in step_log.read_text().splitlines()]
+    pids = list(dict.fromkeys(row[0] for row in rows))
+    steps = [int(row[1]) for row in rows]
+    if len(pids) != 2 or sorted(set(steps)) != list(range(W3_STEPS)):
+        raise RuntimeError(f"W3 step log is not two processes covering every step: {rows}")
+    first_resumed = min(float(row[2]) for row in rows if row[0] == pids[-1])
+    twice = sum(1 for index in set(steps) if steps.count(index) > 1)
+    log(f"w3 repetition {rep}: steps logged {steps}")
+    return round(first_resumed - started, 4), round(finished - started, 4), twice
+
+
+def w3_result(
+    samples: list[float], complete_s: list[float], twice: list[int], recovery: str
+) -> dict[str, Any]:
+    return {
+        "unit": "s to first resumed step",
+        "samples": samples,
+        "complete_s": complete_s,
+        "steps_run_twice": twice,
+        "recovery": recovery,
+    }

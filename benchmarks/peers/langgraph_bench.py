@@ -1,7 +1,7 @@
 """Garrison peer benchmark: LangGraph functional API with a SQLite checkpointer.
 
 Run inside the langgraph virtualenv:
-    python langgraph_bench.py --workload w1|w2|w5 --workdir DIR
+    python langgraph_bench.py --workload w1|w2|w3|w5 --workdir DIR
 Prints one JSON line on stdout.
 
 A Garrison step maps to a LangGraph ``@task`` (the functional API's durable,
@@ -11,10 +11,18 @@ memoised unit of work) and a workflow to an ``@entrypoint`` run on its own
 ``aput_writes`` submitted in the background, so a step's write may overlap
 the next step; ``"sync"`` only awaits the checkpoint at the end of each
 superstep, and the whole entrypoint is one superstep.
+
+W3 runs two child processes per repetition on one fresh SQLite file. The first
+invokes the 20-task entrypoint on ``thread_id="w3"`` and is SIGKILLed inside task
+10. LangGraph has no recovery of its own (nothing notices an interrupted thread),
+so the second resumes it by hand, the documented way: ``ainvoke(None, config)``
+on the same ``thread_id``, which re-runs the entrypoint from its last checkpoint
+and replays the tasks whose writes were saved.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import importlib.metadata
 import pathlib
@@ -29,11 +37,18 @@ from _bench_common import (
     W2_SLEEP_S,
     W2_STEPS,
     W2_WORKFLOWS,
+    W3_REPEATS,
+    W3_SLEEP_S,
+    W3_STEPS,
+    W3_WORKFLOW_ID,
+    W3Log,
     emit,
     measure_import,
     parse_args,
     peak_rss_mib,
     quiet_stdout,
+    w3_repetition,
+    w3_result,
 )
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from langgraph.func import entrypoint, task
@@ -52,6 +67,13 @@ async def noop_step(index: int) -> int:
 @task
 async def sleep_step(index: int) -> int:
     await asyncio.sleep(W2_SLEEP_S)
+    return index
+
+
+@task
+async def logged_step(index: int) -> int:
+    W3Log.mark(index)
+    await asyncio.sleep(W3_SLEEP_S)
     return index
 
 
@@ -104,12 +126,53 @@ async def run_durable(workload: str, workdir: pathlib.Path) -> dict[str, Any]:
         return await run_w2(sleepy_workflow)
 
 
+async def w3_child_run(spec: dict[str, Any]) -> None:
+    async with AsyncSqliteSaver.from_conn_string(spec["db"]) as saver:
+        await saver.setup()
+
+        @entrypoint(checkpointer=saver)
+        async def crash_workflow(steps: int) -> int:
+            return sum([await logged_step(index) for index in range(steps)])
+
+        config: Any = {"configurable": {"thread_id": W3_WORKFLOW_ID}}
+        if spec["role"] == "first":
+            await crash_workflow.ainvoke(W3_STEPS, config, durability="sync")
+            raise RuntimeError("the W3 workflow finished without being killed")
+        result = await crash_workflow.ainvoke(None, config, durability="sync")
+        if result != sum(range(W3_STEPS)):
+            raise RuntimeError(f"W3 workflow returned {result!r}")
+
+
+def w3_child(spec: dict[str, Any]) -> None:
+    """A W3 child: "first" starts the thread (and dies in task 10); "resume" re-invokes
+    the same thread_id with None, LangGraph's way to continue an interrupted run."""
+    W3Log.open(spec["log"], kill=spec["role"] == "first")
+    asyncio.run(w3_child_run(spec))
+
+
+def run_w3(args: argparse.Namespace) -> dict[str, Any]:
+    samples, complete_s, twice = [], [], []
+    for rep in range(W3_REPEATS):
+        spec = {"db": str(args.workdir / f"langgraph-w3-{rep}.sqlite")}
+        first_step, complete, repeated = w3_repetition(args, rep, spec)
+        samples.append(first_step)
+        complete_s.append(complete)
+        twice.append(repeated)
+    recovery = "by hand: ainvoke(None) on the same thread_id"
+    return w3_result(samples, complete_s, twice, recovery)
+
+
 def main() -> None:
     args = parse_args(__doc__)
     quiet_stdout()
+    if args.w3_child is not None:
+        w3_child(args.w3_child)
+        return
     version = importlib.metadata.version(PEER)
     if args.workload == "w5":
         result = measure_import(IMPORT_STATEMENT)
+    elif args.workload == "w3":
+        result = run_w3(args)
     else:
         result = asyncio.run(run_durable(args.workload, args.workdir))
     emit(PEER, version, args.workload, result)

@@ -1,7 +1,7 @@
 """Garrison peer benchmark: Restate (Python SDK) against a local restate-server.
 
 Run inside the restate virtualenv:
-    python restate_bench.py --workload w1|w2|w5 --workdir DIR
+    python restate_bench.py --workload w1|w2|w3|w5 --workdir DIR
 Prints one JSON line on stdout.
 
 The server is the binary shipped in the npm package ``@restatedev/restate-server``
@@ -15,10 +15,19 @@ admin API; each workflow is a ``restate.Workflow`` invoked over the ingress HTTP
 with httpx (a new connection per invocation), which waits for its result, so W2's
 peak RSS covers the service and the client. A Garrison step is ``ctx.run_typed`` (a
 journaled side effect, which the server acknowledges before the handler goes on).
+
+W3 starts a fresh server (new data directory) per repetition, which keeps running
+throughout; what is killed is the SDK service process. The first service child serves
+the app with hypercorn, registers it, submits ``CrashWorkflow/w3/run`` over the
+ingress (``/send``) and is SIGKILLed inside step 10. The second serves the same app on
+the same port (the deployment stays registered) and attaches to the workflow's result;
+the server's own invocation retries (default retry policy) bring the invocation back
+to it, with nothing else done by the script.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import importlib.metadata
@@ -41,7 +50,12 @@ from _bench_common import (
     W2_SLEEP_S,
     W2_STEPS,
     W2_WORKFLOWS,
+    W3_REPEATS,
+    W3_SLEEP_S,
+    W3_STEPS,
+    W3_WORKFLOW_ID,
     Server,
+    W3Log,
     emit,
     free_port,
     isolate_network,
@@ -50,6 +64,8 @@ from _bench_common import (
     parse_args,
     peak_rss_mib,
     quiet_stdout,
+    w3_repetition,
+    w3_result,
 )
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
@@ -87,6 +103,26 @@ async def run_sleepy(ctx: restate.WorkflowContext, steps: int) -> int:
 
 
 APP = restate.app(services=[sequential, sleepy])
+
+crash = restate.Workflow("CrashWorkflow")
+
+
+async def logged_step(index: int) -> int:
+    W3Log.mark(index)
+    await asyncio.sleep(W3_SLEEP_S)
+    return index
+
+
+@crash.main(name="run")
+async def run_crash(ctx: restate.WorkflowContext, steps: int) -> int:
+    total = 0
+    for index in range(steps):
+        total += await ctx.run_typed(f"step-{index}", logged_step, restate.RunOptions(),
+                                     index=index)
+    return total
+
+
+W3_APP = restate.app(services=[crash])
 
 
 def server_binary() -> pathlib.Path:
@@ -145,7 +181,7 @@ def http_ok(url: str) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def sdk_service(port: int) -> AsyncIterator[None]:
+async def sdk_service(port: int, app: Any = APP) -> AsyncIterator[None]:
     config = Config()
     config.bind = [f"127.0.0.1:{port}"]
     config.h2_max_concurrent_streams = 2**31 - 1
@@ -153,7 +189,7 @@ async def sdk_service(port: int) -> AsyncIterator[None]:
     config.keep_alive_timeout = 2**31 - 1
     config.accesslog = None
     stop = asyncio.Event()
-    task = asyncio.create_task(serve(APP, config, mode="asgi", shutdown_trigger=stop.wait))
+    task = asyncio.create_task(serve(app, config, mode="asgi", shutdown_trigger=stop.wait))
     try:
         yield
     finally:
@@ -162,10 +198,13 @@ async def sdk_service(port: int) -> AsyncIterator[None]:
             await asyncio.wait_for(task, timeout=15)
 
 
-async def register(client: httpx.AsyncClient, server: Server, admin: int, sdk: int) -> None:
+async def register(
+    client: httpx.AsyncClient, server: Server | None, admin: int, sdk: int
+) -> None:
     deadline = time.monotonic() + SERVER_READY_S
     while True:
-        server.check_alive()
+        if server is not None:
+            server.check_alive()
         try:
             response = await client.post(
                 f"http://127.0.0.1:{admin}/deployments", json={"uri": f"http://127.0.0.1:{sdk}"}
@@ -208,11 +247,7 @@ async def run_w2(client: httpx.AsyncClient, ingress: int) -> dict[str, Any]:
 
 
 async def run_durable(workload: str, server: Server, ingress: int, admin: int) -> dict[str, Any]:
-    await asyncio.to_thread(
-        server.wait_ready,
-        lambda: http_ok(f"http://127.0.0.1:{admin}/health")
-        and http_ok(f"http://127.0.0.1:{ingress}/restate/health"),
-    )
+    await asyncio.to_thread(server.wait_ready, lambda: ready_check(ingress, admin))
     sdk = free_port()
     # A fresh loopback connection per invocation: httpcore's pool scans all of its
     # connections on every request and response, and with 200 kept alive the client,
@@ -229,14 +264,71 @@ async def run_durable(workload: str, server: Server, ingress: int, admin: int) -
         return await run_w2(client, ingress)
 
 
+async def w3_child_run(spec: dict[str, Any]) -> None:
+    ingress, admin, sdk = spec["ingress"], spec["admin"], spec["sdk"]
+    async with (
+        sdk_service(sdk, W3_APP),
+        httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as client,
+    ):
+        if spec["role"] == "first":
+            await register(client, None, admin, sdk)
+            url = f"http://127.0.0.1:{ingress}/CrashWorkflow/{W3_WORKFLOW_ID}/run/send"
+            response = await client.post(url, json=W3_STEPS)
+            if response.status_code not in (200, 202):
+                raise RuntimeError(f"cannot submit W3: {response.status_code} {response.text}")
+            await asyncio.sleep(REQUEST_TIMEOUT_S)  # SIGKILLed in step 10 long before
+            raise RuntimeError("the W3 workflow was not killed")
+        url = f"http://127.0.0.1:{ingress}/restate/workflow/CrashWorkflow/{W3_WORKFLOW_ID}/attach"
+        response = await client.get(url)
+        if response.status_code != 200 or response.json() != sum(range(W3_STEPS)):
+            raise RuntimeError(f"W3 attach answered {response.status_code}: {response.text}")
+
+
+def w3_child(spec: dict[str, Any]) -> None:
+    """A W3 SDK service child: "first" registers, submits the workflow and dies in step
+    10; "resume" serves the same app on the same port and waits for the result."""
+    W3Log.open(spec["log"], kill=spec["role"] == "first")
+    asyncio.run(w3_child_run(spec))
+
+
+def ready_check(ingress: int, admin: int) -> bool:
+    return http_ok(f"http://127.0.0.1:{admin}/health") and http_ok(
+        f"http://127.0.0.1:{ingress}/restate/health"
+    )
+
+
+def run_w3(args: argparse.Namespace) -> dict[str, Any]:
+    samples, complete_s, twice = [], [], []
+    for rep in range(W3_REPEATS):
+        server_dir = args.workdir / f"w3-server-{rep}"
+        server_dir.mkdir()
+        ingress, admin = free_port(), free_port()
+        with restate_server(server_dir, ingress, admin) as server:
+            server.wait_ready(lambda: ready_check(ingress, admin))  # noqa: B023
+            spec = {"ingress": ingress, "admin": admin, "sdk": free_port()}
+            first_step, complete, repeated = w3_repetition(args, rep, spec)
+        samples.append(first_step)
+        complete_s.append(complete)
+        twice.append(repeated)
+    return w3_result(samples, complete_s, twice, "automatic (server retries the invocation)")
+
+
 def main() -> None:
     args = parse_args(__doc__)
     quiet_stdout()
+    if args.w3_child is not None:
+        w3_child(args.w3_child)
+        return
     version = importlib.metadata.version("restate-sdk")
     if args.workload == "w5":
         emit(PEER, version, "w5", measure_import(IMPORT_STATEMENT))
         return
     isolate_network()
+    if args.workload == "w3":
+        result = run_w3(args)
+        result["server"] = f"restate-server {server_version()}"
+        emit(PEER, version, "w3", result)
+        return
     ingress, admin = free_port(), free_port()
     with restate_server(args.workdir, ingress, admin) as server:
         started = time.perf_counter()

@@ -3,7 +3,7 @@
 Every step body appends `pid key` to the effects file before returning, so the test can
 count how often each step's side effect happened and in which process.
 
-    python _workload.py --db PATH --effects PATH --out PATH [--kill-at POINT:N]
+    python _workload.py --url STORE_URL --effects PATH --out PATH [--kill-at POINT:N]
 
 POINT is one of: started (inside a step, before its side effect), completed (after the
 side effect, before the commit), committed (right after the commit), parked (a run just
@@ -51,8 +51,8 @@ class KillAt(EngineHooks):
         self._tick("parked")
 
 
-def build(db: str, effects_path: str, hooks: list[EngineHooks]) -> tuple[Garrison, Any]:
-    app = Garrison(f"sqlite:///{db}", hooks=hooks)
+def build(url: str, effects_path: str, hooks: list[EngineHooks]) -> tuple[Garrison, Any]:
+    app = Garrison(url, hooks=hooks)
     effects = os.open(effects_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     @app.step()
@@ -83,7 +83,7 @@ def expected(i: int) -> int:
 
 async def main() -> list[int]:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--db", required=True)
+    parser.add_argument("--url", required=True, help="the store URL")
     parser.add_argument("--effects", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--kill-at", default=None)
@@ -92,7 +92,7 @@ async def main() -> list[int]:
     if args.kill_at:
         point, n = args.kill_at.split(":")
         hooks.append(KillAt(point, int(n)))
-    app, batch = build(args.db, args.effects, hooks)
+    app, batch = build(args.url, args.effects, hooks)
     async with app:
         handles = [await app.start(batch, i, run_id=f"batch-{i}") for i in range(RUNS)]
         results = [await h.result(timeout=60) for h in handles]

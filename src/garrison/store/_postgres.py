@@ -177,6 +177,7 @@ class _GroupCommit:
         outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         try:
             async with self._store._pool.connection() as conn, conn.transaction():
+                await self._store._check_fence(conn)
                 if len(ops) == 1:  # a lone write needs no savepoint: the tx is its own
                     op, future = ops[0]
                     outcomes.append((future, await op(conn), None))
@@ -240,6 +241,7 @@ class PostgresStore:
         self._listen_conn: Any = None
         self._listener: asyncio.Task[None] | None = None
         self._dirty = True
+        self.epoch: str | None = None  # set by register_worker: this worker's fencing token
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -357,8 +359,34 @@ class PostgresStore:
                 url=self.safe_url, pid=holder[2] if holder else None,
             )
         self._lock_conn = conn
+        # Fencing: bump the worker epoch. The UPDATE waits for every write transaction of
+        # a previous worker still in flight on the server (each holds the epoch row FOR
+        # SHARE), and any that starts later sees the new epoch and rolls back. So once we
+        # load a journal, no write of a dead worker can land in it afterwards.
+        async with conn.transaction():
+            await conn.execute(
+                "INSERT INTO garrison_meta (key, value) VALUES ('worker_epoch', '0') "
+                "ON CONFLICT (key) DO NOTHING")
+            row = await (await conn.execute(
+                "UPDATE garrison_meta SET value = (value::bigint + 1)::text "
+                "WHERE key = 'worker_epoch' RETURNING value")).fetchone()
+        self.epoch = str(row[0])
 
     # -- plumbing ------------------------------------------------------------------
+
+    async def _check_fence(self, conn: Any) -> None:
+        """In a worker's write transaction: still the current worker? (see register_worker)"""
+        if self.epoch is None:
+            return  # a client (no worker here): its writes never race a journal
+        row = await (await conn.execute(
+            "SELECT value FROM garrison_meta WHERE key = 'worker_epoch' FOR SHARE")).fetchone()
+        if row is None or row[0] != self.epoch:
+            raise StoreError(
+                f"PostgreSQL store {self.safe_url} schema {self.schema}: this worker was "
+                f"replaced (epoch {self.epoch}, now {row[0] if row else 'none'}); its write "
+                "was refused so that the new worker's journal stays exact",
+                url=self.safe_url,
+            )
 
     def _require_open(self) -> None:
         if self._pool is None:
