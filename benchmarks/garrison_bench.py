@@ -41,6 +41,11 @@ W3_REPEATS = 3
 W6_RUNS = 10_000
 
 
+def store_url(workdir: Path, name: str) -> str:
+    """The embedded store in `workdir`, or GARRISON_BENCH_URL (say, a PostgreSQL schema)."""
+    return os.environ.get("GARRISON_BENCH_URL") or f"sqlite:///{workdir}/{name}.db"
+
+
 def current_rss_mib() -> float:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -55,7 +60,7 @@ async def w1(workdir: Path) -> None:
     # One app and one file for every repetition, as the peer scripts do. (Closing the
     # last connection checkpoints and deletes the WAL; a fresh WAL grows, and each sync
     # of a growing file also writes its size: ~1.5x dearer until the first checkpoint.)
-    app = Garrison(f"sqlite:///{workdir}/w1.db")
+    app = Garrison(store_url(workdir, "w1"))
 
     @app.step(name="noop")
     async def noop(i: int) -> int:
@@ -77,7 +82,7 @@ async def w1(workdir: Path) -> None:
 
 
 async def w2(workdir: Path) -> None:
-    app = Garrison(f"sqlite:///{workdir}/w2.db")
+    app = Garrison(store_url(workdir, "w2"))
 
     @app.step(name="nap")
     async def nap(i: int) -> int:
