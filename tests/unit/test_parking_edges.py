@@ -33,9 +33,9 @@ class _HeldCommit(_GroupCommit):
         self.hold_next = False
         self.held: list[tuple[Any, asyncio.Future[Any]]] = []
 
-    def submit(self, op: Callable[..., Any]) -> asyncio.Future[Any]:
+    def submit(self, op: Callable[..., Any], **kwargs: Any) -> asyncio.Future[Any]:
         if not self.hold_next:
-            return super().submit(op)
+            return super().submit(op, **kwargs)
         self.hold_next = False
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.held.append((op, future))

@@ -130,28 +130,52 @@ class _GroupCommit:
 
     Each write runs inside its own SAVEPOINT, so one failing write fails only its own
     caller; a failed COMMIT rolls the whole batch back and fails every caller in it.
+    Journal rows (the bulk of the traffic) first go in together, in one statement; only
+    if that fails are they retried one caller at a time.
     """
 
     def __init__(self, conn: sqlite3.Connection, path: str) -> None:
         self._conn = conn
         self._path = path
         self._ops: list[tuple[_Op, asyncio.Future[Any]]] = []
+        self._steps: dict[asyncio.Future[Any], list[tuple[Any, ...]]] = {}
         self._scheduled = False
         self.batches = 0
         self.writes = 0
 
-    def submit(self, op: _Op) -> asyncio.Future[Any]:
+    def submit(self, op: _Op, *, step_rows: list[tuple[Any, ...]] | None = None
+               ) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._ops.append((op, future))
+        if step_rows is not None:
+            self._steps[future] = step_rows
         if not self._scheduled:
             self._scheduled = True
             loop.call_soon(self.flush)
         return future
 
+    def _write_steps_together(self, conn: sqlite3.Connection,
+                              steps: dict[asyncio.Future[Any], list[tuple[Any, ...]]]
+                              ) -> set[asyncio.Future[Any]]:
+        """One executemany for every caller's journal rows; the callers it served."""
+        live = {f: rows for f, rows in steps.items() if not f.cancelled()}
+        if len(live) < 2:
+            return set()
+        conn.execute("SAVEPOINT steps")
+        try:
+            conn.executemany(UPSERT_STEP, [row for rows in live.values() for row in rows])
+        except (sqlite3.IntegrityError, sqlite3.InterfaceError, ValueError):
+            conn.execute("ROLLBACK TO steps")
+            conn.execute("RELEASE steps")
+            return set()  # one of them is bad: each goes again on its own, below
+        conn.execute("RELEASE steps")
+        return set(live)
+
     def flush(self) -> None:
         self._scheduled = False
         ops, self._ops = self._ops, []
+        steps, self._steps = self._steps, {}
         if not ops:
             return
         conn = self._conn
@@ -160,9 +184,13 @@ class _GroupCommit:
         isolate = len(ops) > 1
         try:
             conn.execute("BEGIN IMMEDIATE")
+            served = self._write_steps_together(conn, steps)
             for op, future in ops:
                 if future.cancelled():
                     continue  # its caller is gone (run closing, shutdown): write nothing
+                if future in served:
+                    outcomes.append((future, None, None))
+                    continue
                 if isolate:
                     conn.execute("SAVEPOINT op")
                 try:
@@ -370,10 +398,11 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise _store_error(exc, self.path, "read") from exc
 
-    async def _write(self, op: Callable[[sqlite3.Connection], T]) -> T:
+    async def _write(self, op: Callable[[sqlite3.Connection], T], *,
+                     step_rows: list[tuple[Any, ...]] | None = None) -> T:
         self._db  # noqa: B018  # raises a clear error when closed
         assert self._writer is not None
-        result: T = await self._writer.submit(op)
+        result: T = await self._writer.submit(op, step_rows=step_rows)
         return result
 
     @property
@@ -563,7 +592,7 @@ class SQLiteStore:
         def op(conn: sqlite3.Connection) -> None:
             conn.executemany(UPSERT_STEP, rows)
 
-        await self._write(op)
+        await self._write(op, step_rows=rows)
 
     # -- mailbox -------------------------------------------------------------------
 
