@@ -159,16 +159,29 @@ class _GroupCommit:
         return future
 
     async def drain(self) -> None:
-        if self._flusher is not None:
+        """Wait for queued writes. Cancelling the caller does not cancel the flusher."""
+        flusher = self._flusher
+        if flusher is not None and not flusher.done():
+            # shield: a cancelled closer propagates its CancelledError, while the flusher
+            # goes on and answers every caller queued behind it.
             with contextlib.suppress(Exception):
-                await self._flusher
+                await asyncio.shield(flusher)
 
     async def _flush_all(self) -> None:
-        while self._ops:
-            ops = [(op, f) for op, f in self._ops if not f.cancelled()]
-            self._ops = []
-            if ops:
-                await self._flush(ops)
+        try:
+            while self._ops:
+                ops = [(op, f) for op, f in self._ops if not f.cancelled()]
+                self._ops = []
+                if ops:
+                    await self._flush(ops)
+        finally:
+            # Never leave a caller waiting on a flusher that is gone.
+            stranded, self._ops = self._ops, []
+            for _, future in stranded:
+                if not future.done():
+                    future.set_exception(StoreError(
+                        "PostgreSQL store: the writer stopped before this write; nothing "
+                        "of it was kept", url=self._store.safe_url))
 
     async def _flush(self, ops: list[tuple[_Op, asyncio.Future[Any]]]) -> None:
         psycopg = self._store._psycopg
@@ -190,8 +203,10 @@ class _GroupCommit:
                                 outcomes.append((future, await op(conn), None))
                         except rejected as exc:
                             outcomes.append((future, None, self._rejected(exc)))
-        except rejected as exc:  # the lone write was rejected and rolled back
-            outcomes = [(ops[0][1], None, self._rejected(exc))]
+        except rejected as exc:
+            if len(ops) != 1:
+                raise  # cannot tell whose write it was: the whole batch failed (below)
+            outcomes = [(ops[0][1], None, self._rejected(exc))]  # the lone write, rolled back
         except Exception as exc:
             error = exc if isinstance(exc, StoreError) else StoreError(
                 f"PostgreSQL store: commit failed: {exc}; the batch was rolled back whole",
@@ -203,9 +218,12 @@ class _GroupCommit:
                     future.set_exception(error)
             return
         except BaseException:
+            # The flusher itself was cancelled (store closing): its callers were not.
             for _, future in ops:
                 if not future.done():
-                    future.cancel()
+                    future.set_exception(StoreError(
+                        "PostgreSQL store: the writer was stopped mid-batch; the batch was "
+                        "rolled back", url=self._store.safe_url))
             raise
         self.batches += 1
         self.writes += len(ops)
@@ -265,14 +283,29 @@ class PostgresStore:
             await self._migrate(conn)
         finally:
             await conn.close()
-        self._pool = psycopg_pool.AsyncConnectionPool(
+        pool = psycopg_pool.AsyncConnectionPool(
             self._libpq, min_size=1, max_size=self._pool_size, open=False,
             kwargs={"autocommit": True, "options": self._options()},
         )
-        await self._pool.open(wait=True, timeout=10)
+        listen_conn = None
+        try:
+            await pool.open(wait=True, timeout=10)
+            listen_conn = await self._connect()
+            await listen_conn.execute(f"LISTEN {_CHANNEL}")
+        except BaseException as exc:
+            # Half-open is not open: release what was opened, so a retry starts clean.
+            with contextlib.suppress(Exception):
+                await pool.close()
+            if listen_conn is not None:
+                with contextlib.suppress(Exception):
+                    await listen_conn.close()
+            if isinstance(exc, psycopg_pool.PoolTimeout):
+                raise StoreError(f"PostgreSQL store {self.safe_url}: no connection within "
+                                 f"10 s ({exc})", url=self.safe_url) from exc
+            raise
+        self._pool = pool
         self._writer = _GroupCommit(self)
-        self._listen_conn = await self._connect()
-        await self._listen_conn.execute(f"LISTEN {_CHANNEL}")
+        self._listen_conn = listen_conn
         self._listener = asyncio.get_running_loop().create_task(
             self._listen(), context=contextvars.Context()
         )
@@ -338,31 +371,50 @@ class PostgresStore:
             self._writer = None
 
     async def register_worker(self, worker_id: str) -> None:
-        if self._lock_conn is not None:
+        if self._lock_conn is not None and self.epoch is not None:
             return
         conn = await self._connect()
-        cursor = await conn.execute(
-            "SELECT pg_try_advisory_lock(hashtext('garrison-worker:' || %s))", (self.schema,))
-        row = await cursor.fetchone()
-        if not row or not row[0]:
-            holder = await (await conn.execute(
-                "SELECT a.application_name, a.client_addr, a.pid FROM pg_locks l "
-                "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
-                "AND l.objid = (hashtext('garrison-worker:' || %s))::oid LIMIT 1",
-                (self.schema,))).fetchone()
-            await conn.close()
-            raise StoreLockedError(
-                f"PostgreSQL store {self.safe_url} schema {self.schema}: another Garrison "
-                f"worker (backend pid {holder[2] if holder else 'unknown'}) is running; this "
-                "release runs one worker per schema. Stop it, or use another schema= for "
-                "another application.",
-                url=self.safe_url, pid=holder[2] if holder else None,
-            )
+        try:
+            acquired, holder = await self._take_worker_lock(conn)
+            if not acquired:
+                raise StoreLockedError(
+                    f"PostgreSQL store {self.safe_url} schema {self.schema}: another Garrison "
+                    f"worker (backend pid {holder or 'unknown'}) is running; this release runs "
+                    "one worker per schema. Stop it, or use another schema= for another "
+                    "application.",
+                    url=self.safe_url, pid=holder,
+                )
+            epoch = await self._bump_epoch(conn)
+        except BaseException as exc:
+            # Closing the session releases the lock: never a locked but unfenced worker.
+            with contextlib.suppress(Exception):
+                await conn.close()
+            if isinstance(exc, self._psycopg.Error):
+                raise StoreError(f"PostgreSQL store {self.safe_url}: cannot register the "
+                                 f"worker: {exc}", url=self.safe_url) from exc
+            raise
         self._lock_conn = conn
-        # Fencing: bump the worker epoch. The UPDATE waits for every write transaction of
-        # a previous worker still in flight on the server (each holds the epoch row FOR
-        # SHARE), and any that starts later sees the new epoch and rolls back. So once we
-        # load a journal, no write of a dead worker can land in it afterwards.
+        self.epoch = epoch
+
+    async def _take_worker_lock(self, conn: Any) -> tuple[bool, int | None]:
+        """(True, None) when this session got the lock; else (False, the holder's pid)."""
+        row = await (await conn.execute(
+            "SELECT pg_try_advisory_lock(hashtext('garrison-worker:' || %s))", (self.schema,)
+        )).fetchone()
+        if row and row[0]:
+            return True, None
+        holder = await (await conn.execute(
+            "SELECT a.pid FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE l.locktype = 'advisory' "
+            "AND l.objid = (hashtext('garrison-worker:' || %s))::oid LIMIT 1",
+            (self.schema,))).fetchone()
+        return False, int(holder[0]) if holder else None
+
+    async def _bump_epoch(self, conn: Any) -> str:
+        """Fencing: a new worker epoch. The UPDATE commits only after every transaction
+        that read the old epoch FOR SHARE has ended, and every later write transaction of
+        an older worker reads the new epoch and rolls back. So once this worker loads a
+        journal, no write of a dead worker can land in it afterwards."""
         async with conn.transaction():
             await conn.execute(
                 "INSERT INTO garrison_meta (key, value) VALUES ('worker_epoch', '0') "
@@ -370,7 +422,7 @@ class PostgresStore:
             row = await (await conn.execute(
                 "UPDATE garrison_meta SET value = (value::bigint + 1)::text "
                 "WHERE key = 'worker_epoch' RETURNING value")).fetchone()
-        self.epoch = str(row[0])
+        return str(row[0])
 
     # -- plumbing ------------------------------------------------------------------
 

@@ -165,7 +165,7 @@ class _GroupCommit:
         conn.execute("SAVEPOINT steps")
         try:
             conn.executemany(UPSERT_STEP, [row for rows in live.values() for row in rows])
-        except (sqlite3.IntegrityError, sqlite3.InterfaceError, ValueError):
+        except (sqlite3.IntegrityError, sqlite3.InterfaceError, ValueError, OverflowError):
             conn.execute("ROLLBACK TO steps")
             conn.execute("RELEASE steps")
             return set()  # one of them is bad: each goes again on its own, below
@@ -198,7 +198,8 @@ class _GroupCommit:
                 except (WorkflowError, RunNotFoundError) as exc:
                     conn.execute("ROLLBACK TO op" if isolate else "ROLLBACK")
                     outcomes.append((future, None, exc))
-                except (sqlite3.IntegrityError, sqlite3.InterfaceError, ValueError) as exc:
+                except (sqlite3.IntegrityError, sqlite3.InterfaceError, ValueError,
+                        OverflowError) as exc:
                     # This write alone is bad (a constraint, a value SQLite cannot bind):
                     # undo it, keep the others.
                     conn.execute("ROLLBACK TO op" if isolate else "ROLLBACK")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
 import psycopg
@@ -76,3 +77,49 @@ async def test_postgres_second_worker_on_a_schema_is_refused_until_the_first_sto
     finally:
         await first.close()
         await second.close()
+
+
+async def test_postgres_registration_interrupted_leaves_no_unfenced_worker() -> None:
+    url = fresh_postgres_url()
+    store = PostgresStore(url)
+    await store.open()
+    schema = url.rsplit("schema=", 1)[1]
+    blocker = await psycopg.AsyncConnection.connect(PG_URL)
+    try:
+        await blocker.execute(f"SET search_path = {schema}")
+        await store.register_worker("w0")  # creates the epoch row
+        await store.close()
+        store = PostgresStore(url)
+        await store.open()
+        # An old worker's write transaction still reads the epoch: the bump must wait.
+        await blocker.execute("SELECT value FROM garrison_meta WHERE key = 'worker_epoch' "
+                              "FOR SHARE")
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(store.register_worker("w1"), 0.5)
+        assert store.epoch is None
+        await blocker.rollback()  # the old transaction ends
+        await store.register_worker("w1")  # a retry registers fully, fenced
+        assert store.epoch is not None
+    finally:
+        await blocker.close()
+        await store.close()
+
+
+async def test_postgres_cancelled_close_strands_no_queued_write() -> None:
+    store = PostgresStore(fresh_postgres_url())
+    await store.open()
+
+    async def slow(conn: object) -> None:
+        await conn.execute("SELECT pg_sleep(0.5)")  # type: ignore[attr-defined]
+
+    async def quick(conn: object) -> None:
+        await conn.execute("SELECT 1")  # type: ignore[attr-defined]
+
+    in_flight = asyncio.ensure_future(store._write(slow))
+    await asyncio.sleep(0.05)
+    queued = asyncio.ensure_future(store._write(quick))
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(store.close(), 0.05)  # the closer gives up, the writer not
+    async with asyncio.timeout(5):  # every caller is answered: none hangs
+        await asyncio.gather(in_flight, queued, return_exceptions=True)
+    await store.close()
