@@ -31,6 +31,7 @@ from garrison.store._records import EventRecord, RunRecord, RunStatus, StepRecor
 from garrison.store._rows import (
     CANCEL_CHILDREN,
     INSERT_RUN,
+    LIST_EVENTS,
     RUN_COLUMNS,
     STEP_COLUMNS,
     TERMINAL_SQL,
@@ -41,6 +42,7 @@ from garrison.store._rows import (
     run_values,
     step_from_row,
     step_values,
+    workflow_filter,
 )
 from garrison.store._schema import SCHEMA_VERSION, migrations
 
@@ -612,12 +614,12 @@ class PostgresStore:
 
     async def due_runs(self, now: float, *, limit: int = 1000,
                        workflows: Sequence[tuple[str, str]] | None = None) -> list[RunRecord]:
-        only, params = _only_workflows(workflows)
+        only, params = workflow_filter(workflows)
         if only is None:
             return []
         rows = await self._read(
             f"SELECT {RUN_COLUMNS} FROM runs WHERE status = 'WAITING' AND wake_at <= %s "
-            f"{only}ORDER BY wake_at LIMIT %s",
+            f"{_sql(only)}ORDER BY wake_at LIMIT %s",
             (now, *params, limit),
         )
         return [run_from_row(r) for r in rows]
@@ -625,12 +627,12 @@ class PostgresStore:
     async def recoverable_runs(self, *, limit: int = 10_000,
                                workflows: Sequence[tuple[str, str]] | None = None
                                ) -> list[RunRecord]:
-        only, params = _only_workflows(workflows)
+        only, params = workflow_filter(workflows)
         if only is None:
             return []
         rows = await self._read(
             f"SELECT {RUN_COLUMNS} FROM runs WHERE status IN ('PENDING', 'RUNNING') "
-            f"{only}ORDER BY created_at LIMIT %s",
+            f"{_sql(only)}ORDER BY created_at LIMIT %s",
             (*params, limit),
         )
         return [run_from_row(r) for r in rows]
@@ -692,22 +694,9 @@ class PostgresStore:
 
     async def list_events(self, run_id: str) -> list[EventRecord]:
         rows = await self._read(
-            "SELECT run_id, seq, name, payload, sent_at, consumed_position, tenant_id "
-            "FROM events WHERE run_id = %s ORDER BY seq",
-            (run_id,),
+            _sql(LIST_EVENTS), (run_id,),
         )
         return [EventRecord(*r) for r in rows]
-
-
-def _only_workflows(workflows: Sequence[tuple[str, str]] | None
-                    ) -> tuple[str | None, list[Any]]:
-    """A filter on (workflow_name, workflow_version); None for an empty allow-list."""
-    if workflows is None:
-        return "", []
-    if not workflows:
-        return None, []
-    return ("AND workflow_name || '@' || workflow_version = ANY(%s) ",
-            [[f"{name}@{version}" for name, version in workflows]])
 
 
 async def _insert_event(conn: Any, run_id: str, name: str, payload: str, sent_at: float) -> int:

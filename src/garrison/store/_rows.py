@@ -13,6 +13,7 @@ from garrison.store._records import RunRecord, RunStatus, StepKind, StepRecord, 
 
 __all__ = [
     "INSERT_RUN",
+    "LIST_EVENTS",
     "RUN_COLUMNS",
     "STEP_COLUMNS",
     "TERMINAL_SQL",
@@ -24,6 +25,7 @@ __all__ = [
     "run_values",
     "step_from_row",
     "step_values",
+    "workflow_filter",
 ]
 
 TERMINAL_SQL = "('COMPLETED', 'FAILED', 'CANCELLED')"
@@ -126,3 +128,24 @@ def refuse_event(run_id: str, name: str, status: str | None, where: str) -> None
             "nothing would ever read it",
             run_id=run_id,
         )
+
+
+LIST_EVENTS = (
+    "SELECT run_id, seq, name, payload, sent_at, consumed_position, tenant_id "
+    "FROM events WHERE run_id = ? ORDER BY seq"
+)
+
+
+def workflow_filter(workflows: Sequence[tuple[str, str]] | None
+                    ) -> tuple[str | None, list[Any]]:
+    """A `?`-style filter on (workflow_name, workflow_version) pairs.
+
+    ("", []) for no filter; (None, []) for an empty allow-list, which matches nothing.
+    """
+    if workflows is None:
+        return "", []
+    if not workflows:
+        return None, []
+    pairs = ", ".join(["(?, ?)"] * len(workflows))
+    return (f"AND (workflow_name, workflow_version) IN (VALUES {pairs}) ",
+            [part for pair in workflows for part in pair])

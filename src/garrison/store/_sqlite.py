@@ -38,6 +38,7 @@ from garrison.store._records import (
 from garrison.store._rows import (
     CANCEL_CHILDREN,
     INSERT_RUN,
+    LIST_EVENTS,
     RUN_COLUMNS,
     STEP_COLUMNS,
     TERMINAL_SQL,
@@ -48,6 +49,7 @@ from garrison.store._rows import (
     run_values,
     step_from_row,
     step_values,
+    workflow_filter,
 )
 from garrison.store._schema import SCHEMA_VERSION, migrations
 
@@ -552,7 +554,7 @@ class SQLiteStore:
 
     async def due_runs(self, now: float, *, limit: int = 1000,
                        workflows: Sequence[tuple[str, str]] | None = None) -> list[RunRecord]:
-        only, params = _only_workflows(workflows)
+        only, params = workflow_filter(workflows)
         if only is None:
             return []
         rows = self._read(
@@ -565,7 +567,7 @@ class SQLiteStore:
     async def recoverable_runs(self, *, limit: int = 10_000,
                                workflows: Sequence[tuple[str, str]] | None = None
                                ) -> list[RunRecord]:
-        only, params = _only_workflows(workflows)
+        only, params = workflow_filter(workflows)
         if only is None:
             return []
         rows = self._read(
@@ -631,23 +633,9 @@ class SQLiteStore:
     async def list_events(self, run_id: str) -> list[EventRecord]:
         """A run's mailbox, consumed and not, in send order (for inspection)."""
         rows = self._read(
-            "SELECT run_id, seq, name, payload, sent_at, consumed_position, tenant_id "
-            "FROM events WHERE run_id = ? ORDER BY seq",
-            (run_id,),
+            LIST_EVENTS, (run_id,),
         )
         return [EventRecord(*r) for r in rows]
-
-
-def _only_workflows(workflows: Sequence[tuple[str, str]] | None
-                    ) -> tuple[str | None, list[Any]]:
-    """A filter on (workflow_name, workflow_version); None for an empty allow-list."""
-    if workflows is None:
-        return "", []
-    if not workflows:
-        return None, []
-    pairs = ", ".join(["(?, ?)"] * len(workflows))
-    return (f"AND (workflow_name, workflow_version) IN (VALUES {pairs}) ",
-            [part for pair in workflows for part in pair])
 
 
 def _insert_event(
