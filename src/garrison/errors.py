@@ -5,11 +5,13 @@ GarrisonError
 ├── ConfigurationError          bad URL, bad option, wrong registration
 ├── StoreError                  the store could not read or write
 │   ├── StoreLockedError        another worker process holds the embedded database
-│   └── SchemaVersionError      the database was written by a newer Garrison
+│   ├── SchemaVersionError      the database was written by a newer Garrison
+│   └── LeaseLostError          another worker took this run over: the write was refused
 ├── SerializationError          a value cannot be stored as JSON (names type and step)
 ├── RunNotFoundError            no run with that id
 ├── WorkflowError               something is wrong with one run
 │   ├── WorkflowConflictError   run id reused for another workflow
+│   ├── RunDeduplicatedError    a queue already holds an unfinished run with this dedup id
 │   ├── NonDeterminismError     code and journal disagree at a position
 │   └── NotInWorkflowError      a workflow-only call made outside a workflow
 ├── WorkflowFailed              the run ended FAILED: carries the error as data
@@ -29,9 +31,11 @@ from typing import Any
 __all__ = [
     "ConfigurationError",
     "GarrisonError",
+    "LeaseLostError",
     "NonDeterminismError",
     "NotInWorkflowError",
     "ResultTimeoutError",
+    "RunDeduplicatedError",
     "RunNotFoundError",
     "SchemaVersionError",
     "SerializationError",
@@ -84,6 +88,11 @@ class SchemaVersionError(StoreError):
     """The database schema is newer than this Garrison understands (`found`, `supported`)."""
 
 
+class LeaseLostError(StoreError):
+    """This worker's lease on `run_id` ended (it expired and another worker claimed the run,
+    or the worker handed it back): the write was refused in its own transaction."""
+
+
 class SerializationError(GarrisonError):
     """A value cannot be stored as JSON. Attributes: `type_name`, `what`, `run_id`, `step_name`."""
 
@@ -98,6 +107,11 @@ class WorkflowError(GarrisonError):
 
 class WorkflowConflictError(WorkflowError):
     """A run id already belongs to a run of another workflow (`existing`, `requested`)."""
+
+
+class RunDeduplicatedError(WorkflowError):
+    """`app.start(..., dedup_id=)`: the queue already holds an unfinished run with this
+    dedup id (`queue`, `dedup_id`, `existing_run_id`: pass it to `app.handle`)."""
 
 
 class NonDeterminismError(WorkflowError):

@@ -56,7 +56,8 @@ def journal_writers(url: str) -> dict[str, str]:
             for run in runs:
                 for entry in await store.load_journal(run.run_id):
                     if entry.kind is StepKind.STEP and entry.worker is not None:
-                        writers[f"{run.run_id}:{entry.position}"] = entry.worker.rsplit(":", 1)[1]
+                        pid = entry.worker.split(":")[1]  # host:pid:nonce
+                        writers[f"{run.run_id}:{entry.position}"] = pid
             return writers
         finally:
             await store.close()

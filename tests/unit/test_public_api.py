@@ -10,8 +10,9 @@ import garrison.store
 def test_top_level_names_are_pinned() -> None:
     assert garrison.__all__ == [
         "Clock", "ConfigurationError", "Context", "EngineHooks", "Garrison", "GarrisonError",
-        "NonDeterminismError", "NotInWorkflowError", "ResultTimeoutError", "RetryPolicy",
-        "RunHandle", "RunNotFoundError", "RunRecord", "RunStatus", "SchemaVersionError",
+        "LeaseLostError", "NonDeterminismError", "NotInWorkflowError", "Queue",
+        "ResultTimeoutError", "RetryPolicy", "RunDeduplicatedError", "RunHandle",
+        "RunNotFoundError", "RunRecord", "RunStatus", "SchemaVersionError",
         "SerializationError", "StepFailed", "StepInfo", "StepRecord", "Store", "StoreError",
         "StoreLockedError", "WorkflowCancelled", "WorkflowConflictError", "WorkflowError",
         "WorkflowFailed", "__version__", "current_step",

@@ -7,6 +7,7 @@ from garrison.engine._clock import Clock, SystemClock
 from garrison.engine._context import Context, StepInfo, current_step
 from garrison.engine._handle import RunHandle
 from garrison.engine._hooks import EngineHooks
+from garrison.engine._queues import Queue
 from garrison.engine._registry import RetryPolicy, StepDef, WorkflowDef
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "Context",
     "EngineHooks",
     "Garrison",
+    "Queue",
     "RetryPolicy",
     "RunHandle",
     "StepDef",

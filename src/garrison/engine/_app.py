@@ -16,6 +16,7 @@ from garrison.engine._codec import encode
 from garrison.engine._context import Context, current_branch, install_task_factory
 from garrison.engine._handle import RunHandle
 from garrison.engine._hooks import EngineHooks
+from garrison.engine._queues import DEFAULT_QUEUE, Queue, StartOptions
 from garrison.engine._registry import Registry, RetryPolicy, StepDef, WorkflowDef
 from garrison.engine._worker import Worker
 from garrison.errors import (
@@ -82,28 +83,57 @@ class Garrison:
         worker: run a worker in this process under `async with app` (default). With
             `worker=False` the app only reads, starts and signals runs that another
             process executes.
-        worker_id: this worker's name in the journal (default `host:pid`).
+        worker_id: this worker's name in the journal and its leases (default
+            `host:pid:random`, unique per process start).
         version: the default code version of workflows registered without one.
-        poll_interval_s: how often the worker looks for due timers and foreign writes.
+        queues: the queues this worker claims runs from (default: every declared queue
+            and "default").
+        concurrency: at most this many runs executing in this worker at once (default:
+            no limit but the queues' own).
+        lease_ttl_s: how long a worker's claim on a run lasts without a heartbeat; a
+            worker that dies has its runs resumed elsewhere within about this long.
+        claim_interval_s: how often the worker looks for work nobody told it about
+            (timers of runs parked by other workers, runs of dead workers, a missed
+            notification); new runs and events arrive by notification at once.
+        shutdown_grace_s: on close, how long in-flight runs may go on to finish or park
+            before they are handed back to the fleet.
+        poll_interval_s: how often the worker checks notifications and local timers.
         sync_step_threads: threads running synchronous `def` steps.
     """
 
     def __init__(self, url: str | None = None, *, store: Store | None = None,
                  clock: Clock | None = None, hooks: Sequence[EngineHooks] = (),
                  worker: bool = True, worker_id: str | None = None, version: str = "1",
+                 queues: Sequence[str] | None = None, concurrency: int | None = None,
+                 lease_ttl_s: float = 10.0, claim_interval_s: float = 1.0,
+                 shutdown_grace_s: float = 0.0,
                  poll_interval_s: float = 0.05, sync_step_threads: int = 32) -> None:
         if store is not None and url is not None:
             raise ConfigurationError("Garrison(): pass url= or store=, not both")
-        if poll_interval_s <= 0:
+        for option, value in (("poll_interval_s", poll_interval_s),
+                              ("lease_ttl_s", lease_ttl_s),
+                              ("claim_interval_s", claim_interval_s)):
+            if not isinstance(value, int | float) or value <= 0:
+                raise ConfigurationError(f"Garrison({option}={value!r}): must be > 0 (seconds)")
+        if shutdown_grace_s < 0:
             raise ConfigurationError(
-                f"Garrison(poll_interval_s={poll_interval_s}): must be > 0 (seconds)"
-            )
+                f"Garrison(shutdown_grace_s={shutdown_grace_s!r}): must be >= 0 (seconds)")
+        if concurrency is not None and (not isinstance(concurrency, int) or concurrency < 1):
+            raise ConfigurationError(
+                f"Garrison(concurrency={concurrency!r}): a whole number >= 1, or None")
         self.store: Store = store if store is not None else open_store(url)
         self.clock: Clock = clock or SystemClock()
         self.registry = Registry()
         self.hooks: list[EngineHooks] = list(hooks)
         self.version = version
-        self.worker_id = worker_id or f"{os.uname().nodename}:{os.getpid()}"
+        self.worker_id = worker_id or (
+            f"{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(3)}")
+        self.queues: dict[str, Queue] = {DEFAULT_QUEUE: Queue(DEFAULT_QUEUE)}
+        self.served_queues: list[str] | None = list(queues) if queues is not None else None
+        self.concurrency = concurrency
+        self.lease_ttl_s = float(lease_ttl_s)
+        self.claim_interval_s = float(claim_interval_s)
+        self.shutdown_grace_s = float(shutdown_grace_s)
         self._run_worker = worker
         self._poll_interval_s = poll_interval_s
         self._sync_step_threads = sync_step_threads
@@ -153,6 +183,43 @@ class Garrison:
 
         return decorator
 
+    def queue(self, name: str, *, concurrency: int | None = None,
+              worker_concurrency: int | None = None,
+              rate_limit: tuple[int, float] | None = None, priority: bool = False,
+              partition: bool = False, partition_concurrency: int | None = None) -> Queue:
+        """Declare a queue; `app.start(..., queue=name)` puts runs in it.
+
+        Args:
+            concurrency: at most this many of its runs active (RUNNING or WAITING)
+                across every worker sharing the store.
+            worker_concurrency: at most this many of its runs executing in one worker.
+            rate_limit: `(n, seconds)`: at most n runs started in any window of `seconds`.
+            priority: runs take `priority=` (lower runs first, default 0).
+            partition: runs take `partition_key=`; keys are served in turn, so one busy
+                customer cannot starve the others.
+            partition_concurrency: at most this many active runs per partition key (1:
+                one active run per conversation).
+
+        Every process of the application declares the same queues (they are code).
+        """
+        declared = Queue(name, concurrency=concurrency, worker_concurrency=worker_concurrency,
+                         rate_limit=rate_limit, priority=priority, partition=partition,
+                         partition_concurrency=partition_concurrency)
+        self.queues[name] = declared
+        return declared
+
+    def _queue(self, queue: str | Queue | None) -> Queue:
+        if queue is None:
+            return self.queues[DEFAULT_QUEUE]
+        name = queue.name if isinstance(queue, Queue) else queue
+        found = self.queues.get(name) if isinstance(name, str) else None
+        if found is None:
+            raise ConfigurationError(
+                f"app.start(queue={queue!r}): no such queue; declare it first with "
+                f"app.queue({name!r}, ...) (declared: {', '.join(sorted(self.queues))})"
+            )
+        return found
+
     def workflow_definition(self, workflow: Any) -> WorkflowDef:
         """The `WorkflowDef` behind a decorated workflow (or a registered name)."""
         if isinstance(workflow, str):
@@ -186,6 +253,13 @@ class Garrison:
             install_task_factory(asyncio.get_running_loop())
             self.worker = Worker(self, self.store, self.clock, self.hooks, self.worker_id,
                                  self._poll_interval_s, self._sync_step_threads)
+            unknown = sorted(set(self.served_queues or ()) - set(self.queues))
+            if unknown:
+                await self.close()
+                raise ConfigurationError(
+                    f"Garrison(queues={self.served_queues!r}): {', '.join(unknown)} not "
+                    f"declared; declare with app.queue(...) (declared: "
+                    f"{', '.join(sorted(self.queues))})")
             try:
                 await self.worker.start()
             except BaseException:
@@ -193,9 +267,10 @@ class Garrison:
                 raise
 
     async def close(self) -> None:
-        """Stop the worker (unfinished runs stay RUNNING and resume on next open)."""
+        """Stop the worker: no more claims; in-flight runs get `shutdown_grace_s` to finish
+        or park, then are handed back (still RUNNING) for another worker to resume."""
         if self.worker is not None:
-            await self.worker.stop()
+            await self.worker.stop(self.shutdown_grace_s)
             self.worker = None
         if self._open:
             await self.store.close()
@@ -209,27 +284,45 @@ class Garrison:
 
     def new_run_record(self, definition: WorkflowDef, run_id: str, args: Sequence[Any],
                        kwargs: dict[str, Any], *, parent: tuple[str, str] | None,
-                       now: float) -> RunRecord:
+                       now: float, options: StartOptions | None = None) -> RunRecord:
+        """A new run. This worker claims it at once when its queue has no limits and the
+        worker takes runs of that queue and has room; otherwise it waits PENDING in its
+        queue for a worker to claim it."""
         inputs = encode({"args": list(args), "kwargs": kwargs},
                         what=f"inputs of workflow {definition.name!r}")
-        local = self.worker is not None
+        options = options or StartOptions(self.queues[DEFAULT_QUEUE])
+        local = self.worker is not None and self.worker.takes_at_once(options.queue)
         return RunRecord(
             run_id=run_id, workflow_name=definition.name, workflow_version=definition.version,
             status=RunStatus.RUNNING if local else RunStatus.PENDING, inputs=inputs,
             created_at=now, updated_at=now, owner=self.worker_id if local else None,
+            fence=1 if local else 0, started_at=now if local else None,
             parent_run_id=parent[0] if parent else None,
             parent_position=parent[1] if parent else None,
+            queue=options.queue.name, priority=options.priority,
+            partition_key=options.partition_key, dedup_id=options.dedup_id,
         )
 
     async def start(self, workflow: Callable[..., Awaitable[R]], *args: Any,
-                    run_id: str | None = None, **kwargs: Any) -> RunHandle[R]:
+                    run_id: str | None = None, queue: str | Queue | None = None,
+                    priority: int | None = None, partition_key: str | None = None,
+                    dedup_id: str | None = None, **kwargs: Any) -> RunHandle[R]:
         """Start a durable run of `workflow(ctx, *args, **kwargs)`; return its handle.
 
         Idempotent on `run_id`: an existing run's handle is returned and the run is never
         started twice. Arguments must be JSON-able (see docs/guarantees.md).
 
+        Args:
+            queue: a queue declared with `app.queue` (default: "default", no limits).
+            priority: on a queue with `priority=True`: lower runs first (default 0).
+            partition_key: on a queue with `partition=True`: the fairness key (required).
+            dedup_id: refuse a second unfinished run with this id in the same queue.
+
         Raises:
             WorkflowConflictError: `run_id` belongs to a run of another workflow.
+            RunDeduplicatedError: the queue holds an unfinished run with `dedup_id`
+                (its `existing_run_id` names it).
+            ConfigurationError: an undeclared queue, or an option the queue does not take.
             SerializationError: an argument cannot be stored.
         """
         self._require_open("start")
@@ -243,8 +336,9 @@ class Garrison:
             )
         if run_id is not None and (not isinstance(run_id, str) or not run_id.strip()):
             raise ConfigurationError(f"app.start(run_id={run_id!r}): a run id is a non-empty str")
+        options = StartOptions.check(self._queue(queue), priority, partition_key, dedup_id)
         record = self.new_run_record(definition, run_id or new_run_id(), args, kwargs,
-                                     parent=None, now=self.clock.time())
+                                     parent=None, now=self.clock.time(), options=options)
         stored, created = await self.store.create_run(record)
         if not created and stored.workflow_name != definition.name:
             raise WorkflowConflictError(
@@ -254,7 +348,10 @@ class Garrison:
                 run_id=stored.run_id, existing=stored.workflow_name, requested=definition.name,
             )
         if created and self.worker is not None:
-            self.worker.launch(stored, definition, journal=())
+            if stored.owner == self.worker_id:
+                self.worker.launch(stored, definition, journal=())
+            else:
+                self.worker.poke()  # claim it, if this worker takes its queue
         return RunHandle(self, stored.run_id)
 
     def handle(self, run_id: str) -> RunHandle[Any]:
@@ -287,12 +384,14 @@ class Garrison:
         self._require_open("cancel")
         run = await self.store.request_cancel(run_id, now=self.clock.time())
         if run.status.is_terminal or self.worker is None:
-            return  # another process's worker sees the request
+            return  # the worker holding it, or the next to claim it, ends it
         execution = self.worker.live.get(run_id)
         if execution is not None:
             execution.cancel()
-        else:
-            await self.worker.finish_stored(run, RunStatus.CANCELLED, None, None)
+            return
+        claimed = await self.store.claim_run(run_id, now=self.clock.time())
+        if claimed is not None:  # nobody else holds it: end it here
+            await self.worker.finish_stored(claimed, RunStatus.CANCELLED, None, None)
 
     async def list_runs(self, *, statuses: Sequence[RunStatus] | None = None,
                         limit: int = 100) -> list[RunRecord]:

@@ -143,6 +143,12 @@ class RunExecution:
             self._cancelling = True
             self.task.cancel("garrison: run cancelled")
 
+    def abandon(self) -> None:
+        """The lease is lost: stop now. The store already refuses this run's writes (the
+        worker that claimed it has it); the unwinding writes nothing."""
+        if self.task is not None and not self.task.done():
+            self.task.cancel("garrison: lease lost")
+
     async def drive(self) -> None:
         """Run the workflow body to its end, to a park, or until shutdown."""
         token = enter_branch(self.root)
@@ -159,8 +165,7 @@ class RunExecution:
                 outcome = _Outcome(RunStatus.CANCELLED) if self._cancelling else None
             except _StoreFailure as failure:
                 await self._close_branches()
-                log.error("run.store_error", run_id=self.run_id, error=str(failure.error))
-                self.worker.retry_later(self.run_id)
+                self.worker.store_failed(self.run_id, failure.error)
                 return
             await self._close_branches()
             if outcome is None:
@@ -576,8 +581,10 @@ class RunExecution:
             except Exception:
                 del self.journal[position]  # refused (a conflict): nothing was journaled
                 raise
-            if created:
+            if created and stored.owner == self.worker.worker_id:
                 self.worker.launch(stored, definition, journal=())
+            elif created:
+                self.worker.poke()  # queued: claimed by whichever worker has room
             return RunHandle(self.worker.app, child_id, parent_run_id=self.run_id)
         finally:
             self.inflight -= 1

@@ -1,7 +1,11 @@
-"""The in-process worker: owns live runs, fires timers, wakes and recovers runs.
+"""The in-process worker: claims runs, owns the live ones, keeps their leases, fires timers.
 
-Every run task is owned here and awaited at shutdown. A shutdown leaves unfinished runs
-RUNNING in the store; the next start resumes them (as after a crash).
+A worker executes only runs it has claimed in the store (see `store._claims`): new runs
+of the queues it takes, parked runs whose wake-up came, and runs whose last worker died
+(lease ran out) or handed them back. A heartbeat renews its leases; a run whose lease is
+found lost is dropped at once (its new owner has it, and the store would refuse any
+write of ours). On stop it claims nothing more, lets in-flight runs finish or park for
+a grace period, and hands the rest back so that another worker resumes them at once.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ from garrison.engine._clock import Clock
 from garrison.engine._context import enter_branch
 from garrison.engine._execution import RunExecution, child_event_name
 from garrison.engine._hooks import EngineHooks
+from garrison.engine._queues import Queue
 from garrison.engine._registry import WorkflowDef
-from garrison.errors import StoreError
-from garrison.store import EventRecord, RunRecord, RunStatus, StepRecord, Store
+from garrison.errors import LeaseLostError, StoreError
+from garrison.store import Changes, EventRecord, RunRecord, RunStatus, StepRecord, Store
 
 if TYPE_CHECKING:
     from garrison.engine._app import Garrison
@@ -37,6 +42,8 @@ _RETRY_CAP_S = 30.0
 _ORPHAN_REPORT_LIMIT = 10_000
 # How long stopping waits for run tasks to unwind after their cancellation.
 _STOP_TIMEOUT_S = 10.0
+# Runs claimed per due claim when the worker has no concurrency limit.
+_DUE_BATCH = 200
 
 
 class Worker:
@@ -54,26 +61,42 @@ class Worker:
                                            thread_name_prefix="garrison-step")
         self.live: dict[str, RunExecution] = {}
         self.orphaned: dict[str, RunRecord] = {}
+        self.claims = 0  # claim round trips made (tests and benchmarks read it)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._runs: set[asyncio.Task[None]] = set()
         self._timers: list[tuple[float, str, str]] = []
+        self._wake_hints: list[float] = []
         self._retry_at: dict[str, tuple[float, int]] = {}
         self._store_failures: dict[str, int] = {}
         self._stopping = False
+        self._claiming = True
         self._poke = asyncio.Event()
+        self._claim_due = True
+        self._next_claim_at = 0.0
         self._loop_task: asyncio.Task[None] | None = None
+        self._heartbeat_task: asyncio.Task[None] | None = None
         self._result_waiters: dict[str, list[asyncio.Future[None]]] = {}
 
     # -- lifecycle -----------------------------------------------------------------
 
     async def start(self) -> None:
-        await self.store.register_worker(self.worker_id)
-        await self.recover()
+        await self.store.register_worker(self.worker_id, lease_ttl_s=self.app.lease_ttl_s)
+        await self._report_orphans()
+        await self._claim()
         self._loop_task = self._spawn(self._loop(), name="garrison-worker")
+        self._heartbeat_task = self._spawn(self._heartbeat(), name="garrison-heartbeat")
         subscribe = getattr(self.clock, "subscribe", None)
         if callable(subscribe):
             subscribe(self.poke)
 
-    async def stop(self) -> None:
+    async def stop(self, grace_s: float = 0.0) -> None:
+        """Claim nothing more; give live runs `grace_s` to finish or park; hand back the
+        rest (their leases released: another worker resumes them at once)."""
+        self._claiming = False
+        runs = [t for t in self._runs if not t.done()]
+        if grace_s > 0 and runs:
+            log.info("worker.draining", runs=len(runs), grace_s=grace_s)
+            await asyncio.wait(runs, timeout=grace_s)
         # The flag ends the loop even if a cancellation is lost: on Python 3.11 a cancel
         # that lands as asyncio.timeout() expires can be swallowed (fixed in 3.12).
         self._stopping = True
@@ -86,6 +109,15 @@ class Worker:
             for task in stuck:
                 log.error("worker.task_ignores_stop", task=task.get_name())
         self.live.clear()
+        # Everything still held: runs stopped just now, runs waiting for a retry, runs
+        # whose task died. This process runs none of them any more.
+        handed_back = self.store.held()
+        if handed_back:
+            try:
+                await self.store.release_runs(handed_back)
+                log.info("worker.handed_back", runs=len(handed_back))
+            except StoreError as exc:  # their leases run out instead
+                log.warning("worker.hand_back_failed", runs=len(handed_back), error=str(exc))
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     def _spawn(self, coro: object, *, name: str) -> asyncio.Task[None]:
@@ -102,25 +134,51 @@ class Worker:
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
+        self._runs.discard(task)
         if not task.cancelled() and task.exception() is not None:
             error = task.exception()
             log.error("worker.task_crashed", task=task.get_name(), error=repr(error))
+        if not self._stopping:
+            self.poke()  # a slot is free
 
     def poke(self) -> None:
-        """Wake the worker loop now (a timer moved, a run became due)."""
+        """Wake the worker loop now and let it claim (a run was queued, a timer moved)."""
+        self._claim_due = True
         self._poke.set()
+
+    # -- what this worker takes ----------------------------------------------------
+
+    @property
+    def queues(self) -> list[Queue]:
+        served = self.app.served_queues
+        return [q for name, q in self.app.queues.items() if served is None or name in served]
+
+    def _live_in(self, queue: str) -> int:
+        return sum(1 for e in self.live.values() if e.run.queue == queue)
+
+    def _room(self) -> int:
+        limit = self.app.concurrency
+        return _DUE_BATCH if limit is None else max(0, limit - len(self.live))
+
+    def takes_at_once(self, queue: Queue) -> bool:
+        """Whether a run this process starts in `queue` may be claimed at its creation."""
+        served = self.app.served_queues
+        return (queue.unlimited and self._claiming and self._room() > 0
+                and (served is None or queue.name in served))
 
     # -- launching -----------------------------------------------------------------
 
     def launch(self, run: RunRecord, definition: WorkflowDef,
                journal: Sequence[StepRecord] | None) -> None:
-        """Start executing `run` here unless it already is. `journal=None` loads it."""
+        """Start executing a claimed `run` here unless it already is. `journal=None`
+        loads it."""
         if run.run_id in self.live:
             return
         execution = RunExecution(self, run, definition, journal or ())
         self.live[run.run_id] = execution
         execution.task = self._spawn(self._execute(execution, journal is None),
                                      name=f"garrison-run:{run.run_id}")
+        self._runs.add(execution.task)
 
     async def _execute(self, execution: RunExecution, load: bool) -> None:
         run = execution.run
@@ -128,58 +186,90 @@ class Worker:
             if load:
                 entries = await self.store.load_journal(run.run_id)
                 execution.journal = {e.position: e for e in entries}
-                if run.status is not RunStatus.RUNNING:
-                    await self.store.set_run_status(run.run_id, RunStatus.RUNNING,
-                                                    owner=self.worker_id)
                 for hook in self.hooks:
                     hook.run_resumed(run, len(entries))
                 log.debug("run.resumed", run_id=run.run_id, workflow=run.workflow_name,
-                         journal_entries=len(entries))
+                         journal_entries=len(entries), fence=run.fence)
             else:
                 for hook in self.hooks:
                     hook.run_started(run)
             await execution.drive()
         except StoreError as exc:
-            log.error("run.store_error", run_id=run.run_id, error=str(exc))
-            self.retry_later(run.run_id)
+            self.store_failed(run.run_id, exc)
         finally:
             if self.live.get(run.run_id) is execution:
                 del self.live[run.run_id]
 
-    def resume(self, run: RunRecord) -> bool:
-        """Resume a stored run if this process has its workflow version; else report it."""
-        if run.run_id in self.live:
-            return True
-        definition = self.app.registry.workflow(run.workflow_name, run.workflow_version)
-        if definition is None:
-            if run.run_id not in self.orphaned:
-                log.warning("run.orphaned", run_id=run.run_id, workflow=run.workflow_name,
-                            version=run.workflow_version)
-            self.orphaned[run.run_id] = run
-            return False
-        self.orphaned.pop(run.run_id, None)
-        self.launch(run, definition, None)
-        return True
+    def store_failed(self, run_id: str, error: StoreError) -> None:
+        """A write for `run_id` failed: if the lease is gone, the run is someone else's
+        now (drop it); otherwise retry after a backoff."""
+        if isinstance(error, LeaseLostError):
+            log.warning("run.lease_lost", run_id=run_id, error=str(error))
+            self.live.pop(run_id, None)
+            self.store.forget(run_id)
+            return
+        log.error("run.store_error", run_id=run_id, error=str(error))
+        self.retry_later(run_id)
 
-    async def recover(self) -> None:
-        """Resume every unfinished run this process can run, and every due parked run;
-        report unfinished runs of workflow versions not registered here (orphaned)."""
-        registered = list(self.app.registry.workflows)
-        for run in await self.store.recoverable_runs(workflows=registered):
-            if run.cancel_requested:
-                await self.app.cancel(run.run_id)
-            else:
-                self.resume(run)
+    def _adopt(self, run: RunRecord) -> None:
+        """A run this worker just claimed: resume it (or end it, if cancelled)."""
+        definition = self.app.registry.workflow(run.workflow_name, run.workflow_version)
+        if definition is None:  # filtered out by the claim; only a racing registration
+            self.store.forget(run.run_id)
+            return
+        if run.cancel_requested and run.run_id not in self.live:
+            self._spawn(self._cancel_claimed(run), name=f"garrison-cancel:{run.run_id}")
+            return
+        self.launch(run, definition, None)
+
+    async def _cancel_claimed(self, run: RunRecord) -> None:
+        try:
+            await self.finish_stored(run, RunStatus.CANCELLED, None, None)
+        except StoreError as exc:
+            self.store_failed(run.run_id, exc)
+
+    async def _report_orphans(self) -> None:
+        """Log and list unfinished runs of workflow versions not registered here."""
         registry = self.app.registry
         unfinished = [s for s in RunStatus if not s.is_terminal]
         for run in await self.store.list_runs(statuses=unfinished, limit=_ORPHAN_REPORT_LIMIT):
             if registry.workflow(run.workflow_name, run.workflow_version) is None:
-                self.resume(run)  # records and logs it as orphaned; runs nothing
-        await self._wake_due()
+                if run.run_id not in self.orphaned:
+                    log.warning("run.orphaned", run_id=run.run_id, workflow=run.workflow_name,
+                                version=run.workflow_version)
+                self.orphaned[run.run_id] = run
+
+    async def _claim(self) -> None:
+        """Claim what is due, then new runs of each queue this worker takes, within room."""
+        if not self._claiming:
+            return
+        registered = list(self.app.registry.workflows)
+        served = self.app.served_queues
+        self._claim_due = False
+        self._next_claim_at = self.clock.time() + self.app.claim_interval_s
+        due = await self.store.claim_due(now=self.clock.time(), queues=served,
+                                         workflows=registered, limit=self._room())
+        self.claims += 1
+        for run in due:
+            self._adopt(run)
+        if len(due) >= _DUE_BATCH:
+            self._claim_due = True  # more may be waiting
+        for queue in self.queues:
+            slots = self._room()
+            if queue.worker_concurrency is not None:
+                slots = min(slots, queue.worker_concurrency - self._live_in(queue.name))
+            if slots <= 0 or not self._claiming:
+                continue
+            taken = await self.store.claim_queued(queue.limits, slots, workflows=registered)
+            self.claims += 1
+            for run in taken:
+                self._adopt(run)
+            if len(taken) >= slots:
+                self._claim_due = True
 
     def retry_later(self, run_id: str) -> None:
-        """The store failed under this run: drop it from memory, resume it after a backoff
-        that doubles (0.5 s to 30 s) until the run parks or finishes."""
+        """The store failed under this run: drop it from memory, claim and resume it after
+        a backoff that doubles (0.5 s to 30 s) until the run parks or finishes."""
         self.live.pop(run_id, None)
         attempts = self._store_failures.get(run_id, 0)
         delay = min(_RETRY_CAP_S, _RETRY_BASE_S * 2**attempts)
@@ -192,7 +282,7 @@ class Worker:
     def schedule_timer(self, run_id: str, position: str, fire_at: float) -> None:
         heapq.heappush(self._timers, (fire_at, run_id, position))
         if self._timers[0][0] == fire_at:
-            self.poke()
+            self._poke.set()
 
     def _fire_due_timers(self, now: float) -> None:
         while self._timers and self._timers[0][0] <= now:
@@ -201,56 +291,86 @@ class Worker:
             if execution is not None:
                 execution.fire(position)
 
-    async def _wake_due(self) -> None:
-        registered = list(self.app.registry.workflows)
-        for run in await self.store.due_runs(self.clock.time(), workflows=registered):
-            if run.run_id not in self.live:
-                if run.cancel_requested:
-                    await self.app.cancel(run.run_id)
-                else:
-                    self.resume(run)
-
     async def _retry_due(self, now: float) -> None:
         for run_id, (at, _) in list(self._retry_at.items()):
             if at <= now and run_id not in self.live:
-                run = await self.store.get_run(run_id)
-                if run is None or run.status.is_terminal or self.resume(run):
-                    del self._retry_at[run_id]
+                claimed = await self.store.claim_run(run_id, now=now)
+                del self._retry_at[run_id]
+                if claimed is not None:  # else: it ended, or another worker holds it
+                    self._adopt(claimed)
 
-    async def _foreign_changes(self) -> None:
-        """Another process wrote: new runs, events for live runs, cancellations."""
-        registered = list(self.app.registry.workflows)
-        for run in await self.store.recoverable_runs(workflows=registered):
-            if run.run_id in self.live:
-                if run.cancel_requested:
+    async def _foreign_changes(self, changes: Changes) -> None:
+        """Other processes wrote: cancellations and events for live runs, new work."""
+        if changes.everything:
+            registered = list(self.app.registry.workflows)
+            for run in await self.store.recoverable_runs(workflows=registered):
+                if run.cancel_requested and run.run_id in self.live:
                     self.live[run.run_id].cancel()
-            elif run.status is RunStatus.PENDING:
-                self.resume(run)
-        for execution in list(self.live.values()):
-            execution.deliver(None)
+            for execution in list(self.live.values()):
+                execution.deliver(None)
+            self._claim_due = True
+            return
+        for run_id in changes.cancels:
+            if run_id in self.live:
+                self.live[run_id].cancel()
+        for run_id in changes.events:
+            if run_id in self.live:
+                self.live[run_id].deliver(None)
+        if (changes.queues or changes.wakeups or not changes.cancels <= self.live.keys()
+                or not changes.events <= self.live.keys()):
+            self._claim_due = True
 
     async def _loop(self) -> None:
+        watch = getattr(self.store, "watch", None)
+        if callable(watch):
+            watch(self._poke.set)  # a notification wakes the loop at once
         while not self._stopping:
             try:
                 now = self.clock.time()
                 self._fire_due_timers(now)
-                await self._wake_due()
+                changes = await self.store.changes()
+                if changes:
+                    await self._foreign_changes(changes)
+                while self._wake_hints and self._wake_hints[0] <= now:
+                    heapq.heappop(self._wake_hints)
+                    self._claim_due = True
+                if self._claim_due or now >= self._next_claim_at:
+                    await self._claim()
                 if self._retry_at:
                     await self._retry_due(now)
-                if await self.store.changed():
-                    await self._foreign_changes()
             except StoreError as exc:
                 log.error("worker.poll_failed", error=str(exc))
+                self._next_claim_at = self.clock.time() + self.app.claim_interval_s
+            now = self.clock.time()
             timeout = self.poll_interval_s
             if self._timers:
-                timeout = max(0.0, min(timeout, self._timers[0][0] - self.clock.time()))
+                timeout = min(timeout, self._timers[0][0] - now)
+            if self._wake_hints:
+                timeout = min(timeout, self._wake_hints[0] - now)
             self._poke.clear()
             # A timer that pokes, rather than asyncio.timeout(): no cancellation involved.
-            alarm = asyncio.get_running_loop().call_later(timeout, self._poke.set)
+            alarm = asyncio.get_running_loop().call_later(max(0.0, timeout), self._poke.set)
             try:
                 await self._poke.wait()
             finally:
                 alarm.cancel()
+
+    async def _heartbeat(self) -> None:
+        """Renew this worker's leases every third of their TTL; drop runs found lost."""
+        interval = self.app.lease_ttl_s / 3
+        while not self._stopping:
+            await asyncio.sleep(interval)
+            try:
+                lost = await self.store.renew_leases()
+            except StoreError as exc:  # the store is down: writes fail too; try again
+                log.warning("worker.heartbeat_failed", error=str(exc))
+                continue
+            for run_id in lost:
+                execution = self.live.pop(run_id, None)
+                self._retry_at.pop(run_id, None)
+                if execution is not None:
+                    log.warning("run.lease_lost", run_id=run_id)
+                    execution.abandon()
 
     # -- run ends ------------------------------------------------------------------
 
@@ -262,8 +382,10 @@ class Worker:
             del self.live[execution.run_id]
         for hook in self.hooks:
             hook.run_parked(execution.run_id, wake_at)
-        if wake_at is not None and wake_at <= self.clock.time():
-            self.poke()
+        if wake_at is not None:  # claim it back when it is due (any worker may)
+            heapq.heappush(self._wake_hints, wake_at)
+            if wake_at <= self.clock.time():
+                self.poke()
 
     async def finish_run(self, execution: RunExecution, status: RunStatus,
                          result: str | None, error: str | None) -> None:
@@ -308,7 +430,7 @@ class Worker:
         if execution is not None:
             execution.deliver(name)
         else:
-            self.poke()
+            self.poke()  # parked here or anywhere: the event made it due
 
     def result_waiter(self, run_id: str) -> asyncio.Future[None]:
         """A future resolved when `run_id` ends in this process."""

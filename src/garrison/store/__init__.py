@@ -7,10 +7,11 @@ the primitives the engine builds on.
 from __future__ import annotations
 
 from garrison.errors import ConfigurationError
-from garrison.store._protocol import Store
+from garrison.store._protocol import Changes, Store
 from garrison.store._records import (
     DEFAULT_TENANT,
     EventRecord,
+    QueueLimits,
     RunRecord,
     RunStatus,
     StepKind,
@@ -21,8 +22,10 @@ from garrison.store._records import (
 from garrison.store._sqlite import SQLiteStore, parse_sqlite_url
 
 __all__ = [
+    "Changes",
     "DEFAULT_TENANT",
     "EventRecord",
+    "QueueLimits",
     "RunRecord",
     "RunStatus",
     "SQLiteStore",

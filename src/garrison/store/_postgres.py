@@ -1,10 +1,11 @@
 """The PostgreSQL store: psycopg 3 (async) with a pool, group commit, LISTEN for changes.
 
-This release runs one worker process per database schema, like the embedded store:
-the worker holds a session advisory lock, which PostgreSQL releases the moment the
-worker's connection drops (a SIGKILLed worker included). A fleet of workers with leases
-and fencing is the next step (see docs/operations.md). Any number of processes may read,
-start and signal runs.
+Any number of worker processes share one schema. A worker owns a run while its lease is
+live (claims: `_claims`); every write a worker makes about a run checks, in the same
+transaction and under the run's row lock, that the run's owner and fence are still the
+ones it claimed with (`_fenced`), so a worker whose lease was taken over cannot commit
+anything for that run any more. Lease times are on the database server's clock (an
+offset measured at open), so hosts whose clocks disagree still agree on expiry.
 """
 
 from __future__ import annotations
@@ -21,22 +22,35 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from garrison._log import get_logger
 from garrison.errors import (
     ConfigurationError,
+    LeaseLostError,
     RunNotFoundError,
     SchemaVersionError,
     StoreError,
-    StoreLockedError,
     WorkflowError,
 )
-from garrison.store._records import EventRecord, RunRecord, RunStatus, StepRecord, StepStatus
+from garrison.store._claims import Dialect, Plan, claim_due, claim_one, claim_queued
+from garrison.store._leases import LeaseBook
+from garrison.store._protocol import Changes
+from garrison.store._records import (
+    EventRecord,
+    QueueLimits,
+    RunRecord,
+    RunStatus,
+    StepRecord,
+    StepStatus,
+)
 from garrison.store._rows import (
     CANCEL_CHILDREN,
     INSERT_RUN,
     LIST_EVENTS,
     RUN_COLUMNS,
+    SELECT_DEDUP,
+    SELECT_RUN,
     STEP_COLUMNS,
     TERMINAL_SQL,
     UPSERT_STEP,
     child_conflict,
+    dedup_conflict,
     refuse_event,
     run_from_row,
     run_values,
@@ -59,7 +73,6 @@ MIGRATIONS = migrations("postgres")
 T = TypeVar("T")
 _Op = Callable[["psycopg.AsyncConnection[Any]"], Awaitable[Any]]
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
-_CHANNEL = "garrison_changes"
 
 
 def _sql(statement: str) -> str:
@@ -70,7 +83,23 @@ def _sql(statement: str) -> str:
 _INSERT_RUN = _sql(INSERT_RUN)
 _UPSERT_STEP = _sql(UPSERT_STEP)
 _CANCEL_CHILDREN = _sql(CANCEL_CHILDREN)
-_SELECT_RUN = f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id = %s"
+_SELECT_RUN = _sql(SELECT_RUN)
+_DIALECT = Dialect(skip_locked=" FOR UPDATE SKIP LOCKED",
+                   queue_lock="SELECT pg_advisory_xact_lock(hashtext(?))")
+# How long a LISTEN connection that dropped waits before connecting again (doubling).
+_RELISTEN_S = (0.2, 5.0)
+
+
+async def _drive(plan: Plan, conn: Any) -> list[RunRecord]:
+    """Run a claim plan (see `_claims`) on `conn`."""
+    try:
+        sql, params = next(plan)
+        while True:
+            cursor = await conn.execute(_sql(sql), params)
+            sql, params = plan.send(await cursor.fetchall())
+    except StopIteration as stop:
+        claimed: list[RunRecord] = stop.value
+        return claimed
 
 
 def parse_postgres_url(url: str) -> tuple[str, str, int]:
@@ -188,11 +217,10 @@ class _GroupCommit:
     async def _flush(self, ops: list[tuple[_Op, asyncio.Future[Any]]]) -> None:
         psycopg = self._store._psycopg
         rejected = (psycopg.errors.IntegrityError, psycopg.errors.DataError,
-                    WorkflowError, RunNotFoundError)
+                    WorkflowError, RunNotFoundError, LeaseLostError)
         outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         try:
             async with self._store._pool.connection() as conn, conn.transaction():
-                await self._store._check_fence(conn)
                 if len(ops) == 1:  # a lone write needs no savepoint: the tx is its own
                     op, future = ops[0]
                     outcomes.append((future, await op(conn), None))
@@ -238,7 +266,7 @@ class _GroupCommit:
                 future.set_result(outcome)
 
     def _rejected(self, exc: BaseException) -> BaseException:
-        if isinstance(exc, WorkflowError | RunNotFoundError):
+        if isinstance(exc, WorkflowError | RunNotFoundError | LeaseLostError):
             return exc
         error = StoreError(f"PostgreSQL store: write rejected: {exc}; nothing of this write "
                            "was kept", url=self._store.safe_url)
@@ -246,22 +274,24 @@ class _GroupCommit:
         return error
 
 
-class PostgresStore:
+class PostgresStore(LeaseBook):
     """Runs, journals and mailboxes in PostgreSQL (one schema per application)."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         self._libpq, self.schema, self._pool_size = parse_postgres_url(url)
+        self.channel = f"garrison_{self.schema}"[:63]  # one LISTEN channel per schema
         parts = urlsplit(self._libpq)
         self.safe_url = f"{parts.scheme}://{parts.hostname}:{parts.port or 5432}{parts.path}"
         self._psycopg: Any = None
         self._pool: psycopg_pool.AsyncConnectionPool[Any] = None  # type: ignore[assignment]
         self._writer: _GroupCommit | None = None
-        self._lock_conn: Any = None
         self._listen_conn: Any = None
         self._listener: asyncio.Task[None] | None = None
-        self._dirty = True
-        self.epoch: str | None = None  # set by register_worker: this worker's fencing token
+        self._changes = Changes(everything=True)
+        self._wakeup: Callable[[], None] | None = None
+        self._clock_offset = 0.0
+        self._init_leases()
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -283,6 +313,11 @@ class PostgresStore:
         conn = await self._connect(autocommit=False)
         try:
             await self._migrate(conn)
+            before = time.time()
+            row = await (await conn.execute(
+                "SELECT extract(epoch FROM clock_timestamp())::float8")).fetchone()
+            self._clock_offset = float(row[0]) - (before + time.time()) / 2
+            await conn.rollback()
         finally:
             await conn.close()
         pool = psycopg_pool.AsyncConnectionPool(
@@ -293,7 +328,7 @@ class PostgresStore:
         try:
             await pool.open(wait=True, timeout=10)
             listen_conn = await self._connect()
-            await listen_conn.execute(f"LISTEN {_CHANNEL}")
+            await listen_conn.execute(f"LISTEN {self.channel}")
         except BaseException as exc:
             # Half-open is not open: release what was opened, so a retry starts clean.
             with contextlib.suppress(Exception):
@@ -347,12 +382,30 @@ class PostgresStore:
                              url=self.safe_url) from exc
 
     async def _listen(self) -> None:
-        try:
-            async for _ in self._listen_conn.notifies():
-                self._dirty = True
-        except self._psycopg.Error as exc:  # the connection dropped: poll from now on
-            log.warning("store.listen_lost", error=str(exc))
-            self._listen_conn = None
+        """Collect notifications; when the connection drops (a database restart), poll
+        until a new LISTEN connection is up, connecting again with a doubling backoff."""
+        delay = _RELISTEN_S[0]
+        while True:
+            try:
+                if self._listen_conn is None:
+                    conn = await self._connect()
+                    await conn.execute(f"LISTEN {self.channel}")
+                    self._listen_conn = conn
+                    self._changes.everything = True  # what was missed while away
+                    delay = _RELISTEN_S[0]
+                async for note in self._listen_conn.notifies():
+                    self._changes.add(note.payload)
+                    if self._wakeup is not None:
+                        self._wakeup()
+            except (self._psycopg.Error, StoreError) as exc:
+                if self._listen_conn is not None:
+                    log.warning("store.listen_lost", error=str(exc))
+                    with contextlib.suppress(Exception):
+                        await self._listen_conn.close()
+                self._listen_conn = None
+                self._changes.everything = True
+                await asyncio.sleep(delay)
+                delay = min(_RELISTEN_S[1], delay * 2)
 
     async def close(self) -> None:
         if self._writer is not None:
@@ -362,85 +415,35 @@ class PostgresStore:
             with contextlib.suppress(BaseException):
                 await self._listener
             self._listener = None
-        for conn in (self._listen_conn, self._lock_conn):
-            if conn is not None:
-                with contextlib.suppress(Exception):
-                    await conn.close()
-        self._listen_conn = self._lock_conn = None
+        if self._listen_conn is not None:
+            with contextlib.suppress(Exception):
+                await self._listen_conn.close()
+        self._listen_conn = None
         if self._pool is not None:
             await self._pool.close()
             self._pool = None  # type: ignore[assignment]
             self._writer = None
 
-    async def register_worker(self, worker_id: str) -> None:
-        if self._lock_conn is not None and self.epoch is not None:
-            return
-        conn = await self._connect()
-        try:
-            acquired, holder = await self._take_worker_lock(conn)
-            if not acquired:
-                raise StoreLockedError(
-                    f"PostgreSQL store {self.safe_url} schema {self.schema}: another Garrison "
-                    f"worker (backend pid {holder or 'unknown'}) is running; this release runs "
-                    "one worker per schema. Stop it, or use another schema= for another "
-                    "application.",
-                    url=self.safe_url, pid=holder,
-                )
-            epoch = await self._bump_epoch(conn)
-        except BaseException as exc:
-            # Closing the session releases the lock: never a locked but unfenced worker.
-            with contextlib.suppress(Exception):
-                await conn.close()
-            if isinstance(exc, self._psycopg.Error):
-                raise StoreError(f"PostgreSQL store {self.safe_url}: cannot register the "
-                                 f"worker: {exc}", url=self.safe_url) from exc
-            raise
-        self._lock_conn = conn
-        self.epoch = epoch
-
-    async def _take_worker_lock(self, conn: Any) -> tuple[bool, int | None]:
-        """(True, None) when this session got the lock; else (False, the holder's pid)."""
-        row = await (await conn.execute(
-            "SELECT pg_try_advisory_lock(hashtext('garrison-worker:' || %s))", (self.schema,)
-        )).fetchone()
-        if row and row[0]:
-            return True, None
-        holder = await (await conn.execute(
-            "SELECT a.pid FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-            "WHERE l.locktype = 'advisory' "
-            "AND l.objid = (hashtext('garrison-worker:' || %s))::oid LIMIT 1",
-            (self.schema,))).fetchone()
-        return False, int(holder[0]) if holder else None
-
-    async def _bump_epoch(self, conn: Any) -> str:
-        """Fencing: a new worker epoch. The UPDATE commits only after every transaction
-        that read the old epoch FOR SHARE has ended, and every later write transaction of
-        an older worker reads the new epoch and rolls back. So once this worker loads a
-        journal, no write of a dead worker can land in it afterwards."""
-        async with conn.transaction():
-            await conn.execute(
-                "INSERT INTO garrison_meta (key, value) VALUES ('worker_epoch', '0') "
-                "ON CONFLICT (key) DO NOTHING")
-            row = await (await conn.execute(
-                "UPDATE garrison_meta SET value = (value::bigint + 1)::text "
-                "WHERE key = 'worker_epoch' RETURNING value")).fetchone()
-        return str(row[0])
-
     # -- plumbing ------------------------------------------------------------------
 
-    async def _check_fence(self, conn: Any) -> None:
-        """In a worker's write transaction: still the current worker? (see register_worker)"""
-        if self.epoch is None:
-            return  # a client (no worker here): its writes never race a journal
-        row = await (await conn.execute(
-            "SELECT value FROM garrison_meta WHERE key = 'worker_epoch' FOR SHARE")).fetchone()
-        if row is None or row[0] != self.epoch:
-            raise StoreError(
-                f"PostgreSQL store {self.safe_url} schema {self.schema}: this worker was "
-                f"replaced (epoch {self.epoch}, now {row[0] if row else 'none'}); its write "
-                "was refused so that the new worker's journal stays exact",
-                url=self.safe_url,
-            )
+    async def _fenced(self, conn: Any, run_id: str) -> None:
+        """In a worker's write transaction: does this worker still hold `run_id`?
+
+        Locks the run's row, so a claim by another worker waits for this transaction
+        and then loads a journal that includes its write, or this check sees the claim.
+        """
+        if self.worker_id is None:
+            return  # a client (no worker here): it never writes a run's journal
+        fence = self._held.get(run_id)
+        row = None
+        if fence is not None:
+            row = await (await conn.execute(
+                "SELECT owner, fence FROM runs WHERE run_id = %s FOR UPDATE", (run_id,)
+            )).fetchone()
+            if row is not None and row[0] == self.worker_id and row[1] == fence:
+                return
+        raise self._lost(run_id, f"now {row[0] or 'nobody'}'s at fence {row[1]}" if row
+                         else "not held")
 
     def _require_open(self) -> None:
         if self._pool is None:
@@ -472,6 +475,66 @@ class PostgresStore:
         result: T = await self._writer.submit(op)
         return result
 
+    # -- leases --------------------------------------------------------------------
+
+    async def claim_due(self, *, now: float, queues: Sequence[str] | None,
+                        workflows: Sequence[tuple[str, str]] | None,
+                        limit: int) -> list[RunRecord]:
+        worker = self._require_worker()
+        wall = self._wall()
+        plan = claim_due(_DIALECT, worker, now=now, wall=wall, lease_until=self._lease_until(),
+                         queues=queues, workflows=workflows, limit=limit)
+        return self._took(await self._write(lambda conn: _drive(plan, conn)))
+
+    async def claim_queued(self, limits: QueueLimits, slots: int, *,
+                           workflows: Sequence[tuple[str, str]] | None) -> list[RunRecord]:
+        worker = self._require_worker()
+        wall = self._wall()
+        plan = claim_queued(_DIALECT, worker, limits, slots, wall=wall,
+                            lease_until=self._lease_until(),
+                            lock_key=f"garrison-queue:{self.schema}:{limits.name}",
+                            workflows=workflows)
+        return self._took(await self._write(lambda conn: _drive(plan, conn)))
+
+    async def claim_run(self, run_id: str, *, now: float) -> RunRecord | None:
+        worker = self._require_worker()
+        wall = self._wall()
+        plan = claim_one(_DIALECT, worker, run_id, now=now, wall=wall,
+                         lease_until=self._lease_until())
+        claimed = self._took(await self._write(lambda conn: _drive(plan, conn)))
+        return claimed[0] if claimed else None
+
+    async def renew_leases(self) -> set[str]:
+        if self.worker_id is None or not self._held:
+            return set()
+        worker, held = self.worker_id, dict(self._held)
+        until = self._lease_until()
+
+        async def op(conn: Any) -> set[str]:
+            cursor = await conn.execute(
+                "UPDATE runs SET lease_until = %s WHERE run_id = ANY(%s) AND owner = %s "
+                "AND status = 'RUNNING' RETURNING run_id, fence",
+                (until, list(held), worker))
+            return {r[0] for r in await cursor.fetchall() if held.get(r[0]) == r[1]}
+
+        return self._renewed(held, await self._write(op))
+
+    async def release_runs(self, run_ids: Sequence[str]) -> None:
+        ids = [r for r in run_ids if r in self._held]
+        if not ids or self.worker_id is None:
+            return
+        worker = self.worker_id
+
+        async def op(conn: Any) -> None:
+            await conn.execute(
+                "UPDATE runs SET owner = NULL, lease_until = NULL WHERE run_id = ANY(%s) "
+                "AND owner = %s AND status = 'RUNNING'", (ids, worker))
+            await _notify(conn, self.channel, "w")
+
+        await self._write(op)
+        for run_id in ids:
+            self._held.pop(run_id, None)
+
     @property
     def stats(self) -> dict[str, int]:
         """Group-commit counters: transactions committed and writes they carried."""
@@ -481,28 +544,39 @@ class PostgresStore:
 
     # -- runs ----------------------------------------------------------------------
 
-    async def create_run(self, run: RunRecord) -> tuple[RunRecord, bool]:
-        async def op(conn: Any) -> tuple[RunRecord, bool]:
-            created = (await conn.execute(_INSERT_RUN, run_values(run))).rowcount == 1
-            row = await (await conn.execute(_SELECT_RUN, (run.run_id,))).fetchone()
-            if created and run.status is RunStatus.PENDING:
-                await conn.execute(f"NOTIFY {_CHANNEL}")
-            return run_from_row(row), created
+    async def _insert_run(self, conn: Any, run: RunRecord) -> tuple[RunRecord, bool]:
+        created = (await conn.execute(_INSERT_RUN, run_values(run))).rowcount == 1
+        row = await (await conn.execute(_SELECT_RUN, (run.run_id,))).fetchone()
+        if row is None and run.dedup_id is not None:
+            taken = await (await conn.execute(
+                _sql(SELECT_DEDUP), (run.queue, run.dedup_id))).fetchone()
+            if taken is not None:
+                raise dedup_conflict(run, taken[0])
+        if created and run.status is RunStatus.PENDING:
+            await _notify(conn, self.channel, f"q:{run.queue}")
+        return run_from_row(row), created
 
-        return await self._write(op)
+    async def create_run(self, run: RunRecord) -> tuple[RunRecord, bool]:
+        run = self._leased(run)
+        stored, created = await self._write(lambda conn: self._insert_run(conn, run))
+        self._created(run, created)
+        return stored, created
 
     async def create_child_run(self, run: RunRecord, step: StepRecord) -> tuple[RunRecord, bool]:
+        run = self._leased(run)
+
         async def op(conn: Any) -> tuple[RunRecord, bool]:
-            created = (await conn.execute(_INSERT_RUN, run_values(run))).rowcount == 1
-            row = await (await conn.execute(_SELECT_RUN, (run.run_id,))).fetchone()
-            stored = run_from_row(row)
+            await self._fenced(conn, step.run_id)
+            stored, created = await self._insert_run(conn, run)
             conflict = None if created else child_conflict(stored, run)
             if conflict is not None:
                 raise conflict  # rolls back: no journal entry for a child we do not own
             await conn.execute(_UPSERT_STEP, step_values(step))
             return stored, created
 
-        return await self._write(op)
+        stored, created = await self._write(op)
+        self._created(run, created)
+        return stored, created
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         rows = await self._read(_SELECT_RUN, (run_id,))
@@ -541,6 +615,7 @@ class PostgresStore:
         now = time.time()
 
         async def op(conn: Any) -> None:
+            await self._fenced(conn, run_id)
             await conn.execute(
                 "UPDATE runs SET status = %s, wake_at = NULL, owner = coalesce(%s, owner), "
                 f"updated_at = %s WHERE run_id = %s AND status NOT IN {TERMINAL_SQL}",
@@ -554,6 +629,7 @@ class PostgresStore:
         at = time.time() if now is None else now
 
         async def op(conn: Any) -> None:
+            await self._fenced(conn, run_id)
             wake = wake_at
             if events:
                 waiting = await (await conn.execute(
@@ -561,34 +637,42 @@ class PostgresStore:
                     "AND name = ANY(%s) LIMIT 1", (run_id, list(events)))).fetchone()
                 if waiting is not None:
                     wake = at  # an event arrived while the run was parking
-            await conn.execute(
-                "UPDATE runs SET status = 'WAITING', wake_at = %s, updated_at = %s "
+            await conn.execute(  # a parked run is nobody's: whoever is alive wakes it
+                "UPDATE runs SET status = 'WAITING', wake_at = %s, updated_at = %s, "
+                "owner = NULL, lease_until = NULL "
                 f"WHERE run_id = %s AND status NOT IN {TERMINAL_SQL}",
                 (wake, at, run_id),
             )
 
         await self._write(op)
+        self._held.pop(run_id, None)
 
     async def finish_run(
         self, run_id: str, status: RunStatus, *, result: str | None, error: str | None,
         completed_at: float, notify: EventRecord | None = None,
     ) -> bool:
         async def op(conn: Any) -> bool:
+            await self._fenced(conn, run_id)
             cursor = await conn.execute(
                 "UPDATE runs SET status = %s, result = %s, error = %s, completed_at = %s, "
-                "updated_at = %s, wake_at = NULL "
-                f"WHERE run_id = %s AND status NOT IN {TERMINAL_SQL}",
+                "updated_at = %s, wake_at = NULL, lease_until = NULL "
+                f"WHERE run_id = %s AND status NOT IN {TERMINAL_SQL} RETURNING queue",
                 (status.value, result, error, completed_at, completed_at, run_id),
             )
-            changed: bool = cursor.rowcount == 1
+            ended = await cursor.fetchone()
+            changed: bool = ended is not None
+            if changed:  # a slot of its queue is free
+                await _notify(conn, self.channel, f"q:{ended[0]}")
             if changed and notify is not None:
-                await _insert_event(conn, notify.run_id, notify.name, notify.payload,
+                await _insert_event(conn, self.channel, notify.run_id, notify.name, notify.payload,
                                     notify.sent_at)
             if changed and status is RunStatus.CANCELLED:
                 await conn.execute(_CANCEL_CHILDREN, (completed_at, completed_at, run_id))
             return changed
 
-        return await self._write(op)
+        changed = await self._write(op)
+        self._held.pop(run_id, None)
+        return changed
 
     async def request_cancel(self, run_id: str, *, now: float | None = None) -> RunRecord:
         at = time.time() if now is None else now
@@ -607,7 +691,7 @@ class PostgresStore:
                     "(`garrison runs list` shows the runs)",
                     run_id=run_id,
                 )
-            await conn.execute(f"NOTIFY {_CHANNEL}")
+            await _notify(conn, self.channel, f"c:{run_id}")
             return run_from_row(row)
 
         return await self._write(op)
@@ -637,11 +721,15 @@ class PostgresStore:
         )
         return [run_from_row(r) for r in rows]
 
-    async def changed(self) -> bool:
+    def watch(self, wakeup: Callable[[], None]) -> None:
+        """Call `wakeup` (on the event loop) as soon as a notification arrives."""
+        self._wakeup = wakeup
+
+    async def changes(self) -> Changes:
+        changes, self._changes = self._changes, Changes()
         if self._listen_conn is None:
-            return True  # no LISTEN connection: every poll looks
-        dirty, self._dirty = self._dirty, False
-        return dirty
+            self._changes.everything = True  # no LISTEN connection: every poll looks
+        return changes
 
     # -- journal -------------------------------------------------------------------
 
@@ -652,8 +740,11 @@ class PostgresStore:
 
     async def append_steps(self, steps: Sequence[StepRecord]) -> None:
         rows = [step_values(step) for step in steps]
+        runs = sorted({step.run_id for step in steps})  # one lock order: no deadlocks
 
         async def op(conn: Any) -> None:
+            for run_id in runs:
+                await self._fenced(conn, run_id)
             async with conn.cursor() as cursor:
                 await cursor.executemany(_UPSERT_STEP, rows)
 
@@ -666,12 +757,13 @@ class PostgresStore:
             row = await (await conn.execute(
                 "SELECT status FROM runs WHERE run_id = %s", (run_id,))).fetchone()
             refuse_event(run_id, name, row[0] if row else None, self.safe_url)
-            return await _insert_event(conn, run_id, name, payload, sent_at)
+            return await _insert_event(conn, self.channel, run_id, name, payload, sent_at)
 
         return await self._write(op)
 
     async def consume_event(self, run_id: str, name: str, step: StepRecord) -> StepRecord | None:
         async def op(conn: Any) -> StepRecord | None:
+            await self._fenced(conn, run_id)
             row = await (await conn.execute(
                 "SELECT seq, payload FROM events WHERE run_id = %s AND name = %s "
                 "AND consumed_position IS NULL ORDER BY seq LIMIT 1 FOR UPDATE",
@@ -699,7 +791,13 @@ class PostgresStore:
         return [EventRecord(*r) for r in rows]
 
 
-async def _insert_event(conn: Any, run_id: str, name: str, payload: str, sent_at: float) -> int:
+async def _notify(conn: Any, channel: str, payload: str) -> None:
+    """Tell listening workers (delivered at commit; identical ones are merged)."""
+    await conn.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+
+
+async def _insert_event(conn: Any, channel: str, run_id: str, name: str, payload: str,
+                        sent_at: float) -> int:
     cursor = await conn.execute(
         "INSERT INTO events (run_id, name, payload, sent_at) VALUES (%s, %s, %s, %s) "
         "RETURNING seq",
@@ -711,5 +809,5 @@ async def _insert_event(conn: Any, run_id: str, name: str, payload: str, sent_at
         "WHERE run_id = %s AND status = 'WAITING'",
         (sent_at, sent_at, run_id),
     )
-    await conn.execute(f"NOTIFY {_CHANNEL}")
+    await _notify(conn, channel, f"e:{run_id}")
     return int(row[0])

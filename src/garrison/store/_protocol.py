@@ -3,11 +3,45 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from garrison.store._records import EventRecord, RunRecord, RunStatus, StepRecord
+from garrison.store._records import EventRecord, QueueLimits, RunRecord, RunStatus, StepRecord
 
-__all__ = ["Store"]
+__all__ = ["Changes", "Store"]
+
+
+@dataclass(slots=True)
+class Changes:
+    """What other processes wrote since the last `Store.changes()` call.
+
+    `everything` means "unknown, look at all of it" (no notification channel, or one
+    that was down for a while).
+    """
+
+    everything: bool = False
+    queues: set[str] = field(default_factory=set)  # new runs, or a freed slot
+    events: set[str] = field(default_factory=set)  # runs with new mailbox events
+    cancels: set[str] = field(default_factory=set)  # runs asked to cancel
+    wakeups: bool = False  # runs handed back or parked: claim what is due
+
+    def add(self, payload: str) -> None:
+        """Record one notification (`q:QUEUE`, `e:RUN`, `c:RUN`, `w`; anything else: all)."""
+        kind, _, what = payload.partition(":")
+        if kind == "q" and what:
+            self.queues.add(what)
+        elif kind == "e" and what:
+            self.events.add(what)
+        elif kind == "c" and what:
+            self.cancels.add(what)
+        elif kind == "w":
+            self.wakeups = True
+        else:
+            self.everything = True
+
+    def __bool__(self) -> bool:
+        return bool(self.everything or self.queues or self.events or self.cancels
+                    or self.wakeups)
 
 
 class Store(Protocol):
@@ -26,8 +60,39 @@ class Store(Protocol):
     async def close(self) -> None:
         """Flush queued writes and release every resource."""
 
-    async def register_worker(self, worker_id: str) -> None:
-        """Announce a worker. The embedded store admits one worker process at a time."""
+    async def register_worker(self, worker_id: str, *, lease_ttl_s: float = 10.0) -> None:
+        """Make this store a worker's: claims are leased to `worker_id` for `lease_ttl_s`
+        and its writes about a run are fenced (they fail with `LeaseLostError` once the
+        run is no longer held). The embedded store admits one worker process at a time."""
+
+    async def claim_due(self, *, now: float, queues: Sequence[str] | None,
+                        workflows: Sequence[tuple[str, str]] | None,
+                        limit: int) -> list[RunRecord]:
+        """Claim runs to resume: parked runs due at `now`, RUNNING runs nobody holds (lease
+        expired or handed back), and never-started runs whose cancel was requested.
+        Only runs of `queues` (None: any) and of `workflows` (name, version)."""
+
+    async def claim_queued(self, limits: QueueLimits, slots: int, *,
+                           workflows: Sequence[tuple[str, str]] | None) -> list[RunRecord]:
+        """Start up to `slots` PENDING runs of one queue within its limits."""
+
+    async def claim_run(self, run_id: str, *, now: float) -> RunRecord | None:
+        """Claim one unfinished run unless another worker holds a live lease on it."""
+
+    async def renew_leases(self) -> set[str]:
+        """Extend this worker's leases; returns the run ids it no longer holds."""
+
+    async def release_runs(self, run_ids: Sequence[str]) -> None:
+        """Hand runs back (still RUNNING, nobody's): another worker resumes them at once."""
+
+    def holds(self, run_id: str) -> bool:
+        """Whether this worker holds `run_id` (as far as it knows)."""
+
+    def held(self) -> list[str]:
+        """The runs this worker holds (as far as it knows)."""
+
+    def forget(self, run_id: str) -> None:
+        """Stop holding `run_id` locally (its execution was dropped)."""
 
     async def create_run(self, run: RunRecord) -> tuple[RunRecord, bool]:
         """Insert `run` unless its id exists; return the stored run and whether it was new."""
@@ -109,5 +174,5 @@ class Store(Protocol):
                                ) -> list[RunRecord]:
         """PENDING and RUNNING runs, oldest first (only these (name, version) pairs)."""
 
-    async def changed(self) -> bool:
-        """Whether another process wrote since the last call (a cheap poll)."""
+    async def changes(self) -> Changes:
+        """What other processes wrote since the last call (a cheap poll)."""

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "DEFAULT_TENANT",
-    "EventRecord", "RunRecord", "RunStatus", "StepKind", "StepRecord", "StepStatus",
+    "EventRecord", "QueueLimits", "RunRecord", "RunStatus", "StepKind", "StepRecord", "StepStatus",
     "position_key",
 ]
 
@@ -76,6 +76,34 @@ class RunRecord:
     trace_context: str | None = None
     cancel_requested: bool = False
     owner: str | None = None
+    priority: int = 0
+    partition_key: str | None = None
+    dedup_id: str | None = None
+    fence: int = 0
+    lease_until: float | None = None
+    started_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QueueLimits:
+    """What a store enforces when a worker claims runs from a queue (see `Garrison.queue`).
+
+    Active runs are those claimed and not ended (RUNNING or WAITING); `rate_limit` counts
+    runs started in the last `seconds`.
+    """
+
+    name: str
+    concurrency: int | None = None
+    rate_limit: tuple[int, float] | None = None
+    priority: bool = False
+    partition: bool = False
+    partition_concurrency: int | None = None
+
+    @property
+    def serialized(self) -> bool:
+        """Whether claims must take the queue's lock to keep a fleet-wide count exact."""
+        return (self.concurrency is not None or self.rate_limit is not None
+                or self.partition_concurrency is not None)
 
 
 @dataclass(frozen=True, slots=True)

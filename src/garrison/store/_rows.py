@@ -8,11 +8,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from garrison.errors import RunNotFoundError, WorkflowConflictError, WorkflowError
+from garrison.errors import (
+    RunDeduplicatedError,
+    RunNotFoundError,
+    WorkflowConflictError,
+    WorkflowError,
+)
 from garrison.store._records import RunRecord, RunStatus, StepKind, StepRecord, StepStatus
 
 __all__ = [
     "INSERT_RUN",
+    "SELECT_DEDUP",
+    "SELECT_RUN",
     "LIST_EVENTS",
     "RUN_COLUMNS",
     "STEP_COLUMNS",
@@ -20,6 +27,7 @@ __all__ = [
     "CANCEL_CHILDREN",
     "UPSERT_STEP",
     "child_conflict",
+    "dedup_conflict",
     "refuse_event",
     "run_from_row",
     "run_values",
@@ -32,7 +40,8 @@ TERMINAL_SQL = "('COMPLETED', 'FAILED', 'CANCELLED')"
 RUN_COLUMNS = (
     "run_id, workflow_name, workflow_version, status, inputs, created_at, updated_at, "
     "tenant_id, result, error, parent_run_id, parent_position, queue, completed_at, "
-    "wake_at, deadline_at, trace_context, cancel_requested, owner"
+    "wake_at, deadline_at, trace_context, cancel_requested, owner, priority, partition_key, "
+    "dedup_id, fence, lease_until, started_at"
 )
 STEP_COLUMNS = (
     "run_id, position, kind, name, status, started_at, arity, inputs, output, error, "
@@ -47,7 +56,8 @@ def run_from_row(row: Sequence[Any]) -> RunRecord:
         tenant_id=row[7], result=row[8], error=row[9], parent_run_id=row[10],
         parent_position=row[11], queue=row[12], completed_at=row[13], wake_at=row[14],
         deadline_at=row[15], trace_context=row[16], cancel_requested=bool(row[17]),
-        owner=row[18],
+        owner=row[18], priority=row[19], partition_key=row[20], dedup_id=row[21],
+        fence=row[22], lease_until=row[23], started_at=row[24],
     )
 
 
@@ -66,6 +76,8 @@ def run_values(run: RunRecord) -> tuple[Any, ...]:
         run.created_at, run.updated_at, run.tenant_id, run.result, run.error,
         run.parent_run_id, run.parent_position, run.queue, run.completed_at, run.wake_at,
         run.deadline_at, run.trace_context, int(run.cancel_requested), run.owner,
+        run.priority, run.partition_key, run.dedup_id, run.fence, run.lease_until,
+        run.started_at,
     )
 
 
@@ -77,9 +89,15 @@ def step_values(step: StepRecord) -> tuple[Any, ...]:
     )
 
 
+# No conflict target: a taken run id and a taken (queue, dedup id) both insert nothing;
+# the caller then tells which it was (`dedup_conflict`).
 INSERT_RUN = (
-    f"INSERT INTO runs ({RUN_COLUMNS}) VALUES ({', '.join('?' * 19)}) "
-    "ON CONFLICT (run_id) DO NOTHING"
+    f"INSERT INTO runs ({RUN_COLUMNS}) VALUES ({', '.join('?' * 25)}) "
+    "ON CONFLICT DO NOTHING"
+)
+SELECT_RUN = f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?"
+SELECT_DEDUP = (
+    f"SELECT run_id FROM runs WHERE queue = ? AND dedup_id = ? AND status NOT IN {TERMINAL_SQL}"
 )
 UPSERT_STEP = (
     f"INSERT INTO steps ({STEP_COLUMNS}) VALUES ({', '.join('?' * 15)}) "
@@ -111,6 +129,16 @@ def child_conflict(stored: RunRecord, wanted: RunRecord) -> WorkflowConflictErro
         f"{stored.parent_run_id!r}); choose another run_id or let Garrison name the child",
         run_id=wanted.parent_run_id, existing=stored.workflow_name,
         requested=wanted.workflow_name,
+    )
+
+
+def dedup_conflict(run: RunRecord, existing_run_id: str) -> RunDeduplicatedError:
+    return RunDeduplicatedError(
+        f"queue {run.queue!r} already holds unfinished run {existing_run_id!r} with "
+        f"dedup_id={run.dedup_id!r}; app.handle({existing_run_id!r}) follows it, or pass "
+        "another dedup_id once it has ended",
+        run_id=run.run_id, queue=run.queue, dedup_id=run.dedup_id,
+        existing_run_id=existing_run_id,
     )
 
 

@@ -69,14 +69,32 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_mailbox ON events (run_id, name, consumed_position, seq);
 """
 
+# Queues, leases and fencing (the fleet). A lease is (owner, lease_until); `fence` grows
+# by one at every claim, and a worker's write for a run checks it in its transaction.
+_V2 = """
+ALTER TABLE runs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE runs ADD COLUMN partition_key TEXT;
+ALTER TABLE runs ADD COLUMN dedup_id TEXT;
+ALTER TABLE runs ADD COLUMN fence BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE runs ADD COLUMN lease_until DOUBLE PRECISION;
+ALTER TABLE runs ADD COLUMN started_at DOUBLE PRECISION;
+UPDATE runs SET started_at = created_at WHERE status NOT IN ('PENDING');
+CREATE INDEX IF NOT EXISTS runs_queue ON runs (queue, status, priority, created_at);
+CREATE INDEX IF NOT EXISTS runs_started ON runs (queue, started_at);
+CREATE INDEX IF NOT EXISTS runs_owner ON runs (owner) WHERE owner IS NOT NULL;
+CREATE UNIQUE INDEX IF NOT EXISTS runs_dedup ON runs (queue, dedup_id)
+    WHERE dedup_id IS NOT NULL AND status NOT IN ('COMPLETED', 'FAILED', 'CANCELLED');
+DELETE FROM garrison_meta WHERE key = 'worker_epoch';
+"""
+
 _DIALECTS = {
     "sqlite": {"seq": "INTEGER PRIMARY KEY AUTOINCREMENT", "steps_options": " WITHOUT ROWID"},
     "postgres": {"seq": "BIGSERIAL PRIMARY KEY", "steps_options": ""},
 }
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def migrations(dialect: str) -> dict[int, str]:
     """The DDL of each schema version for `dialect` ("sqlite" or "postgres")."""
-    return {1: _V1.format(**_DIALECTS[dialect])}
+    return {1: _V1.format(**_DIALECTS[dialect]), 2: _V2}

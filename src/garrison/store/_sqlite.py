@@ -22,14 +22,19 @@ from urllib.parse import parse_qs, urlsplit
 from garrison._log import get_logger
 from garrison.errors import (
     ConfigurationError,
+    LeaseLostError,
     RunNotFoundError,
     SchemaVersionError,
     StoreError,
     StoreLockedError,
     WorkflowError,
 )
+from garrison.store._claims import Dialect, Plan, claim_due, claim_one, claim_queued
+from garrison.store._leases import LeaseBook
+from garrison.store._protocol import Changes
 from garrison.store._records import (
     EventRecord,
+    QueueLimits,
     RunRecord,
     RunStatus,
     StepRecord,
@@ -40,10 +45,13 @@ from garrison.store._rows import (
     INSERT_RUN,
     LIST_EVENTS,
     RUN_COLUMNS,
+    SELECT_DEDUP,
+    SELECT_RUN,
     STEP_COLUMNS,
     TERMINAL_SQL,
     UPSERT_STEP,
     child_conflict,
+    dedup_conflict,
     refuse_event,
     run_from_row,
     run_values,
@@ -63,6 +71,19 @@ T = TypeVar("T")
 _Op = Callable[[sqlite3.Connection], Any]
 
 _SYNC_MODES = ("FULL", "NORMAL", "EXTRA", "OFF")
+# One writer already: no row locks to skip, no queue lock to take.
+_DIALECT = Dialect(skip_locked="", queue_lock=None)
+
+
+def _drive(plan: Plan, conn: sqlite3.Connection) -> list[RunRecord]:
+    """Run a claim plan (see `_claims`) on `conn`."""
+    try:
+        sql, params = next(plan)
+        while True:
+            sql, params = plan.send(conn.execute(sql, params).fetchall())
+    except StopIteration as stop:
+        claimed: list[RunRecord] = stop.value
+        return claimed
 
 
 def parse_sqlite_url(url: str) -> tuple[str, dict[str, str]]:
@@ -197,7 +218,7 @@ class _GroupCommit:
                     conn.execute("SAVEPOINT op")
                 try:
                     outcome = op(conn)
-                except (WorkflowError, RunNotFoundError) as exc:
+                except (WorkflowError, RunNotFoundError, LeaseLostError) as exc:
                     conn.execute("ROLLBACK TO op" if isolate else "ROLLBACK")
                     outcomes.append((future, None, exc))
                 except (sqlite3.IntegrityError, sqlite3.InterfaceError, ValueError,
@@ -250,7 +271,7 @@ class _GroupCommit:
                 future.set_result(outcome)
 
 
-class SQLiteStore:
+class SQLiteStore(LeaseBook):
     """The embedded default store. One worker process per database file.
 
     Durability: WAL with `synchronous=FULL` (survives power loss); `?synchronous=NORMAL`
@@ -265,6 +286,8 @@ class SQLiteStore:
         self._writer: _GroupCommit | None = None
         self._lock_fd: int | None = None
         self._data_version: int | None = None
+        self.safe_url = self.path
+        self._init_leases()
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -365,7 +388,8 @@ class SQLiteStore:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    async def register_worker(self, worker_id: str) -> None:
+    async def register_worker(self, worker_id: str, *, lease_ttl_s: float = 10.0) -> None:
+        await LeaseBook.register_worker(self, worker_id, lease_ttl_s=lease_ttl_s)
         if self.path == ":memory:" or self._lock_fd is not None:
             return
         lock_path = f"{self.path}.worker.lock"
@@ -384,6 +408,73 @@ class SQLiteStore:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._lock_fd = fd
+
+        def op(conn: sqlite3.Connection) -> None:
+            # This process holds the file's one worker lock: every earlier worker is gone,
+            # so their leases end now (no need to wait for them to run out).
+            conn.execute("UPDATE runs SET lease_until = NULL WHERE status = 'RUNNING'")
+
+        await self._write(op)
+
+    def _fenced(self, run_id: str) -> None:
+        """A worker's write about `run_id`: does it still hold it? One worker process per
+        file (the lock above), so the book in memory is the whole truth here."""
+        if self.worker_id is not None and run_id not in self._held:
+            raise self._lost(run_id, "not held")
+
+    # -- leases --------------------------------------------------------------------
+
+    async def claim_due(self, *, now: float, queues: Sequence[str] | None,
+                        workflows: Sequence[tuple[str, str]] | None,
+                        limit: int) -> list[RunRecord]:
+        plan = claim_due(_DIALECT, self._require_worker(), now=now, wall=self._wall(),
+                         lease_until=self._lease_until(), queues=queues,
+                         workflows=workflows, limit=limit)
+        return self._took(await self._write(lambda conn: _drive(plan, conn)))
+
+    async def claim_queued(self, limits: QueueLimits, slots: int, *,
+                           workflows: Sequence[tuple[str, str]] | None) -> list[RunRecord]:
+        plan = claim_queued(_DIALECT, self._require_worker(), limits, slots, wall=self._wall(),
+                            lease_until=self._lease_until(), lock_key=limits.name,
+                            workflows=workflows)
+        return self._took(await self._write(lambda conn: _drive(plan, conn)))
+
+    async def claim_run(self, run_id: str, *, now: float) -> RunRecord | None:
+        plan = claim_one(_DIALECT, self._require_worker(), run_id, now=now, wall=self._wall(),
+                         lease_until=self._lease_until())
+        claimed = self._took(await self._write(lambda conn: _drive(plan, conn)))
+        return claimed[0] if claimed else None
+
+    async def renew_leases(self) -> set[str]:
+        if self.worker_id is None or not self._held:
+            return set()
+        worker, held, until = self.worker_id, dict(self._held), self._lease_until()
+        ids = list(held)
+
+        def op(conn: sqlite3.Connection) -> set[str]:
+            rows = conn.execute(
+                f"UPDATE runs SET lease_until = ? WHERE run_id IN ({', '.join('?' * len(ids))}) "
+                "AND owner = ? AND status = 'RUNNING' RETURNING run_id, fence",
+                (until, *ids, worker)).fetchall()
+            return {r[0] for r in rows if held.get(r[0]) == r[1]}
+
+        return self._renewed(held, await self._write(op))
+
+    async def release_runs(self, run_ids: Sequence[str]) -> None:
+        ids = [r for r in run_ids if r in self._held]
+        if not ids or self.worker_id is None:
+            return
+        worker = self.worker_id
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE runs SET owner = NULL, lease_until = NULL WHERE run_id IN "
+                f"({', '.join('?' * len(ids))}) AND owner = ? AND status = 'RUNNING'",
+                (*ids, worker))
+
+        await self._write(op)
+        for run_id in ids:
+            self._held.pop(run_id, None)
 
     # -- plumbing ------------------------------------------------------------------
 
@@ -417,30 +508,36 @@ class SQLiteStore:
 
     # -- runs ----------------------------------------------------------------------
 
-    async def create_run(self, run: RunRecord) -> tuple[RunRecord, bool]:
-        def op(conn: sqlite3.Connection) -> tuple[RunRecord, bool]:
-            created = conn.execute(INSERT_RUN, run_values(run)).rowcount == 1
-            row = conn.execute(
-                f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?", (run.run_id,)
-            ).fetchone()
-            return run_from_row(row), created
+    def _insert_run(self, conn: sqlite3.Connection, run: RunRecord) -> tuple[RunRecord, bool]:
+        created = conn.execute(INSERT_RUN, run_values(run)).rowcount == 1
+        row = conn.execute(SELECT_RUN, (run.run_id,)).fetchone()
+        if row is None and run.dedup_id is not None:
+            taken = conn.execute(SELECT_DEDUP, (run.queue, run.dedup_id)).fetchone()
+            if taken is not None:
+                raise dedup_conflict(run, taken[0])
+        return run_from_row(row), created
 
-        return await self._write(op)
+    async def create_run(self, run: RunRecord) -> tuple[RunRecord, bool]:
+        run = self._leased(run)
+        stored, created = await self._write(lambda conn: self._insert_run(conn, run))
+        self._created(run, created)
+        return stored, created
 
     async def create_child_run(self, run: RunRecord, step: StepRecord) -> tuple[RunRecord, bool]:
+        run = self._leased(run)
+
         def op(conn: sqlite3.Connection) -> tuple[RunRecord, bool]:
-            created = conn.execute(INSERT_RUN, run_values(run)).rowcount == 1
-            row = conn.execute(
-                f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?", (run.run_id,)
-            ).fetchone()
-            stored = run_from_row(row)
+            self._fenced(step.run_id)
+            stored, created = self._insert_run(conn, run)
             conflict = None if created else child_conflict(stored, run)
             if conflict is not None:
                 raise conflict  # rolls back: no journal entry for a child we do not own
             conn.execute(UPSERT_STEP, step_values(step))
             return stored, created
 
-        return await self._write(op)
+        stored, created = await self._write(op)
+        self._created(run, created)
+        return stored, created
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         rows = self._read(f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,))
@@ -479,6 +576,7 @@ class SQLiteStore:
         now = time.time()
 
         def op(conn: sqlite3.Connection) -> None:
+            self._fenced(run_id)
             conn.execute(
                 "UPDATE runs SET status = ?, wake_at = NULL, owner = coalesce(?, owner), "
                 f"updated_at = ? WHERE run_id = ? AND status NOT IN {TERMINAL_SQL}",
@@ -493,6 +591,7 @@ class SQLiteStore:
         names = list(events)
 
         def op(conn: sqlite3.Connection) -> None:
+            self._fenced(run_id)
             wake = wake_at
             if names:
                 waiting = conn.execute(
@@ -502,22 +601,25 @@ class SQLiteStore:
                 ).fetchone()
                 if waiting is not None:
                     wake = now  # an event arrived while the run was parking
-            conn.execute(
-                "UPDATE runs SET status = 'WAITING', wake_at = ?, updated_at = ? "
+            conn.execute(  # a parked run is nobody's: whoever is alive wakes it
+                "UPDATE runs SET status = 'WAITING', wake_at = ?, updated_at = ?, "
+                "owner = NULL, lease_until = NULL "
                 f"WHERE run_id = ? AND status NOT IN {TERMINAL_SQL}",
                 (wake, now, run_id),
             )
 
         await self._write(op)
+        self._held.pop(run_id, None)
 
     async def finish_run(
         self, run_id: str, status: RunStatus, *, result: str | None, error: str | None,
         completed_at: float, notify: EventRecord | None = None,
     ) -> bool:
         def op(conn: sqlite3.Connection) -> bool:
+            self._fenced(run_id)
             changed = conn.execute(
                 "UPDATE runs SET status = ?, result = ?, error = ?, completed_at = ?, "
-                "updated_at = ?, wake_at = NULL "
+                "updated_at = ?, wake_at = NULL, lease_until = NULL "
                 f"WHERE run_id = ? AND status NOT IN {TERMINAL_SQL}",
                 (status.value, result, error, completed_at, completed_at, run_id),
             ).rowcount == 1
@@ -527,7 +629,9 @@ class SQLiteStore:
                 conn.execute(CANCEL_CHILDREN, (completed_at, completed_at, run_id))
             return changed
 
-        return await self._write(op)
+        changed = await self._write(op)
+        self._held.pop(run_id, None)
+        return changed
 
     async def request_cancel(self, run_id: str, *, now: float | None = None) -> RunRecord:
         at = time.time() if now is None else now
@@ -577,11 +681,12 @@ class SQLiteStore:
         )
         return [run_from_row(r) for r in rows]
 
-    async def changed(self) -> bool:
+    async def changes(self) -> Changes:
+        """Another process wrote (`garrison runs send`, a client app): look at everything."""
         version = int(self._read("PRAGMA data_version")[0][0])
         changed = version != self._data_version
         self._data_version = version
-        return changed
+        return Changes(everything=changed)
 
     # -- journal -------------------------------------------------------------------
 
@@ -591,6 +696,8 @@ class SQLiteStore:
 
     async def append_steps(self, steps: Sequence[StepRecord]) -> None:
         rows = [step_values(step) for step in steps]
+        for run_id in {step.run_id for step in steps}:
+            self._fenced(run_id)  # at submit: only this process can change the book
 
         def op(conn: sqlite3.Connection) -> None:
             conn.executemany(UPSERT_STEP, rows)
@@ -609,6 +716,7 @@ class SQLiteStore:
 
     async def consume_event(self, run_id: str, name: str, step: StepRecord) -> StepRecord | None:
         def op(conn: sqlite3.Connection) -> StepRecord | None:
+            self._fenced(run_id)
             row = conn.execute(
                 "SELECT seq, payload FROM events WHERE run_id = ? AND name = ? "
                 "AND consumed_position IS NULL ORDER BY seq LIMIT 1",

@@ -8,7 +8,7 @@ import socket
 import psycopg
 import pytest
 
-from garrison.errors import ConfigurationError, SchemaVersionError, StoreError, StoreLockedError
+from garrison.errors import ConfigurationError, SchemaVersionError, StoreError
 from garrison.store import open_store
 from garrison.store._postgres import PostgresStore
 from garrison.store._schema import SCHEMA_VERSION
@@ -61,48 +61,6 @@ async def test_postgres_schema_from_a_newer_garrison_is_refused() -> None:
                      "WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
     with pytest.raises(SchemaVersionError, match="newer Garrison"):
         await open_store(url).open()
-
-
-async def test_postgres_second_worker_on_a_schema_is_refused_until_the_first_stops() -> None:
-    url = fresh_postgres_url()
-    first, second = open_store(url), open_store(url)
-    await first.open()
-    await second.open()
-    try:
-        await first.register_worker("w1")
-        with pytest.raises(StoreLockedError, match="another Garrison worker"):
-            await second.register_worker("w2")
-        await first.close()
-        await second.register_worker("w2")  # released with the first worker's connection
-    finally:
-        await first.close()
-        await second.close()
-
-
-async def test_postgres_registration_interrupted_leaves_no_unfenced_worker() -> None:
-    url = fresh_postgres_url()
-    store = PostgresStore(url)
-    await store.open()
-    schema = url.rsplit("schema=", 1)[1]
-    blocker = await psycopg.AsyncConnection.connect(PG_URL)
-    try:
-        await blocker.execute(f"SET search_path = {schema}")
-        await store.register_worker("w0")  # creates the epoch row
-        await store.close()
-        store = PostgresStore(url)
-        await store.open()
-        # An old worker's write transaction still reads the epoch: the bump must wait.
-        await blocker.execute("SELECT value FROM garrison_meta WHERE key = 'worker_epoch' "
-                              "FOR SHARE")
-        with pytest.raises(TimeoutError):
-            await asyncio.wait_for(store.register_worker("w1"), 0.5)
-        assert store.epoch is None
-        await blocker.rollback()  # the old transaction ends
-        await store.register_worker("w1")  # a retry registers fully, fenced
-        assert store.epoch is not None
-    finally:
-        await blocker.close()
-        await store.close()
 
 
 async def test_postgres_cancelled_close_strands_no_queued_write() -> None:

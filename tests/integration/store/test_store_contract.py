@@ -679,27 +679,29 @@ async def test_recoverable_runs_are_the_pending_and_running_runs(store: Store) -
     assert sorted(r.run_id for r in runs) == ["PENDING", "RUNNING"]
 
 
-# -- changed -----------------------------------------------------------------------
+# -- changes -----------------------------------------------------------------------
 
 
-async def test_changed_reports_a_write_made_through_another_connection(
+async def test_changes_reports_a_write_made_through_another_connection(
     store: Store, other_store: Store,
 ) -> None:
-    await store.changed()  # the first call only takes the baseline
+    await store.changes()  # the first call only takes the baseline
     await other_store.create_run(make_run("theirs"))
 
     # PostgreSQL delivers the news asynchronously (LISTEN/NOTIFY): allow it a moment.
     async with asyncio.timeout(5):
-        while not await store.changed():  # noqa: ASYNC110  # polling is the API under test
+        while not (changes := await store.changes()):  # noqa: ASYNC110  # the API under test
             await asyncio.sleep(0.01)
+    # PostgreSQL says which queue got a run; SQLite only that something changed.
+    assert changes.everything or changes.queues == {"default"}
     assert await store.get_run("theirs") == make_run("theirs")
 
 
-async def test_changed_is_quiet_when_nothing_happened(store: Store) -> None:
+async def test_changes_is_quiet_when_nothing_happened(store: Store) -> None:
     await store.create_run(make_run("mine"))
     await asyncio.sleep(0.05)  # let any notification of our own write arrive
-    await store.changed()
-    assert await store.changed() is False
+    await store.changes()
+    assert not await store.changes()
 
 
 # -- group commit ------------------------------------------------------------------

@@ -1,0 +1,173 @@
+"""Claiming runs for a worker: which runs, in what order, within which queue limits.
+
+The logic is written once, without I/O: each plan is a generator that yields
+`(sql, params)` queries (`?` placeholders) and receives their rows, and each store drives
+it on its own connection inside one write transaction. What differs between backends is
+only what `Dialect` holds: PostgreSQL locks the rows it takes with `FOR UPDATE SKIP
+LOCKED` (so workers claiming at once never wait on, nor take, the same run) and
+serialises claims on a limited queue with a transaction-scoped advisory lock (so a
+fleet-wide count stays exact); SQLite has one writer already.
+
+A claim moves a run to RUNNING, makes the worker its owner until `lease_until`, and
+adds one to its `fence`: any write of an earlier owner then fails its fence check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from garrison.store._records import QueueLimits, RunRecord
+from garrison.store._rows import RUN_COLUMNS, run_from_row, workflow_filter
+
+__all__ = ["Dialect", "Plan", "claim_due", "claim_queued", "claim_one", "in_list"]
+
+Query = tuple[str, Sequence[Any]]
+Plan = Generator[Query, list[Any], list[RunRecord]]
+
+# A due claim takes at most this many runs per round trip.
+_DUE_BATCH = 200
+# A partitioned queue looks at this many of its oldest pending runs per key ranking.
+_CANDIDATES = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    """What a backend adds to the shared statements."""
+
+    skip_locked: str  # appended to a row-selecting subquery
+    queue_lock: str | None  # a statement taking the queue's transaction lock (param: key)
+
+
+def in_list(values: Sequence[Any]) -> str:
+    return ", ".join("?" * len(values))
+
+
+def _queue_filter(queues: Sequence[str] | None) -> tuple[str, list[Any]]:
+    if queues is None:
+        return "", []
+    return f"AND queue IN ({in_list(queues)}) ", list(queues)
+
+
+_TAKE = (
+    "UPDATE runs SET status = 'RUNNING', owner = ?, fence = fence + 1, lease_until = ?, "
+    "wake_at = NULL, updated_at = ?{started} WHERE run_id IN ({subquery}) "
+    f"RETURNING {RUN_COLUMNS}"
+)
+
+# Due: a parked run whose wake-up came; a RUNNING run nobody holds (its lease ran out or
+# was handed back); a run never started whose cancellation was asked for.
+_DUE = (
+    "(status = 'WAITING' AND wake_at <= ?) "
+    "OR (status = 'RUNNING' AND (lease_until IS NULL OR lease_until < ?)) "
+    "OR (status = 'PENDING' AND cancel_requested = 1)"
+)
+
+
+def claim_due(dialect: Dialect, worker_id: str, *, now: float, wall: float,
+              lease_until: float, queues: Sequence[str] | None,
+              workflows: Sequence[tuple[str, str]] | None, limit: int) -> Plan:
+    """Take due, abandoned and cancelled-before-start runs (no queue limits apply: they
+    were counted when first claimed, or never will run)."""
+    only, wf_params = workflow_filter(workflows)
+    if only is None or limit <= 0:
+        return []
+    queue_sql, queue_params = _queue_filter(queues)
+    subquery = (
+        f"SELECT run_id FROM runs WHERE ({_DUE}) {queue_sql}{only}"
+        f"ORDER BY coalesce(wake_at, created_at) LIMIT ?{dialect.skip_locked}"
+    )
+    rows = yield (
+        _TAKE.format(started="", subquery=subquery),
+        [worker_id, lease_until, wall, now, wall, *queue_params, *wf_params,
+         min(limit, _DUE_BATCH)],
+    )
+    return [run_from_row(r) for r in rows]
+
+
+def claim_one(dialect: Dialect, worker_id: str, run_id: str, *, now: float, wall: float,
+              lease_until: float) -> Plan:
+    """Take one run if nobody holds it (or this worker does): resume after a failure."""
+    subquery = (
+        "SELECT run_id FROM runs WHERE run_id = ? AND status NOT IN "
+        "('COMPLETED', 'FAILED', 'CANCELLED') AND (owner IS NULL OR owner = ? "
+        f"OR lease_until IS NULL OR lease_until < ?){dialect.skip_locked}"
+    )
+    rows = yield (
+        _TAKE.format(started=", started_at = coalesce(started_at, ?)", subquery=subquery),
+        [worker_id, lease_until, wall, wall, run_id, worker_id, wall],
+    )
+    return [run_from_row(r) for r in rows]
+
+
+def claim_queued(dialect: Dialect, worker_id: str, limits: QueueLimits, slots: int, *,
+                 wall: float, lease_until: float, lock_key: str,
+                 workflows: Sequence[tuple[str, str]] | None) -> Plan:
+    """Start up to `slots` pending runs of one queue, within its limits.
+
+    Order: priority (lower first) when the queue has priorities, then age. A partitioned
+    queue takes keys in turn (the oldest run of each key, then the second of each...),
+    and at most `partition_concurrency` active runs per key.
+    """
+    only, wf_params = workflow_filter(workflows)
+    if only is None or slots <= 0:
+        return []
+    name = limits.name
+    if limits.serialized and dialect.queue_lock is not None:
+        yield dialect.queue_lock, [lock_key]
+    free = slots
+    if limits.concurrency is not None:
+        rows = yield ("SELECT count(*) FROM runs WHERE queue = ? "
+                      "AND status IN ('RUNNING', 'WAITING')", [name])
+        free = min(free, limits.concurrency - int(rows[0][0]))
+    if limits.rate_limit is not None:
+        count, seconds = limits.rate_limit
+        rows = yield ("SELECT count(*) FROM runs WHERE queue = ? AND started_at > ?",
+                      [name, wall - seconds])
+        free = min(free, count - int(rows[0][0]))
+    if free <= 0:
+        return []
+    order = "priority, created_at, run_id" if limits.priority else "created_at, run_id"
+    if limits.partition:
+        chosen = yield from _pick_partitioned(limits, free, order, only, wf_params)
+    else:
+        rows = yield (f"SELECT run_id FROM runs WHERE queue = ? AND status = 'PENDING' "
+                      f"{only}ORDER BY {order} LIMIT ?", [name, *wf_params, free])
+        chosen = [r[0] for r in rows]
+    if not chosen:
+        return []
+    subquery = (f"SELECT run_id FROM runs WHERE run_id IN ({in_list(chosen)}) "
+                f"AND status = 'PENDING'{dialect.skip_locked}")
+    rows = yield (
+        _TAKE.format(started=", started_at = ?", subquery=subquery),
+        [worker_id, lease_until, wall, wall, *chosen],
+    )
+    return [run_from_row(r) for r in rows]
+
+
+def _pick_partitioned(limits: QueueLimits, free: int, order: str, only: str,
+                      wf_params: list[Any]) -> Generator[Query, list[Any], list[str]]:
+    name = limits.name
+    rows = yield (
+        "SELECT run_id, partition_key FROM (SELECT run_id, partition_key, priority, "
+        "created_at, row_number() OVER (PARTITION BY partition_key "
+        f"ORDER BY {order}) AS turn FROM runs WHERE queue = ? AND status = 'PENDING' "
+        f"{only}) AS pending ORDER BY turn, {order} LIMIT ?",
+        [name, *wf_params, _CANDIDATES],
+    )
+    active: dict[str | None, int] = {}
+    if limits.partition_concurrency is not None:
+        counted = yield ("SELECT partition_key, count(*) FROM runs WHERE queue = ? "
+                         "AND status IN ('RUNNING', 'WAITING') GROUP BY partition_key", [name])
+        active = {key: int(n) for key, n in counted}
+    chosen: list[str] = []
+    for run_id, key in rows:
+        if len(chosen) >= free:
+            break
+        if limits.partition_concurrency is not None:
+            if active.get(key, 0) >= limits.partition_concurrency:
+                continue
+            active[key] = active.get(key, 0) + 1
+        chosen.append(run_id)
+    return chosen
