@@ -62,12 +62,25 @@ def demo(
 
 
 @app.command()
-def worker(app_spec: Annotated[str, typer.Option("--app", help="'module:attribute'.")]) -> None:
+def worker(
+    app_spec: Annotated[str, typer.Option("--app", help="'module:attribute'.")],
+    queues: Annotated[str | None, typer.Option(
+        help="Comma-separated queues to take runs from (default: all the app declares).")
+    ] = None,
+    concurrency: Annotated[int | None, typer.Option(
+        help="At most this many runs executing in this worker at once.")] = None,
+    grace: Annotated[float, typer.Option(
+        help="On SIGTERM/SIGINT: seconds for in-flight runs to finish or park before they "
+             "are handed back to the fleet.")] = 10.0,
+) -> None:
     """Run a worker for an application until SIGINT/SIGTERM; resumes unfinished runs."""
     from garrison.cli._load import load_app
 
     try:
         application = load_app(app_spec)
+        application.configure_worker(
+            queues=[q.strip() for q in queues.split(",") if q.strip()] if queues else None,
+            concurrency=concurrency, shutdown_grace_s=grace)
     except GarrisonError as exc:
         raise _fail(exc) from exc
 
@@ -77,13 +90,18 @@ def worker(app_spec: Annotated[str, typer.Option("--app", help="'module:attribut
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
         async with application:
+            served = ", ".join(q.name for q in application.worker.queues) \
+                if application.worker is not None else "-"
             console.print(f"worker {application.worker_id} on {application.store.url} "
-                          f"(pid {os.getpid()}); Ctrl-C to stop", soft_wrap=True)
+                          f"(pid {os.getpid()}; queues {served}); Ctrl-C to stop",
+                          soft_wrap=True)
             for orphan in application.orphaned_runs:
                 console.print(f"[yellow]orphaned[/] {orphan.run_id}: {orphan.workflow_name} "
                               f"v{orphan.workflow_version} is not registered here")
             await stop.wait()
-        console.print("worker stopped; unfinished runs resume on the next start")
+            console.print(f"stopping: in-flight runs get {grace:g} s, then are handed back")
+        console.print("worker stopped; unfinished runs are resumed by the fleet or the next "
+                      "start")
 
     try:
         asyncio.run(serve())

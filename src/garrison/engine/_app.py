@@ -115,12 +115,6 @@ class Garrison:
                               ("claim_interval_s", claim_interval_s)):
             if not isinstance(value, int | float) or value <= 0:
                 raise ConfigurationError(f"Garrison({option}={value!r}): must be > 0 (seconds)")
-        if shutdown_grace_s < 0:
-            raise ConfigurationError(
-                f"Garrison(shutdown_grace_s={shutdown_grace_s!r}): must be >= 0 (seconds)")
-        if concurrency is not None and (not isinstance(concurrency, int) or concurrency < 1):
-            raise ConfigurationError(
-                f"Garrison(concurrency={concurrency!r}): a whole number >= 1, or None")
         self.store: Store = store if store is not None else open_store(url)
         self.clock: Clock = clock or SystemClock()
         self.registry = Registry()
@@ -129,16 +123,18 @@ class Garrison:
         self.worker_id = worker_id or (
             f"{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(3)}")
         self.queues: dict[str, Queue] = {DEFAULT_QUEUE: Queue(DEFAULT_QUEUE)}
-        self.served_queues: list[str] | None = list(queues) if queues is not None else None
-        self.concurrency = concurrency
+        self.served_queues: list[str] | None = None
+        self.concurrency: int | None = None
+        self.shutdown_grace_s = 0.0
         self.lease_ttl_s = float(lease_ttl_s)
         self.claim_interval_s = float(claim_interval_s)
-        self.shutdown_grace_s = float(shutdown_grace_s)
         self._run_worker = worker
         self._poll_interval_s = poll_interval_s
         self._sync_step_threads = sync_step_threads
         self.worker: Worker | None = None
         self._open = False
+        self.configure_worker(queues=queues, concurrency=concurrency,
+                              shutdown_grace_s=shutdown_grace_s)
 
     # -- registration --------------------------------------------------------------
 
@@ -182,6 +178,25 @@ class Garrison:
             return workflow  # type: ignore[return-value]  # same signature, wrapped
 
         return decorator
+
+    def configure_worker(self, *, queues: Sequence[str] | None = None,
+                         concurrency: int | None = None,
+                         shutdown_grace_s: float | None = None) -> None:
+        """Set the worker's options before `open` (what `garrison worker` flags do)."""
+        if self._open:
+            raise ConfigurationError("app.configure_worker(): call it before the app opens")
+        if concurrency is not None and (isinstance(concurrency, bool)
+                                        or not isinstance(concurrency, int) or concurrency < 1):
+            raise ConfigurationError(
+                f"worker concurrency={concurrency!r} (--concurrency): a whole number >= 1, "
+                "or None for no limit")
+        if shutdown_grace_s is not None and shutdown_grace_s < 0:
+            raise ConfigurationError(
+                f"worker shutdown_grace_s={shutdown_grace_s!r} (--grace): seconds, >= 0")
+        self.served_queues = list(queues) if queues is not None else self.served_queues
+        self.concurrency = concurrency if concurrency is not None else self.concurrency
+        if shutdown_grace_s is not None:
+            self.shutdown_grace_s = float(shutdown_grace_s)
 
     def queue(self, name: str, *, concurrency: int | None = None,
               worker_concurrency: int | None = None,
@@ -284,14 +299,11 @@ class Garrison:
 
     def new_run_record(self, definition: WorkflowDef, run_id: str, args: Sequence[Any],
                        kwargs: dict[str, Any], *, parent: tuple[str, str] | None,
-                       now: float, options: StartOptions | None = None) -> RunRecord:
-        """A new run. This worker claims it at once when its queue has no limits and the
-        worker takes runs of that queue and has room; otherwise it waits PENDING in its
-        queue for a worker to claim it."""
+                       now: float, options: StartOptions, local: bool) -> RunRecord:
+        """A new run: claimed by this worker at creation when `local` (see
+        `Worker.reserve`), else PENDING in its queue until a worker claims it."""
         inputs = encode({"args": list(args), "kwargs": kwargs},
                         what=f"inputs of workflow {definition.name!r}")
-        options = options or StartOptions(self.queues[DEFAULT_QUEUE])
-        local = self.worker is not None and self.worker.takes_at_once(options.queue)
         return RunRecord(
             run_id=run_id, workflow_name=definition.name, workflow_version=definition.version,
             status=RunStatus.RUNNING if local else RunStatus.PENDING, inputs=inputs,
@@ -337,9 +349,15 @@ class Garrison:
         if run_id is not None and (not isinstance(run_id, str) or not run_id.strip()):
             raise ConfigurationError(f"app.start(run_id={run_id!r}): a run id is a non-empty str")
         options = StartOptions.check(self._queue(queue), priority, partition_key, dedup_id)
-        record = self.new_run_record(definition, run_id or new_run_id(), args, kwargs,
-                                     parent=None, now=self.clock.time(), options=options)
-        stored, created = await self.store.create_run(record)
+        local = self.worker is not None and self.worker.reserve(options.queue)
+        try:
+            record = self.new_run_record(definition, run_id or new_run_id(), args, kwargs,
+                                         parent=None, now=self.clock.time(), options=options,
+                                         local=local)
+            stored, created = await self.store.create_run(record)
+        finally:
+            if local and self.worker is not None:
+                self.worker.unreserve()
         if not created and stored.workflow_name != definition.name:
             raise WorkflowConflictError(
                 f"run id {stored.run_id!r} already belongs to a run of workflow "
@@ -389,6 +407,8 @@ class Garrison:
         if execution is not None:
             execution.cancel()
             return
+        if self.store.holds(run_id):
+            return  # claimed here and about to start or retry: it reads the request then
         claimed = await self.store.claim_run(run_id, now=self.clock.time())
         if claimed is not None:  # nobody else holds it: end it here
             await self.worker.finish_stored(claimed, RunStatus.CANCELLED, None, None)

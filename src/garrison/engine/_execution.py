@@ -39,6 +39,7 @@ from garrison.engine._context import (
     leave_step,
 )
 from garrison.engine._handle import RunHandle
+from garrison.engine._queues import DEFAULT_QUEUE, StartOptions
 from garrison.engine._registry import StepDef, WorkflowDef
 from garrison.errors import (
     NonDeterminismError,
@@ -569,18 +570,25 @@ class RunExecution:
         try:
             await self._flush_buffered()
             now = self.worker.clock.time()
-            child = self.worker.app.new_run_record(definition, child_id, args, kwargs,
-                                                   parent=(self.run_id, position), now=now)
-            record = self._record(position, StepKind.CHILD, definition.name,
-                                  StepStatus.COMPLETED, started_at=now,
-                                  arity=len(args) + len(kwargs), output=encode(child_id))
+            app = self.worker.app
+            queue = app.queues[DEFAULT_QUEUE]
+            local = self.worker.reserve(queue)
             try:
+                child = app.new_run_record(definition, child_id, args, kwargs,
+                                           parent=(self.run_id, position), now=now,
+                                           options=StartOptions(queue), local=local)
+                record = self._record(position, StepKind.CHILD, definition.name,
+                                      StepStatus.COMPLETED, started_at=now,
+                                      arity=len(args) + len(kwargs), output=encode(child_id))
                 stored, created = await self.worker.store.create_child_run(child, record)
             except StoreError as exc:
                 raise _StoreFailure(exc) from exc
             except Exception:
-                del self.journal[position]  # refused (a conflict): nothing was journaled
+                self.journal.pop(position, None)  # refused (a conflict): nothing journaled
                 raise
+            finally:
+                if local:
+                    self.worker.unreserve()
             if created and stored.owner == self.worker.worker_id:
                 self.worker.launch(stored, definition, journal=())
             elif created:

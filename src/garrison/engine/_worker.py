@@ -66,6 +66,8 @@ class Worker:
         self._runs: set[asyncio.Task[None]] = set()
         self._timers: list[tuple[float, str, str]] = []
         self._wake_hints: list[float] = []
+        self._reserved = 0  # slots promised to runs being created or claimed
+        self._bursts: dict[str, float] = {}  # rate-limited queue -> last claim that took
         self._retry_at: dict[str, tuple[float, int]] = {}
         self._store_failures: dict[str, int] = {}
         self._stopping = False
@@ -158,13 +160,23 @@ class Worker:
 
     def _room(self) -> int:
         limit = self.app.concurrency
-        return _DUE_BATCH if limit is None else max(0, limit - len(self.live))
+        if limit is None:
+            return _DUE_BATCH
+        return max(0, limit - len(self.live) - self._reserved)
 
-    def takes_at_once(self, queue: Queue) -> bool:
-        """Whether a run this process starts in `queue` may be claimed at its creation."""
+    def reserve(self, queue: Queue) -> bool:
+        """Reserve a slot for a run this process starts in `queue`, to claim it at its
+        creation (no limits on the queue, this worker takes it, and has room). The
+        caller `unreserve`s once the run is created (and launched) or not."""
         served = self.app.served_queues
-        return (queue.unlimited and self._claiming and self._room() > 0
-                and (served is None or queue.name in served))
+        if (queue.unlimited and self._claiming and self._room() > 0
+                and (served is None or queue.name in served)):
+            self._reserved += 1
+            return True
+        return False
+
+    def unreserve(self) -> None:
+        self._reserved -= 1
 
     # -- launching -----------------------------------------------------------------
 
@@ -247,8 +259,13 @@ class Worker:
         served = self.app.served_queues
         self._claim_due = False
         self._next_claim_at = self.clock.time() + self.app.claim_interval_s
-        due = await self.store.claim_due(now=self.clock.time(), queues=served,
-                                         workflows=registered, limit=self._room())
+        room = self._room()
+        self._reserved += room
+        try:
+            due = await self.store.claim_due(now=self.clock.time(), queues=served,
+                                             workflows=registered, limit=room)
+        finally:
+            self._reserved -= room
         self.claims += 1
         for run in due:
             self._adopt(run)
@@ -260,12 +277,29 @@ class Worker:
                 slots = min(slots, queue.worker_concurrency - self._live_in(queue.name))
             if slots <= 0 or not self._claiming:
                 continue
-            taken = await self.store.claim_queued(queue.limits, slots, workflows=registered)
+            self._reserved += slots  # no start takes these slots while the claim is out
+            try:
+                taken = await self.store.claim_queued(queue.limits, slots,
+                                                      workflows=registered)
+            finally:
+                self._reserved -= slots
             self.claims += 1
             for run in taken:
                 self._adopt(run)
             if len(taken) >= slots:
                 self._claim_due = True
+            if queue.rate_limit is not None:
+                self._pace(queue.name, queue.rate_limit, bool(taken))
+
+    def _pace(self, queue: str, rate_limit: tuple[int, float], took: bool) -> None:
+        """A rate-limited queue in a burst: look again as soon as a start may have left
+        the window (every seconds/n), until two windows pass without a claim."""
+        count, seconds = rate_limit
+        now = self.clock.time()
+        if took:
+            self._bursts[queue] = now
+        if now - self._bursts.get(queue, -seconds * 3) <= 2 * seconds:
+            heapq.heappush(self._wake_hints, now + seconds / count)
 
     def retry_later(self, run_id: str) -> None:
         """The store failed under this run: drop it from memory, claim and resume it after

@@ -30,6 +30,8 @@ Plan = Generator[Query, list[Any], list[RunRecord]]
 _DUE_BATCH = 200
 # A partitioned queue looks at this many of its oldest pending runs per key ranking.
 _CANDIDATES = 1000
+# Fairness remembers which partition keys were served within this many seconds.
+_RECENT_S = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +132,7 @@ def claim_queued(dialect: Dialect, worker_id: str, limits: QueueLimits, slots: i
         return []
     order = "priority, created_at, run_id" if limits.priority else "created_at, run_id"
     if limits.partition:
-        chosen = yield from _pick_partitioned(limits, free, order, only, wf_params)
+        chosen = yield from _pick_partitioned(limits, free, order, only, wf_params, wall)
     else:
         rows = yield (f"SELECT run_id FROM runs WHERE queue = ? AND status = 'PENDING' "
                       f"{only}ORDER BY {order} LIMIT ?", [name, *wf_params, free])
@@ -143,26 +145,35 @@ def claim_queued(dialect: Dialect, worker_id: str, limits: QueueLimits, slots: i
         _TAKE.format(started=", started_at = ?", subquery=subquery),
         [worker_id, lease_until, wall, wall, *chosen],
     )
-    return [run_from_row(r) for r in rows]
+    turn = {run_id: i for i, run_id in enumerate(chosen)}  # RETURNING has no order
+    return sorted((run_from_row(r) for r in rows), key=lambda run: turn[run.run_id])
 
 
 def _pick_partitioned(limits: QueueLimits, free: int, order: str, only: str,
-                      wf_params: list[Any]) -> Generator[Query, list[Any], list[str]]:
+                      wf_params: list[Any], wall: float
+                      ) -> Generator[Query, list[Any], list[str]]:
+    """Keys in turn: every key's first run before any key's second; among keys at the
+    same turn, the key served longest ago first (so a key that just ran waits)."""
     name = limits.name
     rows = yield (
-        "SELECT run_id, partition_key FROM (SELECT run_id, partition_key, priority, "
-        "created_at, row_number() OVER (PARTITION BY partition_key "
+        "SELECT run_id, partition_key, turn, priority, created_at FROM (SELECT run_id, "
+        "partition_key, priority, created_at, row_number() OVER (PARTITION BY partition_key "
         f"ORDER BY {order}) AS turn FROM runs WHERE queue = ? AND status = 'PENDING' "
         f"{only}) AS pending ORDER BY turn, {order} LIMIT ?",
         [name, *wf_params, _CANDIDATES],
     )
+    served = yield ("SELECT partition_key, max(started_at) FROM runs WHERE queue = ? "
+                    "AND started_at > ? GROUP BY partition_key", [name, wall - _RECENT_S])
+    last = {key: float(at) for key, at in served}
+    rows = sorted(rows, key=lambda r: (r[2], r[3] if limits.priority else 0,
+                                       last.get(r[1], float("-inf")), r[4]))
     active: dict[str | None, int] = {}
     if limits.partition_concurrency is not None:
         counted = yield ("SELECT partition_key, count(*) FROM runs WHERE queue = ? "
                          "AND status IN ('RUNNING', 'WAITING') GROUP BY partition_key", [name])
         active = {key: int(n) for key, n in counted}
     chosen: list[str] = []
-    for run_id, key in rows:
+    for run_id, key, *_ in rows:
         if len(chosen) >= free:
             break
         if limits.partition_concurrency is not None:
