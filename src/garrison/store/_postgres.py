@@ -47,6 +47,7 @@ from garrison.store._rows import (
     SELECT_DEDUP,
     SELECT_RUN,
     STEP_COLUMNS,
+    STEP_CONFLICT,
     TERMINAL_SQL,
     UPSERT_STEP,
     child_conflict,
@@ -84,6 +85,15 @@ _INSERT_RUN = _sql(INSERT_RUN)
 _UPSERT_STEP = _sql(UPSERT_STEP)
 _CANCEL_CHILDREN = _sql(CANCEL_CHILDREN)
 _SELECT_RUN = _sql(SELECT_RUN)
+# The fence check and one journal row in one statement (see `_append_one`).
+_STEP_TYPES = ("text", "text", "text", "text", "text", "float8", "int", "text", "text",
+               "text", "float8", "float8", "int", "text", "text")
+_FENCED_UPSERT_STEP = (
+    "WITH held AS (SELECT run_id FROM runs WHERE run_id = %s AND owner = %s AND fence = %s "
+    f"FOR UPDATE), written AS (INSERT INTO steps ({STEP_COLUMNS}) SELECT "
+    + ", ".join(f"%s::{t}" for t in _STEP_TYPES)
+    + f" FROM held {STEP_CONFLICT} RETURNING 1) SELECT count(*) FROM held"
+)
 _DIALECT = Dialect(skip_locked=" FOR UPDATE SKIP LOCKED",
                    queue_lock="SELECT pg_advisory_xact_lock(hashtext(?))")
 # How long a LISTEN connection that dropped waits before connecting again (doubling).
@@ -175,14 +185,20 @@ class _GroupCommit:
     def __init__(self, store: PostgresStore) -> None:
         self._store = store
         self._ops: list[tuple[_Op, asyncio.Future[Any]]] = []
+        self._single: set[asyncio.Future[Any]] = set()  # ops that are one statement
         self._flusher: asyncio.Task[None] | None = None
         self.batches = 0
         self.writes = 0
 
-    def submit(self, op: _Op) -> asyncio.Future[Any]:
+    def submit(self, op: _Op, *, single_statement: bool = False) -> asyncio.Future[Any]:
+        """Queue `op`. A `single_statement` op is atomic by itself: alone in its batch,
+        it runs in autocommit (one round trip, no BEGIN and COMMIT)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._ops.append((op, future))
+        if single_statement:
+            self._single.add(future)
+            future.add_done_callback(self._single.discard)
         if self._flusher is None or self._flusher.done():
             # An empty context: this task is the store's, never a branch of the workflow
             # whose write happened to start it (see engine decision 0004).
@@ -220,19 +236,12 @@ class _GroupCommit:
                     WorkflowError, RunNotFoundError, LeaseLostError)
         outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         try:
-            async with self._store._pool.connection() as conn, conn.transaction():
-                if len(ops) == 1:  # a lone write needs no savepoint: the tx is its own
-                    op, future = ops[0]
+            if len(ops) == 1 and ops[0][1] in self._single:
+                op, future = ops[0]
+                async with self._store._pool.connection() as conn:  # autocommit: atomic
                     outcomes.append((future, await op(conn), None))
-                else:
-                    for op, future in ops:
-                        if future.cancelled():
-                            continue  # its caller is gone (run closing, shutdown)
-                        try:
-                            async with conn.transaction():  # a savepoint per write
-                                outcomes.append((future, await op(conn), None))
-                        except rejected as exc:
-                            outcomes.append((future, None, self._rejected(exc)))
+            else:
+                await self._transaction(ops, outcomes, rejected)
         except rejected as exc:
             if len(ops) != 1:
                 raise  # cannot tell whose write it was: the whole batch failed (below)
@@ -264,6 +273,25 @@ class _GroupCommit:
                 future.set_exception(error_)
             else:
                 future.set_result(outcome)
+
+    async def _transaction(self, ops: list[tuple[_Op, asyncio.Future[Any]]],
+                           outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]],
+                           rejected: tuple[type[BaseException], ...]) -> None:
+        async with self._store._pool.connection() as conn, conn.transaction():
+            if len(ops) == 1:  # a lone write needs no savepoint: the tx is its own
+                op, future = ops[0]
+                outcomes.append((future, await op(conn), None))
+                return
+            for op, future in ops:
+                if future.cancelled():
+                    continue  # its caller is gone (run closing, shutdown)
+                try:
+                    async with conn.transaction():  # a savepoint per write
+                        outcome = await op(conn)
+                except rejected as exc:
+                    outcomes.append((future, None, self._rejected(exc)))
+                else:
+                    outcomes.append((future, outcome, None))
 
     def _rejected(self, exc: BaseException) -> BaseException:
         if isinstance(exc, WorkflowError | RunNotFoundError | LeaseLostError):
@@ -426,24 +454,30 @@ class PostgresStore(LeaseBook):
 
     # -- plumbing ------------------------------------------------------------------
 
-    async def _fenced(self, conn: Any, run_id: str) -> None:
+    async def _fenced(self, conn: Any, run_id: str) -> Callable[[], Awaitable[None]]:
         """In a worker's write transaction: does this worker still hold `run_id`?
 
         Locks the run's row, so a claim by another worker waits for this transaction
         and then loads a journal that includes its write, or this check sees the claim.
+        Returns the check itself, to await before the op ends (so the op's statements
+        can be sent before its answer is read); a failed check rolls back the op's
+        whole savepoint.
         """
         if self.worker_id is None:
-            return  # a client (no worker here): it never writes a run's journal
+            return _no_check  # a client (no worker here): it never writes a journal
         fence = self._held.get(run_id)
-        row = None
-        if fence is not None:
-            row = await (await conn.execute(
-                "SELECT owner, fence FROM runs WHERE run_id = %s FOR UPDATE", (run_id,)
-            )).fetchone()
-            if row is not None and row[0] == self.worker_id and row[1] == fence:
-                return
-        raise self._lost(run_id, f"now {row[0] or 'nobody'}'s at fence {row[1]}" if row
-                         else "not held")
+        if fence is None:
+            raise self._lost(run_id, "not held")
+        cursor = await conn.execute(
+            "SELECT owner, fence FROM runs WHERE run_id = %s FOR UPDATE", (run_id,))
+
+        async def verify() -> None:
+            row = await cursor.fetchone()
+            if row is None or row[0] != self.worker_id or row[1] != fence:
+                raise self._lost(run_id, f"now {row[0] or 'nobody'}'s at fence {row[1]}"
+                                 if row else "gone")
+
+        return verify
 
     def _require_open(self) -> None:
         if self._pool is None:
@@ -566,12 +600,13 @@ class PostgresStore(LeaseBook):
         run = self._leased(run)
 
         async def op(conn: Any) -> tuple[RunRecord, bool]:
-            await self._fenced(conn, step.run_id)
+            verify = await self._fenced(conn, step.run_id)
             stored, created = await self._insert_run(conn, run)
             conflict = None if created else child_conflict(stored, run)
             if conflict is not None:
                 raise conflict  # rolls back: no journal entry for a child we do not own
             await conn.execute(_UPSERT_STEP, step_values(step))
+            await verify()
             return stored, created
 
         stored, created = await self._write(op)
@@ -615,12 +650,13 @@ class PostgresStore(LeaseBook):
         now = time.time()
 
         async def op(conn: Any) -> None:
-            await self._fenced(conn, run_id)
+            verify = await self._fenced(conn, run_id)
             await conn.execute(
                 "UPDATE runs SET status = %s, wake_at = NULL, owner = coalesce(%s, owner), "
                 f"updated_at = %s WHERE run_id = %s AND status NOT IN {TERMINAL_SQL}",
                 (status.value, owner, now, run_id),
             )
+            await verify()
 
         await self._write(op)
 
@@ -629,7 +665,7 @@ class PostgresStore(LeaseBook):
         at = time.time() if now is None else now
 
         async def op(conn: Any) -> None:
-            await self._fenced(conn, run_id)
+            verify = await self._fenced(conn, run_id)
             wake = wake_at
             if events:
                 waiting = await (await conn.execute(
@@ -643,6 +679,7 @@ class PostgresStore(LeaseBook):
                 f"WHERE run_id = %s AND status NOT IN {TERMINAL_SQL}",
                 (wake, at, run_id),
             )
+            await verify()
 
         await self._write(op)
         self._held.pop(run_id, None)
@@ -652,7 +689,7 @@ class PostgresStore(LeaseBook):
         completed_at: float, notify: EventRecord | None = None,
     ) -> bool:
         async def op(conn: Any) -> bool:
-            await self._fenced(conn, run_id)
+            verify = await self._fenced(conn, run_id)
             cursor = await conn.execute(
                 "UPDATE runs SET status = %s, result = %s, error = %s, completed_at = %s, "
                 "updated_at = %s, wake_at = NULL, lease_until = NULL "
@@ -668,6 +705,7 @@ class PostgresStore(LeaseBook):
                                     notify.sent_at)
             if changed and status is RunStatus.CANCELLED:
                 await conn.execute(_CANCEL_CHILDREN, (completed_at, completed_at, run_id))
+            await verify()
             return changed
 
         changed = await self._write(op)
@@ -739,16 +777,41 @@ class PostgresStore(LeaseBook):
         return [step_from_row(r) for r in rows]
 
     async def append_steps(self, steps: Sequence[StepRecord]) -> None:
+        if len(steps) == 1 and self.worker_id is not None:
+            await self._append_one(steps[0])
+            return
         rows = [step_values(step) for step in steps]
         runs = sorted({step.run_id for step in steps})  # one lock order: no deadlocks
 
         async def op(conn: Any) -> None:
-            for run_id in runs:
-                await self._fenced(conn, run_id)
+            checks = [await self._fenced(conn, run_id) for run_id in runs]
             async with conn.cursor() as cursor:
                 await cursor.executemany(_UPSERT_STEP, rows)
+            for verify in checks:
+                await verify()
 
         await self._write(op)
+
+    async def _append_one(self, step: StepRecord) -> None:
+        """The common case (one step of one held run): the fence check and the journal
+        row in one statement, so that alone in its batch it commits in one round trip."""
+        fence = self._held.get(step.run_id)
+        if fence is None:
+            raise self._lost(step.run_id, "not held")
+        params = (step.run_id, self.worker_id, fence, *step_values(step))
+
+        async def op(conn: Any) -> None:
+            row = await (await conn.execute(_FENCED_UPSERT_STEP, params)).fetchone()
+            if not row[0]:
+                holder = await (await conn.execute(
+                    "SELECT owner, fence FROM runs WHERE run_id = %s", (step.run_id,)
+                )).fetchone()
+                raise self._lost(step.run_id, f"now {holder[0] or 'nobody'}'s at fence "
+                                 f"{holder[1]}" if holder else "gone")
+
+        assert self._writer is not None
+        self._require_open()
+        await self._writer.submit(op, single_statement=True)
 
     # -- mailbox -------------------------------------------------------------------
 
@@ -763,7 +826,7 @@ class PostgresStore(LeaseBook):
 
     async def consume_event(self, run_id: str, name: str, step: StepRecord) -> StepRecord | None:
         async def op(conn: Any) -> StepRecord | None:
-            await self._fenced(conn, run_id)
+            await (await self._fenced(conn, run_id))()  # its answer decides what to take
             row = await (await conn.execute(
                 "SELECT seq, payload FROM events WHERE run_id = %s AND name = %s "
                 "AND consumed_position IS NULL ORDER BY seq LIMIT 1 FOR UPDATE",
@@ -789,6 +852,10 @@ class PostgresStore(LeaseBook):
             _sql(LIST_EVENTS), (run_id,),
         )
         return [EventRecord(*r) for r in rows]
+
+
+async def _no_check() -> None:
+    return None
 
 
 async def _notify(conn: Any, channel: str, payload: str) -> None:

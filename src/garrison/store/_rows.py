@@ -23,6 +23,7 @@ __all__ = [
     "LIST_EVENTS",
     "RUN_COLUMNS",
     "STEP_COLUMNS",
+    "STEP_CONFLICT",
     "TERMINAL_SQL",
     "CANCEL_CHILDREN",
     "UPSERT_STEP",
@@ -99,12 +100,13 @@ SELECT_RUN = f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?"
 SELECT_DEDUP = (
     f"SELECT run_id FROM runs WHERE queue = ? AND dedup_id = ? AND status NOT IN {TERMINAL_SQL}"
 )
-UPSERT_STEP = (
-    f"INSERT INTO steps ({STEP_COLUMNS}) VALUES ({', '.join('?' * 15)}) "
+# A COMPLETED/FAILED entry replaces a PENDING one; a finished entry is never rewritten.
+STEP_CONFLICT = (
     "ON CONFLICT (run_id, position) DO UPDATE SET status = excluded.status, "
     "output = excluded.output, error = excluded.error, completed_at = excluded.completed_at, "
     "attempts = excluded.attempts, worker = excluded.worker WHERE steps.status = 'pending'"
 )
+UPSERT_STEP = f"INSERT INTO steps ({STEP_COLUMNS}) VALUES ({', '.join('?' * 15)}) {STEP_CONFLICT}"
 
 
 
