@@ -85,6 +85,7 @@ _INSERT_RUN = _sql(INSERT_RUN)
 _UPSERT_STEP = _sql(UPSERT_STEP)
 _CANCEL_CHILDREN = _sql(CANCEL_CHILDREN)
 _SELECT_RUN = _sql(SELECT_RUN)
+_INSERT_RUN_RETURNING = f"{_INSERT_RUN} RETURNING {RUN_COLUMNS}"
 # The fence check and one journal row in one statement (see `_append_one`).
 _STEP_TYPES = ("text", "text", "text", "text", "text", "float8", "int", "text", "text",
                "text", "float8", "float8", "int", "text", "text")
@@ -93,6 +94,10 @@ _FENCED_UPSERT_STEP = (
     f"FOR UPDATE), written AS (INSERT INTO steps ({STEP_COLUMNS}) SELECT "
     + ", ".join(f"%s::{t}" for t in _STEP_TYPES)
     + f" FROM held {STEP_CONFLICT} RETURNING 1) SELECT count(*) FROM held"
+)
+_INSERT_STEPS = (  # many journal rows in one statement: one array per column
+    f"INSERT INTO steps ({STEP_COLUMNS}) SELECT * FROM unnest("
+    + ", ".join(f"%s::{t}[]" for t in _STEP_TYPES) + f") {STEP_CONFLICT}"
 )
 _DIALECT = Dialect(skip_locked=" FOR UPDATE SKIP LOCKED",
                    queue_lock="SELECT pg_advisory_xact_lock(hashtext(?))")
@@ -186,19 +191,29 @@ class _GroupCommit:
         self._store = store
         self._ops: list[tuple[_Op, asyncio.Future[Any]]] = []
         self._single: set[asyncio.Future[Any]] = set()  # ops that are one statement
+        # append_steps calls: the runs they write for (with the fence each was claimed
+        # at, None for a client) and their rows, written together when a batch has several
+        self._steps: dict[asyncio.Future[Any], tuple[dict[str, int | None], list[Any]]] = {}
         self._flusher: asyncio.Task[None] | None = None
         self.batches = 0
         self.writes = 0
+        self.retried = 0  # batches done again write by write after a refused write
 
-    def submit(self, op: _Op, *, single_statement: bool = False) -> asyncio.Future[Any]:
+    def submit(self, op: _Op, *, single_statement: bool = False,
+               steps: tuple[dict[str, int | None], list[Any]] | None = None
+               ) -> asyncio.Future[Any]:
         """Queue `op`. A `single_statement` op is atomic by itself: alone in its batch,
-        it runs in autocommit (one round trip, no BEGIN and COMMIT)."""
+        it runs in autocommit (one round trip, no BEGIN and COMMIT). `steps` marks an
+        append_steps call, whose rows may share one statement with the batch's others."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._ops.append((op, future))
         if single_statement:
             self._single.add(future)
             future.add_done_callback(self._single.discard)
+        if steps is not None:
+            self._steps[future] = steps
+            future.add_done_callback(self._forget_steps)
         if self._flusher is None or self._flusher.done():
             # An empty context: this task is the store's, never a branch of the workflow
             # whose write happened to start it (see engine decision 0004).
@@ -274,17 +289,79 @@ class _GroupCommit:
             else:
                 future.set_result(outcome)
 
+    def _forget_steps(self, future: asyncio.Future[Any]) -> None:
+        self._steps.pop(future, None)
+
+    async def _write_steps_together(self, conn: Any, ops: list[tuple[_Op, asyncio.Future[Any]]]
+                                    ) -> dict[asyncio.Future[Any], BaseException | None]:
+        """Every append_steps of the batch in two statements: one fence check locking all
+        their runs (in run id order: no deadlocks), one insert of all their rows. Returns
+        the outcome per call served; {} when it could not (each then goes on its own)."""
+        writes = {f: self._steps[f] for _, f in ops if f in self._steps and not f.cancelled()}
+        if len(writes) < 2:
+            return {}
+        store = self._store
+        fences: dict[str, int | None] = {}
+        for runs, _ in writes.values():
+            fences.update(runs)
+        try:
+            async with conn.transaction():  # a savepoint: undone whole if anything is off
+                held = set(fences)
+                if store.worker_id is not None:
+                    rows = await (await conn.execute(
+                        "SELECT run_id, owner, fence FROM runs WHERE run_id = ANY(%s) "
+                        "ORDER BY run_id FOR UPDATE", (sorted(fences),))).fetchall()
+                    held = {r[0] for r in rows
+                            if r[1] == store.worker_id and r[2] == fences[r[0]]}
+                served: dict[asyncio.Future[Any], BaseException | None] = {}
+                good: list[Any] = []
+                for future, (runs, step_rows) in writes.items():
+                    lost = sorted(set(runs) - held)
+                    if lost:
+                        served[future] = store._lost(lost[0], "taken over")
+                    else:
+                        served[future] = None
+                        good += step_rows
+                if good:
+                    await conn.execute(_INSERT_STEPS, [list(c) for c in zip(*good, strict=True)])
+                return served
+        except store._psycopg.Error as exc:
+            log.debug("store.steps_together_fallback", error=str(exc))
+            return {}
+
     async def _transaction(self, ops: list[tuple[_Op, asyncio.Future[Any]]],
                            outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]],
                            rejected: tuple[type[BaseException], ...]) -> None:
+        """One transaction for the batch. Optimistic first: no savepoints (two round
+        trips fewer per write); if any write is refused, the batch is rolled back and
+        done again with a savepoint per write, so that the refused one fails alone."""
+        if len(ops) > 1:
+            tried: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+            try:
+                async with self._store._pool.connection() as conn, conn.transaction():
+                    served = await self._write_steps_together(conn, ops)
+                    for op, future in ops:
+                        if future in served:
+                            tried.append((future, None, served[future]))
+                        elif not future.cancelled():
+                            tried.append((future, await op(conn), None))
+            except rejected:
+                self.retried += 1
+            else:
+                outcomes.extend(tried)
+                return
         async with self._store._pool.connection() as conn, conn.transaction():
             if len(ops) == 1:  # a lone write needs no savepoint: the tx is its own
                 op, future = ops[0]
                 outcomes.append((future, await op(conn), None))
                 return
+            served = await self._write_steps_together(conn, ops)
             for op, future in ops:
                 if future.cancelled():
                     continue  # its caller is gone (run closing, shutdown)
+                if future in served:
+                    outcomes.append((future, None, served[future]))
+                    continue
                 try:
                     async with conn.transaction():  # a savepoint per write
                         outcome = await op(conn)
@@ -579,8 +656,10 @@ class PostgresStore(LeaseBook):
     # -- runs ----------------------------------------------------------------------
 
     async def _insert_run(self, conn: Any, run: RunRecord) -> tuple[RunRecord, bool]:
-        created = (await conn.execute(_INSERT_RUN, run_values(run))).rowcount == 1
-        row = await (await conn.execute(_SELECT_RUN, (run.run_id,))).fetchone()
+        row = await (await conn.execute(_INSERT_RUN_RETURNING, run_values(run))).fetchone()
+        created = row is not None
+        if not created:
+            row = await (await conn.execute(_SELECT_RUN, (run.run_id,))).fetchone()
         if row is None and run.dedup_id is not None:
             taken = await (await conn.execute(
                 _sql(SELECT_DEDUP), (run.queue, run.dedup_id))).fetchone()
@@ -777,28 +856,34 @@ class PostgresStore(LeaseBook):
         return [step_from_row(r) for r in rows]
 
     async def append_steps(self, steps: Sequence[StepRecord]) -> None:
-        if len(steps) == 1 and self.worker_id is not None:
-            await self._append_one(steps[0])
-            return
         rows = [step_values(step) for step in steps]
         runs = sorted({step.run_id for step in steps})  # one lock order: no deadlocks
+        fences: dict[str, int | None] = {r: self._held.get(r) for r in runs}
+        if self.worker_id is not None:
+            for run_id, fence in fences.items():
+                if fence is None:
+                    raise self._lost(run_id, "not held")
+        if len(steps) == 1 and self.worker_id is not None:
+            op = self._append_one(steps[0], rows[0])
+            single = True
+        else:
+            single = False
 
-        async def op(conn: Any) -> None:
-            checks = [await self._fenced(conn, run_id) for run_id in runs]
-            async with conn.cursor() as cursor:
-                await cursor.executemany(_UPSERT_STEP, rows)
-            for verify in checks:
-                await verify()
+            async def op(conn: Any) -> None:
+                checks = [await self._fenced(conn, run_id) for run_id in runs]
+                async with conn.cursor() as cursor:
+                    await cursor.executemany(_UPSERT_STEP, rows)
+                for verify in checks:
+                    await verify()
 
-        await self._write(op)
+        self._require_open()
+        assert self._writer is not None
+        await self._writer.submit(op, single_statement=single, steps=(fences, rows))
 
-    async def _append_one(self, step: StepRecord) -> None:
+    def _append_one(self, step: StepRecord, row: tuple[Any, ...]) -> _Op:
         """The common case (one step of one held run): the fence check and the journal
         row in one statement, so that alone in its batch it commits in one round trip."""
-        fence = self._held.get(step.run_id)
-        if fence is None:
-            raise self._lost(step.run_id, "not held")
-        params = (step.run_id, self.worker_id, fence, *step_values(step))
+        params = (step.run_id, self.worker_id, self._held.get(step.run_id), *row)
 
         async def op(conn: Any) -> None:
             row = await (await conn.execute(_FENCED_UPSERT_STEP, params)).fetchone()
@@ -809,9 +894,7 @@ class PostgresStore(LeaseBook):
                 raise self._lost(step.run_id, f"now {holder[0] or 'nobody'}'s at fence "
                                  f"{holder[1]}" if holder else "gone")
 
-        assert self._writer is not None
-        self._require_open()
-        await self._writer.submit(op, single_statement=True)
+        return op
 
     # -- mailbox -------------------------------------------------------------------
 

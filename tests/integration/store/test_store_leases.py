@@ -354,3 +354,31 @@ async def test_postgres_renewal_keeps_a_lease_and_reports_a_lost_one(
     assert lost == {taken.run_id}
     assert first.held() == ["kept" if taken.run_id == "lost" else "lost"]
     assert await second.claim_due(now=0.0, queues=None, workflows=None, limit=10) == []
+
+
+async def test_a_refused_write_fails_alone_among_other_kinds_of_writes(store: Store) -> None:
+    await store.register_worker("w1")
+    await store.create_run(queued("mine"))
+    await store.claim_queued(ALL, 1, workflows=None)
+    await store.create_run(queued("dup-first", queue="q", dedup_id="d"))
+
+    outcomes = await asyncio.gather(
+        store.append_steps([make_step("mine", "1")]),
+        store.create_run(queued("fresh", created_at=3_000.0)),
+        store.create_run(queued("dup-second", queue="q", dedup_id="d")),  # refused
+        store.send_event("nobody", "ping", "1", 1.0),  # refused
+        store.park_run("fresh", 9_000.0, []),  # refused: not held
+        store.send_event("mine", "ping", "1", 1.0),
+        return_exceptions=True,
+    )
+
+    assert outcomes[0] is None and outcomes[1] == (queued("fresh", created_at=3_000.0), True)
+    assert isinstance(outcomes[2], RunDeduplicatedError)
+    assert isinstance(outcomes[3], Exception) and "no such run" in str(outcomes[3])
+    assert isinstance(outcomes[4], LeaseLostError)
+    assert isinstance(outcomes[5], int)
+    assert [s.position for s in await store.load_journal("mine")] == ["1"]
+    fresh = await store.get_run("fresh")
+    assert fresh is not None and fresh.status is RunStatus.PENDING
+    assert await store.get_run("dup-second") is None
+    assert len(await store.list_events("mine")) == 1
