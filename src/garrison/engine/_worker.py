@@ -328,7 +328,12 @@ class Worker:
     async def _retry_due(self, now: float) -> None:
         for run_id, (at, _) in list(self._retry_at.items()):
             if at <= now and run_id not in self.live:
-                claimed = await self.store.claim_run(run_id, now=now)
+                try:
+                    claimed = await self.store.claim_run(run_id, now=now)
+                except StoreError as exc:  # still failing: back off further
+                    log.warning("run.retry_failed", run_id=run_id, error=str(exc))
+                    self.retry_later(run_id)
+                    continue
                 del self._retry_at[run_id]
                 if claimed is not None:  # else: it ended, or another worker holds it
                     self._adopt(claimed)
