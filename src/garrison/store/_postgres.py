@@ -101,6 +101,8 @@ _INSERT_STEPS = (  # many journal rows in one statement: one array per column
 )
 _DIALECT = Dialect(skip_locked=" FOR UPDATE SKIP LOCKED",
                    queue_lock="SELECT pg_advisory_xact_lock(hashtext(?))")
+# Without a LISTEN connection, `changes()` says "everything" at most this often.
+_BLIND_LOOK_S = 1.0
 # How long a LISTEN connection that dropped waits before connecting again (doubling).
 _RELISTEN_S = (0.2, 5.0)
 
@@ -395,6 +397,7 @@ class PostgresStore(LeaseBook):
         self._listener: asyncio.Task[None] | None = None
         self._changes = Changes(everything=True)
         self._wakeup: Callable[[], None] | None = None
+        self._blind_look = 0.0
         self._clock_offset = 0.0
         self._init_leases()
 
@@ -844,8 +847,10 @@ class PostgresStore(LeaseBook):
 
     async def changes(self) -> Changes:
         changes, self._changes = self._changes, Changes()
-        if self._listen_conn is None:
-            self._changes.everything = True  # no LISTEN connection: every poll looks
+        now = time.monotonic()
+        if self._listen_conn is None and now - self._blind_look >= _BLIND_LOOK_S:
+            self._blind_look = now  # no LISTEN connection: look at everything, now and then
+            changes.everything = True
         return changes
 
     # -- journal -------------------------------------------------------------------
