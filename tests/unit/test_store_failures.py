@@ -6,13 +6,18 @@ import asyncio
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from garrison import Context, Garrison, RunStatus
+from garrison.engine import _execution
 from garrison.store import SQLiteStore, StepStatus
 
 
 async def test_disk_full_mid_run_fails_closed_and_the_run_continues_once_space_returns(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # The journal write is tried once more only, then the run is dropped and resumed.
+    monkeypatch.setattr(_execution, "_APPEND_RETRIES_S", (0.01,))
     store = SQLiteStore(f"sqlite:///{tmp_path}/g.db")
     app = Garrison(store=store)
     gate = asyncio.Event()
@@ -52,6 +57,45 @@ async def test_disk_full_mid_run_fails_closed_and_the_run_continues_once_space_r
         assert await handle.result(timeout=10) == 4
     # Step 3 (position 3) ran, could not be committed, and ran again after the retry.
     assert executions[:3] == [0, 1, 2] and executions.count(2) == 2 and executions[-1] == 3
+
+
+async def test_a_short_outage_holds_the_step_result_and_retries_its_write(
+    tmp_path: Path,
+) -> None:
+    store = SQLiteStore(f"sqlite:///{tmp_path}/g.db")
+    app = Garrison(store=store)
+    gate = asyncio.Event()
+    holding = asyncio.Event()
+    executions: list[int] = []
+
+    @app.step()
+    async def write(i: int) -> str:
+        executions.append(i)
+        if i == 1:
+            holding.set()
+            await gate.wait()
+        return "x" * 2000
+
+    @app.workflow(name="w")
+    async def w(ctx: Context) -> int:
+        for i in range(3):
+            await write(i)
+        return 3
+
+    async with app:
+        handle = await app.start(w, run_id="blip")
+        await holding.wait()
+        conn = store._conn  # test seam: "disk full" for a moment
+        assert conn is not None
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {pages}")
+        gate.set()
+        await asyncio.sleep(0.5)  # the write fails and is tried again, result held
+        assert app.worker is not None and "blip" in app.worker.live
+        assert {e.position for e in await store.load_journal("blip")} == {"1"}
+        conn.execute(f"PRAGMA max_page_count = {pages * 1000}")
+        assert await handle.result(timeout=15) == 3
+    assert executions == [0, 1, 2]  # step 1 ran once: its result waited for the disk
 
 
 async def test_a_reader_holding_a_snapshot_does_not_block_the_writer(tmp_path: Path) -> None:

@@ -42,6 +42,7 @@ from garrison.engine._handle import RunHandle
 from garrison.engine._queues import DEFAULT_QUEUE, StartOptions
 from garrison.engine._registry import StepDef, WorkflowDef
 from garrison.errors import (
+    LeaseLostError,
     NonDeterminismError,
     ResultTimeoutError,
     SerializationError,
@@ -65,6 +66,9 @@ _QUIESCENT_PASSES = 4
 # How long closing waits for branches that ignore cancellation before giving up on them.
 _CLOSE_TIMEOUT_S = 5.0
 _TIMED_OUT = object()
+# Waits between tries of a journal write that failed (then the run is abandoned and
+# resumed by the worker's backoff). About the time a database takes to restart.
+_APPEND_RETRIES_S = (0.2, 0.5, 1.0, 2.0, 4.0)
 
 
 def child_event_name(child_run_id: str) -> str:
@@ -315,12 +319,28 @@ class RunExecution:
             records, self._buffered = [*self._buffered, record], []
         else:
             records = [record]
-        await self._store(self.worker.store.append_steps(records))
+        await self._append(records)
 
     async def _flush_buffered(self) -> None:
         if self._buffered:
             records, self._buffered = self._buffered, []
-            await self._store(self.worker.store.append_steps(records))
+            await self._append(records)
+
+    async def _append(self, records: list[StepRecord]) -> None:
+        """Journal step outcomes. A failed write is tried again a few times (the write is
+        idempotent: a finished entry is never rewritten) before the run is abandoned,
+        so that a database restart does not make a finished step run a second time."""
+        for delay in _APPEND_RETRIES_S:
+            try:
+                await self.worker.store.append_steps(records)
+                return
+            except LeaseLostError as exc:
+                raise _StoreFailure(exc) from exc
+            except StoreError as exc:
+                log.warning("run.journal_write_retry", run_id=self.run_id, delay_s=delay,
+                            error=str(exc))
+                await asyncio.sleep(delay)
+        await self._store(self.worker.store.append_steps(records))
 
     def journal_value(self, branch: Branch, kind_name: str) -> Any:
         """`ctx.now()` / `uuid()` / `random()`: journaled, committed before the next step."""
