@@ -596,26 +596,27 @@ class PostgresStore(LeaseBook):
                         limit: int) -> list[RunRecord]:
         worker = self._require_worker()
         wall = self._wall()
-        plan = claim_due(_DIALECT, worker, now=now, wall=wall, lease_until=self._lease_until(),
-                         queues=queues, workflows=workflows, limit=limit)
-        return self._took(await self._write(lambda conn: _drive(plan, conn)))
+        until = self._lease_until()
+        return self._took(await self._write(lambda conn: _drive(claim_due(
+            _DIALECT, worker, now=now, wall=wall, lease_until=until,
+            queues=queues, workflows=workflows, limit=limit), conn)))
 
     async def claim_queued(self, limits: QueueLimits, slots: int, *,
                            workflows: Sequence[tuple[str, str]] | None) -> list[RunRecord]:
         worker = self._require_worker()
         wall = self._wall()
-        plan = claim_queued(_DIALECT, worker, limits, slots, wall=wall,
-                            lease_until=self._lease_until(),
-                            lock_key=f"garrison-queue:{self.schema}:{limits.name}",
-                            workflows=workflows)
-        return self._took(await self._write(lambda conn: _drive(plan, conn)))
+        until = self._lease_until()
+        return self._took(await self._write(lambda conn: _drive(claim_queued(
+            _DIALECT, worker, limits, slots, wall=wall, lease_until=until,
+            lock_key=f"garrison-queue:{self.schema}:{limits.name}",
+            workflows=workflows), conn)))
 
     async def claim_run(self, run_id: str, *, now: float) -> RunRecord | None:
         worker = self._require_worker()
         wall = self._wall()
-        plan = claim_one(_DIALECT, worker, run_id, now=now, wall=wall,
-                         lease_until=self._lease_until())
-        claimed = self._took(await self._write(lambda conn: _drive(plan, conn)))
+        until = self._lease_until()
+        claimed = self._took(await self._write(lambda conn: _drive(claim_one(
+            _DIALECT, worker, run_id, now=now, wall=wall, lease_until=until), conn)))
         return claimed[0] if claimed else None
 
     async def renew_leases(self) -> set[str]:

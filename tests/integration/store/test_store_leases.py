@@ -382,3 +382,23 @@ async def test_a_refused_write_fails_alone_among_other_kinds_of_writes(store: St
     assert fresh is not None and fresh.status is RunStatus.PENDING
     assert await store.get_run("dup-second") is None
     assert len(await store.list_events("mine")) == 1
+
+
+async def test_a_claim_batched_with_a_refused_write_still_claims(store: Store) -> None:
+    """A batch with a refused write is done again write by write: a claim in it must
+    be built anew for the second try (a used-up plan returned nothing and crashed the
+    worker's loop)."""
+    await store.register_worker("w1")
+    await store.create_run(queued("r1"))
+
+    claimed, refused, due, one = await asyncio.gather(
+        store.claim_queued(ALL, 5, workflows=None),
+        store.send_event("nobody", "ping", "1", 1.0),
+        store.claim_due(now=0.0, queues=None, workflows=None, limit=10),
+        store.claim_run("r1", now=0.0),
+        return_exceptions=True,
+    )
+
+    assert isinstance(refused, Exception)
+    assert [r.run_id for r in claimed] == ["r1"]  # type: ignore[union-attr]
+    assert due == [] and one is not None and one.run_id == "r1"  # type: ignore[union-attr]
