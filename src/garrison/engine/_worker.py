@@ -380,6 +380,10 @@ class Worker:
             except StoreError as exc:
                 log.error("worker.poll_failed", error=str(exc))
                 self._next_claim_at = self.clock.time() + self.app.claim_interval_s
+            except Exception as exc:  # a bug: never let it end the loop (a worker that
+                # renews its leases but claims nothing would strand every run it holds)
+                log.exception("worker.loop_error", error=repr(exc))
+                self._next_claim_at = self.clock.time() + self.app.claim_interval_s
             now = self.clock.time()
             timeout = self.poll_interval_s
             if self._timers:
