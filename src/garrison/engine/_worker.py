@@ -14,6 +14,7 @@ import asyncio
 import contextvars
 import heapq
 import json
+import traceback
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -382,7 +383,8 @@ class Worker:
                 self._next_claim_at = self.clock.time() + self.app.claim_interval_s
             except Exception as exc:  # a bug: never let it end the loop (a worker that
                 # renews its leases but claims nothing would strand every run it holds)
-                log.exception("worker.loop_error", error=repr(exc))
+                log.error("worker.loop_error", error=repr(exc),
+                          traceback=traceback.format_exc())
                 self._next_claim_at = self.clock.time() + self.app.claim_interval_s
             now = self.clock.time()
             timeout = self.poll_interval_s
