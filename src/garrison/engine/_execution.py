@@ -380,27 +380,47 @@ class RunExecution:
         position = branch.next_position()
         arity = len(args) + len(kwargs)
         entry = self._entry(position, StepKind.STEP, step.name, arity)
+        retrying: StepRecord | None = None
         if entry is not None:
             if entry.status is StepStatus.COMPLETED:
                 return decode(entry.output) if entry.output is not None else None
             if entry.status is StepStatus.FAILED and entry.error is not None:
                 raise error_from_data(json.loads(entry.error))
+            retrying = entry  # PENDING: a journaled retry wait (attempts so far, fire_at)
         where = f"run {self.run_id} step {position} {step.name!r}"
         inputs = encode({"args": list(args), "kwargs": kwargs}, what=f"{where}: arguments")
         self.inflight += 1
         self._activity()
         try:
             await self._flush_buffered()
-            return await self._run_step_live(position, step, args, kwargs, arity, inputs, where)
+            return await self._run_step_live(position, step, args, kwargs, arity, inputs, where,
+                                             retrying)
         finally:
             self.inflight -= 1
             self._activity()
             self._maybe_park_soon()
 
+    async def _wait_until(self, position: str, fire_at: float) -> None:
+        """A durable timer at `position` (its entry is journaled): the run may park."""
+        while self.worker.clock.time() < fire_at:
+            future = self._register(position, fire_at, None)
+            try:
+                await self._block(future)
+            finally:
+                self.waiters.pop(position, None)
+            self._gate()
+
     async def _run_step_live(self, position: str, step: StepDef, args: tuple[Any, ...],
-                             kwargs: dict[str, Any], arity: int, inputs: str, where: str) -> Any:
+                             kwargs: dict[str, Any], arity: int, inputs: str, where: str,
+                             retrying: StepRecord | None) -> Any:
+        """Attempts of a step. Between attempts the retry wait is journaled (a PENDING
+        entry with the attempts made, the next wake-up and the last error), so a crash
+        during the backoff resumes the wait and keeps the count."""
         started_at = self.worker.clock.time()
         attempt = 1
+        if retrying is not None:
+            started_at, attempt = retrying.started_at, retrying.attempts + 1
+            await self._wait_until(position, retrying.fire_at or 0.0)
         while True:
             info = StepInfo(self.run_id, position, step.name, attempt, f"{self.run_id}:{position}")
             self._emit("step_started", info)
@@ -416,12 +436,20 @@ class RunExecution:
                     )
             except Exception as exc:
                 leave_step(tokens)
-                delay = step.retry.delay_s(attempt, exc) if step.retry is not None else None
+                elapsed = self.worker.clock.time() - started_at
+                delay = (step.retry.delay_s(attempt, exc, elapsed_s=elapsed)
+                         if step.retry is not None else None)
                 self._emit("step_failed", info, exc, delay is not None)
                 if delay is not None:
                     log.info("step.retry_scheduled", run_id=self.run_id, position=position,
                              step=step.name, attempt=attempt + 1, delay_s=delay)
-                    await asyncio.sleep(delay)
+                    fire_at = self.worker.clock.time() + max(0.0, delay)
+                    await self._commit(self._record(
+                        position, StepKind.STEP, step.name, StepStatus.PENDING,
+                        started_at=started_at, arity=arity, inputs=inputs,
+                        error=json.dumps(error_to_data(exc)), fire_at=fire_at,
+                        attempts=attempt))
+                    await self._wait_until(position, fire_at)
                     attempt += 1
                     continue
                 data = error_to_data(exc)
@@ -507,13 +535,7 @@ class RunExecution:
                                      started_at=started, fire_at=started + max(seconds, 0.0))
                 await self._commit(entry)
             fire_at = entry.fire_at or 0.0
-            while clock.time() < fire_at:
-                future = self._register(position, fire_at, None)
-                try:
-                    await self._block(future)
-                finally:
-                    self.waiters.pop(position, None)
-                self._gate()
+            await self._wait_until(position, fire_at)
             await self._commit(self._record(position, StepKind.SLEEP, "sleep",
                                             StepStatus.COMPLETED, started_at=entry.started_at,
                                             fire_at=fire_at))

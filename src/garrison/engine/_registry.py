@@ -22,8 +22,13 @@ def default_name(fn: Callable[..., Any]) -> str:
 class RetryPolicy(Protocol):
     """Decides whether a failed step runs again. `garrison.resilience.Retry` implements it."""
 
-    def delay_s(self, attempt: int, error: BaseException) -> float | None:
-        """Seconds to wait before attempt `attempt + 1`, or None to give up."""
+    def delay_s(self, attempt: int, error: BaseException, *,
+                elapsed_s: float = 0.0) -> float | None:
+        """Seconds to wait before attempt `attempt + 1`, or None to give up.
+
+        `elapsed_s` is the time since the step's first attempt began (journaled, so it
+        survives restarts). The wait is a durable timer.
+        """
         ...
 
 
@@ -61,7 +66,8 @@ class Registry:
         step_name = name or default_name(fn)
         if retry is not None and not callable(getattr(retry, "delay_s", None)):
             raise ConfigurationError(
-                f"step {step_name!r}: retry= takes an object with a delay_s(attempt, error) "
+                f"step {step_name!r}: retry= takes an object with a delay_s(attempt, error, *, "
+                "elapsed_s) "
                 f"method (such as garrison.resilience.Retry), got {retry!r}",
                 step_name=step_name,
             )

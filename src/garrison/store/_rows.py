@@ -100,11 +100,13 @@ SELECT_RUN = f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?"
 SELECT_DEDUP = (
     f"SELECT run_id FROM runs WHERE queue = ? AND dedup_id = ? AND status NOT IN {TERMINAL_SQL}"
 )
-# A COMPLETED/FAILED entry replaces a PENDING one; a finished entry is never rewritten.
+# A COMPLETED/FAILED entry (or the next retry wait) replaces a PENDING one; a finished
+# entry is never rewritten.
 STEP_CONFLICT = (
     "ON CONFLICT (run_id, position) DO UPDATE SET status = excluded.status, "
     "output = excluded.output, error = excluded.error, completed_at = excluded.completed_at, "
-    "attempts = excluded.attempts, worker = excluded.worker WHERE steps.status = 'pending'"
+    "attempts = excluded.attempts, worker = excluded.worker, fire_at = excluded.fire_at "
+    "WHERE steps.status = 'pending'"
 )
 UPSERT_STEP = f"INSERT INTO steps ({STEP_COLUMNS}) VALUES ({', '.join('?' * 15)}) {STEP_CONFLICT}"
 
