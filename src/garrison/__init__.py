@@ -25,9 +25,13 @@ from garrison.engine import (
     RunHandle,
     StepInfo,
     current_step,
+    remaining,
 )
 from garrison.errors import (
+    BulkheadFull,
+    CircuitOpenError,
     ConfigurationError,
+    DeadlineExceeded,
     GarrisonError,
     LeaseLostError,
     NonDeterminismError,
@@ -50,9 +54,12 @@ from garrison.store import RunRecord, RunStatus, StepRecord, Store
 __version__ = "0.1.0"
 
 __all__ = [
+    "BulkheadFull",
+    "CircuitOpenError",
     "Clock",
     "ConfigurationError",
     "Context",
+    "DeadlineExceeded",
     "EngineHooks",
     "Garrison",
     "GarrisonError",
@@ -81,4 +88,5 @@ __all__ = [
     "WorkflowFailed",
     "__version__",
     "current_step",
+    "remaining",
 ]

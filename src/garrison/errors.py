@@ -17,6 +17,11 @@ GarrisonError
 ├── WorkflowFailed              the run ended FAILED: carries the error as data
 ├── WorkflowCancelled           the run ended CANCELLED
 ├── StepFailed                  a journaled step error whose type is not loaded here
+├── CircuitOpenError            a circuit breaker refused the call (`breaker`, `retry_after`)
+├── BulkheadFull                a bulkhead had no place within its wait (`bulkhead`)
+├── RateLimited                 a rate limiter had no token within its wait (`retry_after`)
+├── DeadlineExceeded            a step, run or call went past its deadline (a TimeoutError)
+├── FallbackExhausted           every alternative of a Fallback failed
 └── ResultTimeoutError          `RunHandle.result(timeout=...)` gave up waiting
 ```
 
@@ -29,11 +34,16 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "BulkheadFull",
+    "CircuitOpenError",
     "ConfigurationError",
+    "DeadlineExceeded",
+    "FallbackExhausted",
     "GarrisonError",
     "LeaseLostError",
     "NonDeterminismError",
     "NotInWorkflowError",
+    "RateLimited",
     "ResultTimeoutError",
     "RunDeduplicatedError",
     "RunNotFoundError",
@@ -139,3 +149,25 @@ class StepFailed(GarrisonError):
 
 class ResultTimeoutError(GarrisonError):
     """`RunHandle.result(timeout=...)` stopped waiting; the run itself goes on (`run_id`)."""
+
+
+class CircuitOpenError(GarrisonError):
+    """A circuit breaker refused the call. Attributes: `breaker` (its name), `state`,
+    `retry_after` (seconds until it lets a trial call through, when OPEN)."""
+
+
+class BulkheadFull(GarrisonError):
+    """A bulkhead had no free place within its `max_wait` (`bulkhead`, `max_concurrent`)."""
+
+
+class RateLimited(GarrisonError):
+    """A rate limiter had no token within its `max_wait` (`limiter`, `retry_after`)."""
+
+
+class DeadlineExceeded(GarrisonError, TimeoutError):
+    """A step attempt, a run or a call went past its deadline; the work was cancelled.
+    A `TimeoutError`, so `Retry(retry_on=(TimeoutError,))` covers it."""
+
+
+class FallbackExhausted(GarrisonError):
+    """Every alternative of a `Fallback` failed (`errors`: (name, repr) pairs)."""

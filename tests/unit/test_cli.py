@@ -72,10 +72,10 @@ def test_runs_list_and_show_render_the_store(tmp_path: Path) -> None:
     assert listed.exit_code == 0, listed.output
     by_id = {r["run_id"]: r for r in json.loads(listed.output)}
     assert by_id["ok"]["status"] == "COMPLETED" and by_id["ok"]["result"] == 42
-    assert by_id["bad"]["status"] == "FAILED"
+    assert by_id["bad"]["status"] == "QUARANTINED"
     assert by_id["bad"]["error"]["message"] == "negative input"
 
-    failed_only = runner.invoke(cli, ["runs", "list", "--db", url, "--status", "FAILED",
+    failed_only = runner.invoke(cli, ["runs", "list", "--db", url, "--status", "QUARANTINED",
                                       "--json"])
     assert [r["run_id"] for r in json.loads(failed_only.output)] == ["bad"]
 

@@ -141,7 +141,7 @@ async def test_changed_step_name_fails_run_with_nondeterminism_error(db_url: str
     async with app2:
         with pytest.raises(WorkflowFailed) as info:
             await app2.handle("o1").result(timeout=5)
-        assert await app2.handle("o1").status() is RunStatus.FAILED
+        assert await app2.handle("o1").status() is RunStatus.QUARANTINED
     error = info.value
     assert error.error_type == "garrison.errors:NonDeterminismError"
     assert "position 1" in error.error_message

@@ -9,13 +9,15 @@ import garrison.store
 
 def test_top_level_names_are_pinned() -> None:
     assert garrison.__all__ == [
-        "Clock", "ConfigurationError", "Context", "EngineHooks", "Garrison", "GarrisonError",
+        "BulkheadFull", "CircuitOpenError", "Clock", "ConfigurationError", "Context",
+        "DeadlineExceeded", "EngineHooks", "Garrison", "GarrisonError",
         "LeaseLostError", "NonDeterminismError", "NotInWorkflowError", "Queue",
         "ResultTimeoutError", "RetryPolicy", "RunDeduplicatedError", "RunHandle",
         "RunNotFoundError", "RunRecord", "RunStatus", "SchemaVersionError",
         "SerializationError", "StepFailed", "StepInfo", "StepRecord", "Store", "StoreError",
         "StoreLockedError", "WorkflowCancelled", "WorkflowConflictError", "WorkflowError",
         "WorkflowFailed", "__version__", "current_step",
+        "remaining",
     ]
     for name in garrison.__all__:
         assert hasattr(garrison, name), name
@@ -28,7 +30,8 @@ def test_every_package_exports_a_sorted_all() -> None:
 
 def test_run_status_is_a_str_enum_with_the_documented_members() -> None:
     assert [s.value for s in garrison.RunStatus] == [
-        "PENDING", "RUNNING", "WAITING", "COMPLETED", "FAILED", "CANCELLED"]
+        "PENDING", "RUNNING", "WAITING", "COMPLETED", "FAILED", "CANCELLED",
+        "QUARANTINED"]
     assert garrison.RunStatus.COMPLETED == "COMPLETED"
     assert isinstance(garrison.RunStatus.FAILED, str)
 

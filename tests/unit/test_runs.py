@@ -86,7 +86,7 @@ async def test_failed_run_carries_error_type_message_and_traceback(db_url: str) 
         handle = await app.start(boom)
         with pytest.raises(WorkflowFailed) as info:
             await handle.result(timeout=5)
-        assert await handle.status() is RunStatus.FAILED
+        assert await handle.status() is RunStatus.QUARANTINED
     assert info.value.error_type == "builtins:ValueError"
     assert info.value.error_message == "bad cents: -5"
     assert "raise ValueError" in info.value.traceback

@@ -103,4 +103,4 @@ async def test_store_error_raised_by_a_step_fails_the_run_instead_of_retrying_fo
         handle = await app.start(w, run_id="w")
         with pytest.raises(Exception, match="database is locked"):
             await handle.result(timeout=3)  # got ResultTimeoutError: RUNNING, retried forever
-        assert await handle.status() is RunStatus.FAILED
+        assert await handle.status() is RunStatus.QUARANTINED

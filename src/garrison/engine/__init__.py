@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from garrison.engine._app import Garrison, new_run_id
 from garrison.engine._clock import Clock, SystemClock
-from garrison.engine._context import Context, StepInfo, current_step
+from garrison.engine._context import Context, StepInfo, current_step, remaining
 from garrison.engine._handle import RunHandle
 from garrison.engine._hooks import EngineHooks
 from garrison.engine._queues import Queue
@@ -24,4 +24,5 @@ __all__ = [
     "WorkflowDef",
     "current_step",
     "new_run_id",
+    "remaining",
 ]

@@ -17,7 +17,7 @@ from garrison.engine._context import Context, current_branch, install_task_facto
 from garrison.engine._handle import RunHandle
 from garrison.engine._hooks import EngineHooks
 from garrison.engine._queues import DEFAULT_QUEUE, Queue, StartOptions
-from garrison.engine._registry import Registry, RetryPolicy, StepDef, WorkflowDef
+from garrison.engine._registry import Guard, Registry, RetryPolicy, StepDef, WorkflowDef
 from garrison.engine._worker import Worker
 from garrison.errors import (
     ConfigurationError,
@@ -43,10 +43,13 @@ def new_run_id() -> str:
 class _StepDecorator:
     """What `app.step()` returns; keeps the decorated function's parameter types."""
 
-    def __init__(self, app: Garrison, name: str | None, retry: RetryPolicy | None) -> None:
+    def __init__(self, app: Garrison, name: str | None, retry: RetryPolicy | None,
+                 guards: tuple[Guard, ...], timeout: float | None) -> None:
         self._app = app
         self._name = name
         self._retry = retry
+        self._guards = guards
+        self._timeout = timeout
 
     @overload
     def __call__(
@@ -57,7 +60,8 @@ class _StepDecorator:
     def __call__(self, fn: Callable[P, R]) -> Callable[P, Coroutine[Any, Any, R]]: ...
 
     def __call__(self, fn: Callable[P, Any]) -> Callable[P, Coroutine[Any, Any, Any]]:
-        definition = self._app.registry.add_step(fn, self._name, self._retry)
+        definition = self._app.registry.add_step(fn, self._name, self._retry, self._guards,
+                                                 self._timeout)
 
         @functools.wraps(fn)
         async def step(*args: P.args, **kwargs: P.kwargs) -> Any:
@@ -138,27 +142,45 @@ class Garrison:
 
     # -- registration --------------------------------------------------------------
 
-    def step(self, *, name: str | None = None, retry: RetryPolicy | None = None) -> _StepDecorator:
+    def step(self, *, name: str | None = None, retry: RetryPolicy | None = None,
+             breaker: Guard | None = None, rate_limiter: Guard | None = None,
+             bulkhead: Guard | None = None, guards: Sequence[Guard] = (),
+             timeout: float | None = None) -> _StepDecorator:
         """Declare a step: called inside a workflow, it runs once and its result is journaled.
+
+        Policies (`garrison.resilience`) attach here: `retry` decides on another attempt
+        after a failure (the wait is a durable timer); each attempt goes through
+        `breaker`, then `rate_limiter`, then `bulkhead`, then any other `guards`, and is
+        bounded by `timeout` seconds (and by the run's deadline): past it the attempt is
+        cancelled and fails with `DeadlineExceeded`.
 
         A step interrupted by a crash may run again (at-least-once) with the same
         `current_step().idempotency_key`. A synchronous `def` step runs in a thread pool.
         Called outside a workflow, the function runs directly, unjournaled (the
         decorated step is always awaited, even when the function is a `def`).
         """
-        return _StepDecorator(self, name, retry)
+        chain = tuple(g for g in (breaker, rate_limiter, bulkhead) if g is not None)
+        return _StepDecorator(self, name, retry, chain + tuple(guards), timeout)
 
-    def workflow(self, *, name: str | None = None, version: str | None = None) -> Callable[[F], F]:
+    def workflow(self, *, name: str | None = None, version: str | None = None,
+                 timeout: float | None = None, quarantine: bool = True) -> Callable[[F], F]:
         """Declare a workflow: an `async def (ctx: Context, ...)` run durably by `app.start`.
 
         Args:
             name: the journal name (default: the function's qualified name).
             version: the code version recorded with each run (default: `Garrison(version=)`);
                 a worker resumes only runs of versions it has registered.
+            timeout: a run-level deadline, seconds from its start (journaled with the run,
+                so it holds across restarts). Steps and children see what is left
+                (`garrison.remaining()`); past it, the run is cancelled and fails with
+                `DeadlineExceeded`.
+            quarantine: a run that fails ends QUARANTINED (inputs, journal and error
+                kept; `app.redrive(run_id)` continues it after a fix). False: FAILED.
         """
 
         def decorator(fn: F) -> F:
-            definition = self.registry.add_workflow(fn, name, version or self.version)
+            definition = self.registry.add_workflow(fn, name, version or self.version,
+                                                    timeout, quarantine)
 
             @functools.wraps(fn)
             async def workflow(*args: Any, **kwargs: Any) -> Any:
@@ -299,12 +321,17 @@ class Garrison:
 
     def new_run_record(self, definition: WorkflowDef, run_id: str, args: Sequence[Any],
                        kwargs: dict[str, Any], *, parent: tuple[str, str] | None,
-                       now: float, options: StartOptions, local: bool) -> RunRecord:
+                       now: float, options: StartOptions, local: bool,
+                       deadline_at: float | None = None) -> RunRecord:
         """A new run: claimed by this worker at creation when `local` (see
         `Worker.reserve`), else PENDING in its queue until a worker claims it."""
         inputs = encode({"args": list(args), "kwargs": kwargs},
                         what=f"inputs of workflow {definition.name!r}")
+        deadline = now + definition.timeout if definition.timeout is not None else None
+        if deadline_at is not None:
+            deadline = min(deadline, deadline_at) if deadline is not None else deadline_at
         return RunRecord(
+            deadline_at=deadline,
             run_id=run_id, workflow_name=definition.name, workflow_version=definition.version,
             status=RunStatus.RUNNING if local else RunStatus.PENDING, inputs=inputs,
             created_at=now, updated_at=now, owner=self.worker_id if local else None,
@@ -412,6 +439,18 @@ class Garrison:
         claimed = await self.store.claim_run(run_id, now=self.clock.time())
         if claimed is not None:  # nobody else holds it: end it here
             await self.worker.finish_stored(claimed, RunStatus.CANCELLED, None, None)
+
+    async def redrive(self, run_id: str) -> RunHandle[Any]:
+        """Continue a QUARANTINED run after a fix: it goes back to its queue, its
+        completed steps keep their results, its failed steps run again.
+
+        Raises `RunNotFoundError`, or `WorkflowError` if the run is not QUARANTINED.
+        """
+        self._require_open("redrive")
+        await self.store.redrive_run(run_id, now=self.clock.time())
+        if self.worker is not None:
+            self.worker.poke()
+        return RunHandle(self, run_id)
 
     async def list_runs(self, *, statuses: Sequence[RunStatus] | None = None,
                         limit: int = 100) -> list[RunRecord]:

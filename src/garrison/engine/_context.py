@@ -226,3 +226,11 @@ class Context:
         """
         branch = _require_branch(self, "start_child")
         return await self._execution.start_child(branch, workflow, args, kwargs, run_id)
+
+
+def remaining() -> float | None:
+    """Seconds left before the current run's deadline (`@app.workflow(timeout=)`, or
+    inherited from a parent); None outside a run or when it has no deadline. Inside a
+    step too, so an outbound call can pass it on as its own timeout."""
+    branch = current_branch()
+    return branch.execution.remaining() if branch is not None else None

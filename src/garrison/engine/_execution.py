@@ -23,7 +23,7 @@ import json
 import random
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +42,7 @@ from garrison.engine._handle import RunHandle
 from garrison.engine._queues import DEFAULT_QUEUE, StartOptions
 from garrison.engine._registry import StepDef, WorkflowDef
 from garrison.errors import (
+    DeadlineExceeded,
     LeaseLostError,
     NonDeterminismError,
     ResultTimeoutError,
@@ -122,6 +123,7 @@ class RunExecution:
         self._suspending = False
         self._cancelling = False
         self._cancel_after_close = False
+        self._deadline_passed = False
         self._closing = False
         self._quiescence_scheduled = False
         self._quiet_passes = 0
@@ -161,13 +163,16 @@ class RunExecution:
             try:
                 outcome: _Outcome | None = await self._execute_body()
             except asyncio.CancelledError:
-                if not (self._suspending or self._cancelling):
+                if not (self._suspending or self._cancelling or self._deadline_passed):
                     await self._close_branches()
                     raise  # worker shutdown: the run stays RUNNING, resumes on next start
                 task = asyncio.current_task()
                 if task is not None:
                     task.uncancel()
-                outcome = _Outcome(RunStatus.CANCELLED) if self._cancelling else None
+                if self._deadline_passed:
+                    outcome = self._failed(self._deadline_error())
+                else:
+                    outcome = _Outcome(RunStatus.CANCELLED) if self._cancelling else None
             except _StoreFailure as failure:
                 await self._close_branches()
                 self.worker.store_failed(self.run_id, failure.error)
@@ -182,7 +187,34 @@ class RunExecution:
         if self._cancel_after_close:
             await self.worker.app.cancel(self.run_id)
 
+    def _failed(self, error: BaseException) -> _Outcome:
+        status = RunStatus.QUARANTINED if self.workflow.quarantine else RunStatus.FAILED
+        return _Outcome(status, error=error_to_data(error))
+
+    def _deadline_error(self) -> DeadlineExceeded:
+        return DeadlineExceeded(
+            f"run {self.run_id} ({self.workflow.name}) passed its deadline "
+            f"({self.workflow.timeout or 'inherited'} s); its work was cancelled",
+            run_id=self.run_id)
+
+    def _deadline_hit(self) -> None:
+        if self.task is not None and not self.task.done() and not self._closing:
+            self._deadline_passed = True
+            self.task.cancel("garrison: deadline passed")
+
     async def _execute_body(self) -> _Outcome:
+        left = self.remaining()
+        if left is not None and left <= 0:
+            return self._failed(self._deadline_error())
+        alarm = (asyncio.get_running_loop().call_later(left, self._deadline_hit)
+                 if left is not None else None)
+        try:
+            return await self._run_body()
+        finally:
+            if alarm is not None:
+                alarm.cancel()
+
+    async def _run_body(self) -> _Outcome:
         try:
             if self.run.cancel_requested:
                 return _Outcome(RunStatus.CANCELLED)
@@ -201,7 +233,7 @@ class RunExecution:
             error = self.nondeterminism or exc
             log.warning("run.failed", run_id=self.run_id, error_type=type(error).__name__,
                         error=str(error))
-            return _Outcome(RunStatus.FAILED, error=error_to_data(error))
+            return self._failed(error)
         finally:
             self._closing = True
 
@@ -255,8 +287,10 @@ class RunExecution:
             self._suspending = True
             # Read the waits now: cancelling the tasks unwinds and forgets them.
             waiters = self.waiters.values()
-            self._park_plan = (
-                min((w.fire_at for w in waiters if w.fire_at is not None), default=None),
+            deadline = [self.run.deadline_at] if self.run.deadline_at is not None else []
+            self._park_plan = (  # a run with a deadline wakes up to meet it
+                min([w.fire_at for w in waiters if w.fire_at is not None] + deadline,
+                    default=None),
                 sorted({w.event for w in waiters if w.event is not None}),
             )
             self._closing = True
@@ -400,6 +434,45 @@ class RunExecution:
             self._activity()
             self._maybe_park_soon()
 
+    def remaining(self) -> float | None:
+        """Seconds left before the run's deadline (None: no deadline)."""
+        if self.run.deadline_at is None:
+            return None
+        return self.run.deadline_at - self.worker.clock.time()
+
+    async def _attempt(self, step: StepDef, args: tuple[Any, ...], kwargs: dict[str, Any],
+                       where: str) -> Any:
+        """One attempt: through the step's guards, within its timeout and the run's
+        deadline (past either, it is cancelled and fails with `DeadlineExceeded`)."""
+        async def invoke() -> Any:
+            if step.is_async:
+                return await step.fn(*args, **kwargs)
+            call = functools.partial(step.fn, *args, **kwargs)
+            return await asyncio.get_running_loop().run_in_executor(
+                self.worker.executor, contextvars.copy_context().run, call)
+
+        attempt: Callable[[], Awaitable[Any]] = invoke
+        for guard in reversed(step.guards):
+            attempt = functools.partial(guard.call, attempt)
+        limits = [t for t in (step.timeout, self.remaining()) if t is not None]
+        if not limits:
+            return await attempt()
+        limit = min(limits)
+        if limit <= 0:
+            raise DeadlineExceeded(f"{where}: the run's deadline has passed",
+                                   run_id=self.run_id, seconds=limit)
+        scope = asyncio.timeout(limit)
+        try:
+            async with scope:
+                return await attempt()
+        except TimeoutError as exc:
+            if not scope.expired():
+                raise  # the step's own timeout, not ours
+            raise DeadlineExceeded(
+                f"{where}: attempt cancelled after {limit:.3g} s ("
+                + ("its timeout" if limit == step.timeout else "the run's deadline") + ")",
+                run_id=self.run_id, seconds=limit) from exc
+
     async def _wait_until(self, position: str, fire_at: float) -> None:
         """A durable timer at `position` (its entry is journaled): the run may park."""
         while self.worker.clock.time() < fire_at:
@@ -427,13 +500,7 @@ class RunExecution:
             began = time.perf_counter()
             tokens = enter_step(info)
             try:
-                if step.is_async:
-                    result = await step.fn(*args, **kwargs)
-                else:
-                    call = functools.partial(step.fn, *args, **kwargs)
-                    result = await asyncio.get_running_loop().run_in_executor(
-                        self.worker.executor, contextvars.copy_context().run, call
-                    )
+                result = await self._attempt(step, args, kwargs, where)
             except Exception as exc:
                 leave_step(tokens)
                 elapsed = self.worker.clock.time() - started_at
@@ -473,6 +540,9 @@ class RunExecution:
                                       error=json.dumps(error_to_data(exc)), attempts=attempt)
                 await self._commit(record)
                 raise
+            succeeded = getattr(step.retry, "succeeded", None)
+            if callable(succeeded):
+                succeeded()  # e.g. refund a retry budget
             record = self._record(position, StepKind.STEP, step.name, StepStatus.COMPLETED,
                                   started_at=started_at, arity=arity, inputs=inputs,
                                   output=output, attempts=attempt)
@@ -618,7 +688,8 @@ class RunExecution:
             try:
                 child = app.new_run_record(definition, child_id, args, kwargs,
                                            parent=(self.run_id, position), now=now,
-                                           options=StartOptions(queue), local=local)
+                                           options=StartOptions(queue), local=local,
+                                           deadline_at=self.run.deadline_at)
                 record = self._record(position, StepKind.CHILD, definition.name,
                                       StepStatus.COMPLETED, started_at=now,
                                       arity=len(args) + len(kwargs), output=encode(child_id))

@@ -126,9 +126,11 @@ def _outcome(run: RunRecord) -> Any:
     if run.status is RunStatus.CANCELLED:
         raise WorkflowCancelled(f"run {run.run_id} was cancelled", run_id=run.run_id)
     error = json.loads(run.error) if run.error else {}
+    kept = (f"; it is QUARANTINED: fix the cause, then app.redrive({run.run_id!r})"
+            if run.status is RunStatus.QUARANTINED else "")
     raise WorkflowFailed(
         f"run {run.run_id} ({run.workflow_name}) failed: {error.get('type')}: "
-        f"{error.get('message')}",
+        f"{error.get('message')}{kept}",
         run_id=run.run_id, error_type=error.get("type"), error_message=error.get("message"),
         traceback=error.get("traceback"),
     )

@@ -32,14 +32,28 @@ class RetryPolicy(Protocol):
         ...
 
 
+class Guard(Protocol):
+    """Middleware around each attempt of a step: `await guard.call(fn, *args)` runs `fn`
+    or refuses (raising). `garrison.resilience`'s CircuitBreaker, Bulkhead and RateLimiter
+    are guards; so is any object with this method."""
+
+    async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any: ...
+
+
 @dataclass(frozen=True, slots=True)
 class StepDef:
-    """A registered step: its journal name, function and options."""
+    """A registered step: its journal name, function and options.
+
+    `guards` wrap each attempt, the first outermost; `timeout` (seconds) bounds each
+    attempt (capped by the run's remaining time).
+    """
 
     name: str
     fn: Callable[..., Any]
     is_async: bool
     retry: RetryPolicy | None = None
+    guards: tuple[Guard, ...] = ()
+    timeout: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +63,8 @@ class WorkflowDef:
     name: str
     version: str
     fn: Callable[..., Any]
+    timeout: float | None = None  # run-level deadline, seconds from the start
+    quarantine: bool = True  # a failed run ends QUARANTINED (redrivable), else FAILED
 
 
 class Registry:
@@ -59,7 +75,8 @@ class Registry:
         self.workflows: dict[tuple[str, str], WorkflowDef] = {}
 
     def add_step(
-        self, fn: Callable[..., Any], name: str | None, retry: RetryPolicy | None
+        self, fn: Callable[..., Any], name: str | None, retry: RetryPolicy | None,
+        guards: tuple[Guard, ...] = (), timeout: float | None = None,
     ) -> StepDef:
         if not callable(fn):
             raise ConfigurationError(f"@app.step() decorates a function, got {fn!r}")
@@ -71,6 +88,15 @@ class Registry:
                 f"method (such as garrison.resilience.Retry), got {retry!r}",
                 step_name=step_name,
             )
+        for guard in guards:
+            if not callable(getattr(guard, "call", None)):
+                raise ConfigurationError(
+                    f"step {step_name!r}: {guard!r} is not a guard (an object with an async "
+                    "call(fn, *args) method, such as a CircuitBreaker)", step_name=step_name)
+        if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
+            raise ConfigurationError(
+                f"step {step_name!r}: timeout={timeout!r} must be seconds > 0",
+                step_name=step_name)
         existing = self.steps.get(step_name)
         if existing is not None and existing.fn is not fn:
             raise ConfigurationError(
@@ -78,11 +104,13 @@ class Registry:
                 "@app.step(name=...)",
                 step_name=step_name,
             )
-        definition = StepDef(step_name, fn, inspect.iscoroutinefunction(fn), retry)
+        definition = StepDef(step_name, fn, inspect.iscoroutinefunction(fn), retry,
+                             tuple(guards), timeout)
         self.steps[step_name] = definition
         return definition
 
-    def add_workflow(self, fn: Callable[..., Any], name: str | None, version: str) -> WorkflowDef:
+    def add_workflow(self, fn: Callable[..., Any], name: str | None, version: str,
+                     timeout: float | None = None, quarantine: bool = True) -> WorkflowDef:
         if not inspect.iscoroutinefunction(fn):
             raise ConfigurationError(
                 f"@app.workflow() takes an `async def` function whose first parameter is the "
@@ -97,7 +125,11 @@ class Registry:
                 "on the new code or give it another name",
                 workflow_name=wf_name,
             )
-        definition = WorkflowDef(wf_name, version, fn)
+        if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
+            raise ConfigurationError(
+                f"workflow {wf_name!r}: timeout={timeout!r} must be seconds > 0",
+                workflow_name=wf_name)
+        definition = WorkflowDef(wf_name, version, fn, timeout, quarantine)
         self.workflows[key] = definition
         return definition
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from garrison.store._records import QueueLimits, RunRecord
-from garrison.store._rows import RUN_COLUMNS, run_from_row, workflow_filter
+from garrison.store._rows import RUN_COLUMNS, TERMINAL_SQL, run_from_row, workflow_filter
 
 __all__ = ["Dialect", "Plan", "claim_due", "claim_queued", "claim_one", "in_list"]
 
@@ -92,8 +92,8 @@ def claim_one(dialect: Dialect, worker_id: str, run_id: str, *, now: float, wall
               lease_until: float) -> Plan:
     """Take one run if nobody holds it (or this worker does): resume after a failure."""
     subquery = (
-        "SELECT run_id FROM runs WHERE run_id = ? AND status NOT IN "
-        "('COMPLETED', 'FAILED', 'CANCELLED') AND (owner IS NULL OR owner = ? "
+        f"SELECT run_id FROM runs WHERE run_id = ? AND status NOT IN {TERMINAL_SQL} "
+        "AND (owner IS NULL OR owner = ? "
         f"OR lease_until IS NULL OR lease_until < ?){dialect.skip_locked}"
     )
     rows = yield (

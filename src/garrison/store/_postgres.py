@@ -43,6 +43,8 @@ from garrison.store._rows import (
     CANCEL_CHILDREN,
     INSERT_RUN,
     LIST_EVENTS,
+    REDRIVE_FORGET_FAILED,
+    REDRIVE_RUN,
     RUN_COLUMNS,
     SELECT_DEDUP,
     SELECT_RUN,
@@ -53,6 +55,7 @@ from garrison.store._rows import (
     child_conflict,
     dedup_conflict,
     refuse_event,
+    refuse_redrive,
     run_from_row,
     run_values,
     step_from_row,
@@ -814,6 +817,19 @@ class PostgresStore(LeaseBook):
                 )
             await _notify(conn, self.channel, f"c:{run_id}")
             return run_from_row(row)
+
+        return await self._write(op)
+
+    async def redrive_run(self, run_id: str, *, now: float) -> RunRecord:
+        async def op(conn: Any) -> RunRecord:
+            row = await (await conn.execute(
+                "SELECT status, queue FROM runs WHERE run_id = %s FOR UPDATE", (run_id,)
+            )).fetchone()
+            refuse_redrive(run_id, row[0] if row else None, self.safe_url)
+            await conn.execute(_sql(REDRIVE_FORGET_FAILED), (run_id,))
+            await conn.execute(_sql(REDRIVE_RUN), (now, run_id))
+            await _notify(conn, self.channel, f"q:{row[1]}")
+            return run_from_row(await (await conn.execute(_SELECT_RUN, (run_id,))).fetchone())
 
         return await self._write(op)
 

@@ -161,6 +161,10 @@ class Store(Protocol):
         Raises `RunNotFoundError`.
         """
 
+    async def redrive_run(self, run_id: str, *, now: float) -> RunRecord:
+        """Send a QUARANTINED run back to its queue (PENDING), forgetting its failed
+        steps. Raises `RunNotFoundError`, or `WorkflowError` for a run in another state."""
+
     async def due_runs(self, now: float, *, limit: int = 1000,
                        workflows: Sequence[tuple[str, str]] | None = None) -> list[RunRecord]:
         """WAITING runs whose `wake_at` has come, earliest first.

@@ -15,7 +15,8 @@ DEFAULT_TENANT = "default"
 
 
 class RunStatus(enum.StrEnum):
-    """Where a run is in its life. Terminal: COMPLETED, FAILED, CANCELLED."""
+    """Where a run is in its life. Ended: COMPLETED, FAILED, CANCELLED, QUARANTINED (a
+    failed run kept with its inputs, journal and error until `app.redrive` continues it)."""
 
     PENDING = "PENDING"
     RUNNING = "RUNNING"
@@ -23,13 +24,15 @@ class RunStatus(enum.StrEnum):
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
+    QUARANTINED = "QUARANTINED"
 
     @property
     def is_terminal(self) -> bool:
         return self in _TERMINAL
 
 
-_TERMINAL = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
+_TERMINAL = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED,
+                       RunStatus.QUARANTINED})
 
 
 class StepKind(enum.StrEnum):

@@ -27,9 +27,12 @@ __all__ = [
     "TERMINAL_SQL",
     "CANCEL_CHILDREN",
     "UPSERT_STEP",
+    "REDRIVE_FORGET_FAILED",
+    "REDRIVE_RUN",
     "child_conflict",
     "dedup_conflict",
     "refuse_event",
+    "refuse_redrive",
     "run_from_row",
     "run_values",
     "step_from_row",
@@ -37,7 +40,7 @@ __all__ = [
     "workflow_filter",
 ]
 
-TERMINAL_SQL = "('COMPLETED', 'FAILED', 'CANCELLED')"
+TERMINAL_SQL = "('COMPLETED', 'FAILED', 'CANCELLED', 'QUARANTINED')"
 RUN_COLUMNS = (
     "run_id, workflow_name, workflow_version, status, inputs, created_at, updated_at, "
     "tenant_id, result, error, parent_run_id, parent_position, queue, completed_at, "
@@ -97,8 +100,11 @@ INSERT_RUN = (
     "ON CONFLICT DO NOTHING"
 )
 SELECT_RUN = f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?"
+# A dedup id stays taken while its run may still go on: a QUARANTINED run can be
+# redriven, so it keeps its id (the partial unique index runs_dedup says the same).
 SELECT_DEDUP = (
-    f"SELECT run_id FROM runs WHERE queue = ? AND dedup_id = ? AND status NOT IN {TERMINAL_SQL}"
+    "SELECT run_id FROM runs WHERE queue = ? AND dedup_id = ? "
+    "AND status NOT IN ('COMPLETED', 'FAILED', 'CANCELLED')"
 )
 # A COMPLETED/FAILED entry (or the next retry wait) replaces a PENDING one; a finished
 # entry is never rewritten.
@@ -144,6 +150,28 @@ def dedup_conflict(run: RunRecord, existing_run_id: str) -> RunDeduplicatedError
         run_id=run.run_id, queue=run.queue, dedup_id=run.dedup_id,
         existing_run_id=existing_run_id,
     )
+
+
+# Redrive: a QUARANTINED run goes back to its queue; its failed steps run again, the
+# completed ones keep their journaled results. Its deadline is lifted (it had passed,
+# or the failure was another): a redriven run runs to its end.
+REDRIVE_FORGET_FAILED = "DELETE FROM steps WHERE run_id = ? AND kind = 'step' AND status = 'failed'"
+REDRIVE_RUN = (
+    "UPDATE runs SET status = 'PENDING', result = NULL, error = NULL, completed_at = NULL, "
+    "deadline_at = NULL, owner = NULL, lease_until = NULL, wake_at = NULL, updated_at = ? "
+    "WHERE run_id = ? AND status = 'QUARANTINED'"
+)
+
+
+def refuse_redrive(run_id: str, status: str | None, where: str) -> None:
+    """Raise unless `run_id` is a QUARANTINED run."""
+    if status is None:
+        raise RunNotFoundError(f"cannot redrive run {run_id!r}: no such run in {where}",
+                               run_id=run_id)
+    if status != RunStatus.QUARANTINED.value:
+        raise WorkflowError(
+            f"cannot redrive run {run_id!r}: it is {status}; only a QUARANTINED run "
+            "continues with app.redrive (start a new run instead)", run_id=run_id)
 
 
 def refuse_event(run_id: str, name: str, status: str | None, where: str) -> None:

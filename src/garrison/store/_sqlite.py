@@ -44,6 +44,8 @@ from garrison.store._rows import (
     CANCEL_CHILDREN,
     INSERT_RUN,
     LIST_EVENTS,
+    REDRIVE_FORGET_FAILED,
+    REDRIVE_RUN,
     RUN_COLUMNS,
     SELECT_DEDUP,
     SELECT_RUN,
@@ -53,6 +55,7 @@ from garrison.store._rows import (
     child_conflict,
     dedup_conflict,
     refuse_event,
+    refuse_redrive,
     run_from_row,
     run_values,
     step_from_row,
@@ -653,6 +656,16 @@ class SQLiteStore(LeaseBook):
                     run_id=run_id,
                 )
             return run_from_row(row)
+
+        return await self._write(op)
+
+    async def redrive_run(self, run_id: str, *, now: float) -> RunRecord:
+        def op(conn: sqlite3.Connection) -> RunRecord:
+            row = conn.execute("SELECT status FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            refuse_redrive(run_id, row[0] if row else None, self.path)
+            conn.execute(REDRIVE_FORGET_FAILED, (run_id,))
+            conn.execute(REDRIVE_RUN, (now, run_id))
+            return run_from_row(conn.execute(SELECT_RUN, (run_id,)).fetchone())
 
         return await self._write(op)
 

@@ -1,0 +1,281 @@
+"""`CircuitBreaker`, after resilience4j's.
+
+CLOSED: calls go through and their outcomes fill a sliding window (the last `window`
+calls, or the calls of the last `window` seconds). Once the window holds `min_calls`
+calls, a failure rate >= `failure_rate` or a slow-call rate >= `slow_call_rate` opens it.
+OPEN: calls are refused at once with `CircuitOpenError` (which says when the breaker
+will try again) for `wait_open` seconds, then HALF_OPEN: `half_open_calls` trial calls
+go through (others are refused); when they are all done, the breaker closes if their
+rates are under the thresholds, else opens again. Exceptions in `ignore` count neither
+way. `force_open()`, `disable()` (always let through, record nothing) and `reset()`
+are the manual controls. `for_key("openai:gpt-4o")` gives one breaker per key with the
+same settings.
+
+This release keeps breaker state in the process (per worker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, TypeVar
+
+from garrison._log import get_logger
+from garrison.errors import CircuitOpenError, ConfigurationError
+
+__all__ = ["CLOSED", "DISABLED", "FORCED_OPEN", "HALF_OPEN", "OPEN", "CircuitBreaker"]
+
+log = get_logger(__name__)
+
+T = TypeVar("T")
+
+CLOSED = "CLOSED"
+OPEN = "OPEN"
+HALF_OPEN = "HALF_OPEN"
+FORCED_OPEN = "FORCED_OPEN"
+DISABLED = "DISABLED"
+
+StateListener = Callable[["CircuitBreaker", str, str], None]
+
+
+@dataclass(slots=True)
+class _Outcome:
+    at: float
+    failed: bool
+    slow: bool
+
+
+class CircuitBreaker:
+    """A circuit breaker (see the module doc). Usable as `async with breaker:`, with
+    `await breaker.call(fn, *args)`, or attached to a step (`@app.step(breaker=...)`).
+
+    Args:
+        name: its name (in errors, logs and metrics).
+        failure_rate: open at this fraction of failed calls (0.5 = 50 %).
+        window: the sliding window: the last `window` calls (`window_type="count"`) or
+            the calls of the last `window` seconds (`"time"`).
+        min_calls: no decision before the window holds this many calls.
+        wait_open: seconds OPEN before trying HALF_OPEN.
+        half_open_calls: trial calls let through in HALF_OPEN.
+        slow_call_duration: a call slower than this (seconds) is slow (None: never).
+        slow_call_rate: open at this fraction of slow calls.
+        failure_on: exception types that count as failures (default: `(Exception,)`).
+        ignore: exception types that count neither way (e.g. a validation error).
+        clock: time source `() -> seconds` (`time.monotonic`; inject one in tests).
+    """
+
+    def __init__(self, name: str, *, failure_rate: float = 0.5, window: float = 100,
+                 window_type: str = "count", min_calls: int = 10, wait_open: float = 60.0,
+                 half_open_calls: int = 10, slow_call_duration: float | None = None,
+                 slow_call_rate: float = 1.0,
+                 failure_on: tuple[type[BaseException], ...] = (Exception,),
+                 ignore: tuple[type[BaseException], ...] = (),
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        where = f"CircuitBreaker({name!r})"
+        if not 0 < failure_rate <= 1 or not 0 < slow_call_rate <= 1:
+            raise ConfigurationError(f"{where}: failure_rate and slow_call_rate are in (0, 1]")
+        if window_type not in {"count", "time"}:
+            raise ConfigurationError(f"{where}: window_type is 'count' or 'time', "
+                                     f"not {window_type!r}")
+        if window <= 0 or min_calls < 1 or half_open_calls < 1 or wait_open < 0:
+            raise ConfigurationError(
+                f"{where}: window > 0, min_calls >= 1, half_open_calls >= 1, wait_open >= 0")
+        self.name = name
+        self.failure_rate = failure_rate
+        self.window = window
+        self.window_type = window_type
+        self.min_calls = min_calls
+        self.wait_open = wait_open
+        self.half_open_calls = half_open_calls
+        self.slow_call_duration = slow_call_duration
+        self.slow_call_rate = slow_call_rate
+        self.failure_on = failure_on
+        self.ignore = ignore
+        self.clock = clock
+        self._state = CLOSED
+        self._outcomes: deque[_Outcome] = deque()
+        self._opened_at = 0.0
+        self._trials_started = 0
+        self._trials: list[_Outcome] = []
+        self._lock = threading.Lock()
+        self._keyed: dict[str, CircuitBreaker] = {}
+        self._listeners: list[StateListener] = []
+        self._entered: dict[int, list[float]] = {}
+        self.transitions: list[tuple[str, str]] = []  # (from, to), for metrics and tests
+
+    # -- state ---------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        """CLOSED, OPEN, HALF_OPEN, FORCED_OPEN or DISABLED (OPEN turns HALF_OPEN when
+        its wait is over)."""
+        with self._lock:
+            self._maybe_half_open()
+            return self._state
+
+    def on_state_change(self, listener: StateListener) -> None:
+        """Call `listener(breaker, old, new)` on every transition."""
+        self._listeners.append(listener)
+
+    def _move(self, new: str) -> None:
+        old, self._state = self._state, new
+        if old == new:
+            return
+        self.transitions.append((old, new))
+        if new == OPEN:
+            self._opened_at = self.clock()
+        if new in {HALF_OPEN, CLOSED, OPEN}:
+            self._trials_started = 0
+            self._trials = []
+        if new == CLOSED:
+            self._outcomes.clear()
+        log.warning("breaker.state", breaker=self.name, old=old, new=new)
+        for listener in self._listeners:
+            listener(self, old, new)
+
+    def _maybe_half_open(self) -> None:
+        if self._state == OPEN and self.clock() - self._opened_at >= self.wait_open:
+            self._move(HALF_OPEN)
+
+    def force_open(self) -> None:
+        with self._lock:
+            self._move(FORCED_OPEN)
+
+    def disable(self) -> None:
+        with self._lock:
+            self._move(DISABLED)
+
+    def reset(self) -> None:
+        """Back to CLOSED with an empty window."""
+        with self._lock:
+            self._move(CLOSED)
+            self._outcomes.clear()
+
+    def for_key(self, key: str) -> CircuitBreaker:
+        """The breaker for `key` (made on first use, same settings)."""
+        with self._lock:
+            found = self._keyed.get(key)
+            if found is None:
+                found = CircuitBreaker(
+                    f"{self.name}:{key}", failure_rate=self.failure_rate, window=self.window,
+                    window_type=self.window_type, min_calls=self.min_calls,
+                    wait_open=self.wait_open, half_open_calls=self.half_open_calls,
+                    slow_call_duration=self.slow_call_duration,
+                    slow_call_rate=self.slow_call_rate, failure_on=self.failure_on,
+                    ignore=self.ignore, clock=self.clock)
+                for listener in self._listeners:
+                    found.on_state_change(listener)
+                self._keyed[key] = found
+            return found
+
+    # -- calls ---------------------------------------------------------------------
+
+    def acquire(self) -> float:
+        """Ask to make a call: returns its start time, or raises `CircuitOpenError`."""
+        with self._lock:
+            self._maybe_half_open()
+            now = self.clock()
+            if self._state in {CLOSED, DISABLED}:
+                return now
+            if self._state == HALF_OPEN and self._trials_started < self.half_open_calls:
+                self._trials_started += 1
+                return now
+            retry_in = (max(0.0, self._opened_at + self.wait_open - now)
+                        if self._state == OPEN else None)
+            raise CircuitOpenError(
+                f"circuit breaker {self.name!r} is {self._state}: call refused"
+                + (f"; it lets a trial call through in {retry_in:.1f} s"
+                   if retry_in is not None else ""),
+                breaker=self.name, state=self._state, retry_after=retry_in,
+            )
+
+    def record(self, started: float, error: BaseException | None) -> None:
+        """The outcome of a call that `acquire` let through."""
+        if error is not None and (isinstance(error, self.ignore)
+                                  or not isinstance(error, self.failure_on)):
+            failed = False
+            if isinstance(error, self.ignore):
+                with self._lock:  # a trial that counts neither way frees its slot
+                    if self._state == HALF_OPEN and self._trials_started:
+                        self._trials_started -= 1
+                return
+        else:
+            failed = error is not None
+        now = self.clock()
+        slow = (self.slow_call_duration is not None
+                and now - started >= self.slow_call_duration)
+        outcome = _Outcome(now, failed, slow)
+        with self._lock:
+            if self._state == HALF_OPEN:
+                self._trials.append(outcome)
+                if len(self._trials) >= self.half_open_calls:
+                    self._move(OPEN if self._tripped(self._trials) else CLOSED)
+            elif self._state == CLOSED:
+                self._outcomes.append(outcome)
+                self._trim(now)
+                if len(self._outcomes) >= self.min_calls and self._tripped(self._outcomes):
+                    self._move(OPEN)
+
+    def _trim(self, now: float) -> None:
+        if self.window_type == "count":
+            while len(self._outcomes) > self.window:
+                self._outcomes.popleft()
+        else:
+            while self._outcomes and self._outcomes[0].at <= now - self.window:
+                self._outcomes.popleft()
+
+    def _tripped(self, outcomes: Any) -> bool:
+        total = len(outcomes)
+        failures = sum(1 for o in outcomes if o.failed)
+        slow = sum(1 for o in outcomes if o.slow)
+        return failures / total >= self.failure_rate or slow / total >= self.slow_call_rate
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """Calls in the window, failure and slow-call rates (in [0, 1])."""
+        with self._lock:
+            total = len(self._outcomes)
+            if not total:
+                return {"calls": 0, "failure_rate": 0.0, "slow_call_rate": 0.0}
+            return {"calls": total,
+                    "failure_rate": sum(o.failed for o in self._outcomes) / total,
+                    "slow_call_rate": sum(o.slow for o in self._outcomes) / total}
+
+    async def call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        """`await fn(*args, **kwargs)` through the breaker."""
+        started = self.acquire()
+        try:
+            result = await fn(*args, **kwargs)
+        except asyncio.CancelledError:
+            self.record(started, None)  # not the dependency's fault
+            raise
+        except BaseException as exc:
+            self.record(started, exc)
+            raise
+        self.record(started, None)
+        return result
+
+    async def __aenter__(self) -> CircuitBreaker:
+        started = self.acquire()
+        self._entered.setdefault(_task_key(), []).append(started)
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        key = _task_key()
+        starts = self._entered[key]
+        started = starts.pop()
+        if not starts:
+            del self._entered[key]
+        self.record(started, None if isinstance(exc, asyncio.CancelledError) else exc)
+
+
+def _task_key() -> int:
+    """`async with` blocks are matched per task (they may nest and run concurrently)."""
+    task = asyncio.current_task()
+    return id(task) if task is not None else 0
