@@ -13,7 +13,7 @@ import asyncio
 import contextvars
 import datetime as dt
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -96,16 +96,23 @@ def leave_branch(token: contextvars.Token[Branch | None]) -> None:
     _branch.reset(token)
 
 
-_StepTokens = tuple[contextvars.Token[StepInfo | None], contextvars.Token[Branch | None]]
+# Inside a step body: the run's deadline and the engine's clock, for `remaining()`.
+_Deadline = tuple[float, Callable[[], float]] | None
+_step_deadline: contextvars.ContextVar[_Deadline] = contextvars.ContextVar(
+    "garrison_step_deadline", default=None
+)
+_StepTokens = tuple[contextvars.Token[StepInfo | None], contextvars.Token[Branch | None],
+                    contextvars.Token[_Deadline]]
 
 
-def enter_step(info: StepInfo) -> _StepTokens:
-    return _step.set(info), _branch.set(None)
+def enter_step(info: StepInfo, deadline: _Deadline = None) -> _StepTokens:
+    return _step.set(info), _branch.set(None), _step_deadline.set(deadline)
 
 
 def leave_step(tokens: _StepTokens) -> None:
     _step.reset(tokens[0])
     _branch.reset(tokens[1])
+    _step_deadline.reset(tokens[2])
 
 
 def install_task_factory(loop: asyncio.AbstractEventLoop) -> None:
@@ -233,4 +240,7 @@ def remaining() -> float | None:
     inherited from a parent); None outside a run or when it has no deadline. Inside a
     step too, so an outbound call can pass it on as its own timeout."""
     branch = current_branch()
-    return branch.execution.remaining() if branch is not None else None
+    if branch is not None:
+        return branch.execution.remaining()
+    deadline = _step_deadline.get()
+    return deadline[0] - deadline[1]() if deadline is not None else None

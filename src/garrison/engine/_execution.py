@@ -498,7 +498,9 @@ class RunExecution:
             info = StepInfo(self.run_id, position, step.name, attempt, f"{self.run_id}:{position}")
             self._emit("step_started", info)
             began = time.perf_counter()
-            tokens = enter_step(info)
+            deadline = self.run.deadline_at
+            tokens = enter_step(info, (deadline, self.worker.clock.time)
+                                if deadline is not None else None)
             try:
                 result = await self._attempt(step, args, kwargs, where)
             except Exception as exc:

@@ -1,0 +1,268 @@
+"""Resilience policies attached to steps and workflows, through the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from garrison import (
+    CircuitOpenError,
+    Context,
+    DeadlineExceeded,
+    Garrison,
+    RunStatus,
+    WorkflowError,
+    WorkflowFailed,
+    remaining,
+)
+from garrison.resilience import CircuitBreaker, Fallback, Retry, RetryBudget
+from garrison.store import StepStatus
+from garrison.testing import FakeClock
+
+from ._support import ParkWatch
+
+
+async def test_retry_wait_is_durable_and_the_attempt_count_survives_a_restart(
+    db_url: str, clock: FakeClock,
+) -> None:
+    calls: list[int] = []
+    second_failed = asyncio.Event()
+    retry = Retry(max_attempts=5, base=10.0, cap=10.0, random=lambda: 1.0)
+
+    def build(watch: ParkWatch | None = None) -> Garrison:
+        app = Garrison(db_url, clock=clock, hooks=(watch,) if watch else ())
+
+        @app.step(name="flaky", retry=retry)
+        async def flaky() -> str:
+            calls.append(len(calls) + 1)
+            if len(calls) < 3:
+                if len(calls) == 2:
+                    second_failed.set()
+                raise ConnectionError(f"down #{len(calls)}")
+            return "up"
+
+        @app.workflow(name="w")
+        async def w(ctx: Context) -> str:
+            return await flaky()
+
+        return app
+
+    watch = ParkWatch()
+    app = build(watch)
+    async with app:
+        await app.start("w", run_id="r")  # type: ignore[arg-type]
+        await watch.parked("r")  # parked in its backoff: no coroutine held
+        [entry] = await app.store.load_journal("r")
+        assert (entry.status, entry.attempts) == (StepStatus.PENDING, 1)
+        assert entry.fire_at == clock.time() + 10.0 and "down #1" in (entry.error or "")
+    again = build()
+    async with again:  # a restart during the backoff: the wait goes on, the count stays
+        clock.advance(10.0)
+        await asyncio.wait_for(second_failed.wait(), 10)
+        await asyncio.sleep(0.1)  # its retry wait is journaled before time moves on
+        clock.advance(10.0)
+        assert await again.handle("r").result(timeout=10) == "up"
+        [entry] = await again.store.load_journal("r")
+    assert calls == [1, 2, 3] and (entry.status, entry.attempts) == (StepStatus.COMPLETED, 3)
+
+
+async def test_a_failed_run_is_quarantined_and_redrive_continues_it(db_url: str) -> None:
+    app = Garrison(db_url)
+    broken = True
+    ran: list[str] = []
+
+    @app.step(name="reserve")
+    async def reserve() -> str:
+        ran.append("reserve")
+        return "held"
+
+    @app.step(name="charge")
+    async def charge() -> str:
+        ran.append("charge")
+        if broken:
+            raise PermissionError("card declined by a bad config")
+        return "paid"
+
+    @app.workflow(name="order")
+    async def order(ctx: Context) -> str:
+        return f"{await reserve()}+{await charge()}"
+
+    async with app:
+        handle = await app.start(order, run_id="o1")
+        with pytest.raises(WorkflowFailed, match=r"QUARANTINED.*app\.redrive"):
+            await handle.result(timeout=10)
+        run = await handle.record()
+        assert run.status is RunStatus.QUARANTINED and run.inputs  # inputs and error kept
+        assert "card declined" in (run.error or "")
+        broken = False  # the fix
+        again = await app.redrive("o1")
+        assert await again.result(timeout=10) == "held+paid"
+        with pytest.raises(WorkflowError, match="only a QUARANTINED run"):
+            await app.redrive("o1")
+    assert ran == ["reserve", "charge", "charge"]  # the completed step did not run again
+
+
+async def test_quarantine_false_ends_failed(db_url: str) -> None:
+    app = Garrison(db_url)
+
+    @app.workflow(name="w", quarantine=False)
+    async def w(ctx: Context) -> None:
+        raise ValueError("no")
+
+    async with app:
+        handle = await app.start(w)
+        with pytest.raises(WorkflowFailed):
+            await handle.result(timeout=10)
+        assert await handle.status() is RunStatus.FAILED
+        with pytest.raises(WorkflowError, match="it is FAILED"):
+            await app.redrive(handle.run_id)
+
+
+async def test_step_timeout_cancels_the_attempt_and_retry_covers_it(db_url: str) -> None:
+    app = Garrison(db_url)
+    attempts: list[float] = []
+
+    @app.step(name="slow", timeout=0.05, retry=Retry(max_attempts=3, base=0.0,
+                                                     retry_on=(TimeoutError,)))
+    async def slow() -> str:
+        attempts.append(time.monotonic())
+        if len(attempts) == 1:
+            await asyncio.sleep(30)  # hangs: cancelled by the timeout
+        return "ok"
+
+    @app.step(name="hangs", timeout=0.05)
+    async def hangs() -> None:
+        await asyncio.sleep(30)
+
+    @app.workflow(name="w")
+    async def w(ctx: Context) -> str:
+        first = await slow()
+        try:
+            await hangs()
+        except DeadlineExceeded as exc:
+            return f"{first}/{type(exc).__name__}"
+        return "unreachable"
+
+    async with app:
+        assert await (await app.start(w)).result(timeout=10) == "ok/DeadlineExceeded"
+    assert len(attempts) == 2
+
+
+async def test_run_deadline_is_seen_by_steps_and_ends_the_run(db_url: str,
+                                                                clock: FakeClock) -> None:
+    app = Garrison(db_url, clock=clock)
+    seen: list[float | None] = []
+
+    @app.step(name="look")
+    async def look() -> None:
+        seen.append(remaining())
+
+    @app.workflow(name="child")
+    async def child(ctx: Context) -> None:
+        await look()
+
+    @app.workflow(name="w", timeout=60)
+    async def w(ctx: Context) -> None:
+        await look()
+        await (await ctx.start_child(child)).result()
+        await ctx.sleep(3600)  # longer than the deadline
+
+    async with app:
+        handle = await app.start(w)
+        await asyncio.sleep(0.2)
+        clock.advance(61)
+        with pytest.raises(WorkflowFailed, match="DeadlineExceeded"):
+            await handle.result(timeout=10)
+        assert await handle.status() is RunStatus.QUARANTINED
+    assert seen == [60.0, 60.0]  # the child inherited the parent's deadline
+    assert remaining() is None  # outside a run
+
+
+async def test_an_open_breaker_makes_steps_fail_fast_without_calling(db_url: str) -> None:
+    app = Garrison(db_url)
+    breaker = CircuitBreaker("dep-fast", failure_rate=0.5, window=4, min_calls=4,
+                             wait_open=60.0)
+    called = 0
+
+    @app.step(name="call_dep", breaker=breaker)
+    async def call_dep() -> None:
+        nonlocal called
+        called += 1
+        raise ConnectionError("down")
+
+    @app.workflow(name="w", quarantine=False)
+    async def w(ctx: Context) -> str:
+        try:
+            await call_dep()
+        except CircuitOpenError:
+            return "refused"
+        except ConnectionError:
+            return "failed"
+        return "ok"
+
+    async with app:
+        outcomes = [await (await app.start(w)).result(timeout=10) for _ in range(10)]
+    assert outcomes == ["failed"] * 4 + ["refused"] * 6
+    assert called == 4 and breaker.state == "OPEN"
+
+
+async def test_cascade_breaker_and_budget_bound_the_calls_to_a_failing_dependency(
+    db_url: str,
+) -> None:
+    """A dependency down for the first 0.4 s; 120 runs call it at once. Plain retries
+    keep hammering it; a breaker + retry budget + fallback send a bounded number of
+    calls and every run still finishes (degraded where the dependency was down)."""
+    async def scenario(protected: bool) -> tuple[int, list[Any]]:
+        began = time.monotonic()
+        calls = 0
+
+        async def dependency() -> str:
+            nonlocal calls
+            calls += 1
+            await asyncio.sleep(0.005)
+            if time.monotonic() - began < 0.4:
+                raise ConnectionError("dependency down")
+            return "fresh"
+
+        app = Garrison(db_url.replace(".db", f"-{protected}.db"))
+        budget = RetryBudget(f"cascade-{protected}-{db_url}", capacity=50, retry_cost=5)
+        breaker = CircuitBreaker(f"cascade-{protected}", failure_rate=0.5, window=20,
+                                 min_calls=10, wait_open=0.5, half_open_calls=3)
+        retry = Retry(max_attempts=6, base=0.05, cap=0.2,
+                      budget=budget if protected else None)
+
+        @app.step(name="ask", retry=retry, breaker=breaker if protected else None)
+        async def ask() -> str:
+            return await dependency()
+
+        @app.step(name="cached")
+        async def cached() -> str:
+            return "cached"
+
+        @app.workflow(name="w", quarantine=False)
+        async def w(ctx: Context) -> str:
+            if not protected:
+                return await ask()
+            served = await Fallback([ask, cached])()
+            return served.value
+
+        async with app:
+            handles = [await app.start(w) for _ in range(120)]
+            results = []
+            for handle in handles:
+                try:
+                    results.append(await handle.result(timeout=60))
+                except WorkflowFailed:
+                    results.append("lost")
+        return calls, results
+
+    plain_calls, _ = await scenario(protected=False)
+    guarded_calls, guarded = await scenario(protected=True)
+    print(f"\ncascade: dependency calls plain={plain_calls} protected={guarded_calls}; "
+          f"degraded={guarded.count('cached')}/120")
+    assert "lost" not in guarded and set(guarded) <= {"fresh", "cached"}
+    assert guarded_calls * 2 < plain_calls  # the breaker and budget bound the storm
+    assert plain_calls > 240  # without them, most runs retried several times
