@@ -234,8 +234,9 @@ async def test_cancel_is_recorded_and_propagates_to_children(db_url: str) -> Non
         handle = await app.start(parent, [0, 0], run_id="p")
         await watch.parked("p", "p/1", "p/2")
         await handle.cancel()
-        with pytest.raises(WorkflowCancelled):
-            await handle.result(timeout=5)
+        for run_id in ("p", "p/1", "p/2"):  # children end as soon as a worker sees the flag
+            with pytest.raises(WorkflowCancelled):
+                await app.handle(run_id).result(timeout=5)
         statuses = {r.run_id: r.status for r in await app.store.list_runs()}
     assert statuses == {"p": RunStatus.CANCELLED, "p/1": RunStatus.CANCELLED,
                         "p/2": RunStatus.CANCELLED}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import secrets
@@ -21,6 +22,7 @@ from garrison.engine._registry import Guard, Registry, RetryPolicy, StepDef, Wor
 from garrison.engine._worker import Worker
 from garrison.errors import (
     ConfigurationError,
+    LeaseLostError,
     NotInWorkflowError,
     StoreError,
     WorkflowConflictError,
@@ -437,7 +439,13 @@ class Garrison:
         if self.store.holds(run_id):
             return  # claimed here and about to start or retry: it reads the request then
         claimed = await self.store.claim_run(run_id, now=self.clock.time())
-        if claimed is not None:  # nobody else holds it: end it here
+        if claimed is None:
+            return  # another worker holds it: it sees the request
+        if run_id in self.worker.live or not self.store.holds(run_id):
+            return  # this worker's own claim got there first, or the run moved on
+        # Nobody else holds it: end it here (if it is taken meanwhile, its holder reads
+        # the request).
+        with contextlib.suppress(LeaseLostError):
             await self.worker.finish_stored(claimed, RunStatus.CANCELLED, None, None)
 
     async def redrive(self, run_id: str) -> RunHandle[Any]:

@@ -124,6 +124,8 @@ class RunExecution:
         self._cancelling = False
         self._cancel_after_close = False
         self._deadline_passed = False
+        self._cancel_at_start = False
+        self.started = False  # set when the worker's task begins executing it
         self._closing = False
         self._quiescence_scheduled = False
         self._quiet_passes = 0
@@ -143,6 +145,9 @@ class RunExecution:
 
     def cancel(self) -> None:
         """Cancel cooperatively: CancelledError at the workflow's current await."""
+        if not self.started:  # a task cancelled before it runs never runs its cleanup:
+            self._cancel_at_start = True  # end the run as cancelled when it starts instead
+            return
         if self._closing:  # the body is over; the outcome being written is replaced
             self._cancel_after_close = True
             return
@@ -178,10 +183,14 @@ class RunExecution:
                 self.worker.store_failed(self.run_id, failure.error)
                 return
             await self._close_branches()
-            if outcome is None:
-                await self._park()
-            else:
-                await self._finish(outcome)
+            try:
+                if outcome is None:
+                    await self._park()
+                else:
+                    await self._finish(outcome)
+            except _StoreFailure as failure:  # parking's journal write failed for good
+                self.worker.store_failed(self.run_id, failure.error)
+                return
         finally:
             leave_branch(token)
         if self._cancel_after_close:
@@ -216,7 +225,7 @@ class RunExecution:
 
     async def _run_body(self) -> _Outcome:
         try:
-            if self.run.cancel_requested:
+            if self.run.cancel_requested or self._cancel_at_start:
                 return _Outcome(RunStatus.CANCELLED)
             inputs = decode(self.run.inputs)
             result = await self.workflow.fn(self.context, *inputs["args"], **inputs["kwargs"])

@@ -192,9 +192,16 @@ class Worker:
         execution.task = self._spawn(self._execute(execution, journal is None),
                                      name=f"garrison-run:{run.run_id}")
         self._runs.add(execution.task)
+        # However the task ends (even cancelled before it ran), the run leaves `live`.
+        execution.task.add_done_callback(lambda _: self._forget_live(execution))
+
+    def _forget_live(self, execution: RunExecution) -> None:
+        if self.live.get(execution.run_id) is execution:
+            del self.live[execution.run_id]
 
     async def _execute(self, execution: RunExecution, load: bool) -> None:
         run = execution.run
+        execution.started = True
         try:
             if load:
                 entries = await self.store.load_journal(run.run_id)
@@ -330,7 +337,7 @@ class Worker:
         for run_id, (at, _) in list(self._retry_at.items()):
             if at <= now and run_id not in self.live:
                 try:
-                    claimed = await self.store.claim_run(run_id, now=now)
+                    claimed = await self.store.claim_run(run_id, now=now, mine=True)
                 except StoreError as exc:  # still failing: back off further
                     log.warning("run.retry_failed", run_id=run_id, error=str(exc))
                     self.retry_later(run_id)

@@ -40,6 +40,7 @@ class Dialect:
 
     skip_locked: str  # appended to a row-selecting subquery
     queue_lock: str | None  # a statement taking the queue's transaction lock (param: key)
+    row_lock: str = ""  # appended to a subquery that must wait for its row
 
 
 def in_list(values: Sequence[Any]) -> str:
@@ -89,16 +90,19 @@ def claim_due(dialect: Dialect, worker_id: str, *, now: float, wall: float,
 
 
 def claim_one(dialect: Dialect, worker_id: str, run_id: str, *, now: float, wall: float,
-              lease_until: float) -> Plan:
-    """Take one run if nobody holds it (or this worker does): resume after a failure."""
+              lease_until: float, mine: bool) -> Plan:
+    """Take one unfinished run if nobody holds it, or (`mine`) if this worker does: a
+    resume after a failed write. Waits for the run's row rather than skipping it (a
+    concurrent write to it is not a reason to give up). Never sets `started_at`: a run
+    claimed this way to be cancelled never started."""
     subquery = (
         f"SELECT run_id FROM runs WHERE run_id = ? AND status NOT IN {TERMINAL_SQL} "
-        "AND (owner IS NULL OR owner = ? "
-        f"OR lease_until IS NULL OR lease_until < ?){dialect.skip_locked}"
+        "AND (owner IS NULL OR lease_until IS NULL OR lease_until < ?"
+        + (" OR owner = ?" if mine else "") + f"){dialect.row_lock}"
     )
     rows = yield (
-        _TAKE.format(started=", started_at = coalesce(started_at, ?)", subquery=subquery),
-        [worker_id, lease_until, wall, wall, run_id, worker_id, wall],
+        _TAKE.format(started="", subquery=subquery),
+        [worker_id, lease_until, wall, run_id, wall, *([worker_id] if mine else [])],
     )
     return [run_from_row(r) for r in rows]
 

@@ -41,8 +41,10 @@ from garrison.store._records import (
 )
 from garrison.store._rows import (
     CANCEL_CHILDREN,
+    DUE_NOW,
     INSERT_RUN,
     LIST_EVENTS,
+    PARK_RUN,
     REDRIVE_FORGET_FAILED,
     REDRIVE_RUN,
     RUN_COLUMNS,
@@ -103,7 +105,8 @@ _INSERT_STEPS = (  # many journal rows in one statement: one array per column
     + ", ".join(f"%s::{t}[]" for t in _STEP_TYPES) + f") {STEP_CONFLICT}"
 )
 _DIALECT = Dialect(skip_locked=" FOR UPDATE SKIP LOCKED",
-                   queue_lock="SELECT pg_advisory_xact_lock(hashtext(?))")
+                   queue_lock="SELECT pg_advisory_xact_lock(hashtext(?))",
+                   row_lock=" FOR UPDATE")
 # Without a LISTEN connection, `changes()` says "everything" at most this often.
 _BLIND_LOOK_S = 1.0
 # How long a LISTEN connection that dropped waits before connecting again (doubling).
@@ -196,6 +199,7 @@ class _GroupCommit:
         self._store = store
         self._ops: list[tuple[_Op, asyncio.Future[Any]]] = []
         self._single: set[asyncio.Future[Any]] = set()  # ops that are one statement
+        self._claims: set[asyncio.Future[Any]] = set()  # claims: first in their batch
         # append_steps calls: the runs they write for (with the fence each was claimed
         # at, None for a client) and their rows, written together when a batch has several
         self._steps: dict[asyncio.Future[Any], tuple[dict[str, int | None], list[Any]]] = {}
@@ -204,7 +208,7 @@ class _GroupCommit:
         self.writes = 0
         self.retried = 0  # batches done again write by write after a refused write
 
-    def submit(self, op: _Op, *, single_statement: bool = False,
+    def submit(self, op: _Op, *, single_statement: bool = False, claim: bool = False,
                steps: tuple[dict[str, int | None], list[Any]] | None = None
                ) -> asyncio.Future[Any]:
         """Queue `op`. A `single_statement` op is atomic by itself: alone in its batch,
@@ -216,6 +220,9 @@ class _GroupCommit:
         if single_statement:
             self._single.add(future)
             future.add_done_callback(self._single.discard)
+        if claim:
+            self._claims.add(future)
+            future.add_done_callback(self._claims.discard)
         if steps is not None:
             self._steps[future] = steps
             future.add_done_callback(self._forget_steps)
@@ -339,17 +346,17 @@ class _GroupCommit:
                            rejected: tuple[type[BaseException], ...]) -> None:
         """One transaction for the batch. Optimistic first: no savepoints (two round
         trips fewer per write); if any write is refused, the batch is rolled back and
-        done again with a savepoint per write, so that the refused one fails alone."""
+        done again with a savepoint per write, so that the refused one fails alone.
+
+        Claims go first: a claim may take a queue's lock and must not wait for it while
+        this transaction holds row locks that the lock's holder waits for (deadlock).
+        """
+        ops = sorted(ops, key=lambda o: o[1] not in self._claims)  # stable: claims first
         if len(ops) > 1:
             tried: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
             try:
                 async with self._store._pool.connection() as conn, conn.transaction():
-                    served = await self._write_steps_together(conn, ops)
-                    for op, future in ops:
-                        if future in served:
-                            tried.append((future, None, served[future]))
-                        elif not future.cancelled():
-                            tried.append((future, await op(conn), None))
+                    await self._run_ops(conn, ops, tried, None)
             except rejected:
                 self.retried += 1
             else:
@@ -360,20 +367,32 @@ class _GroupCommit:
                 op, future = ops[0]
                 outcomes.append((future, await op(conn), None))
                 return
-            served = await self._write_steps_together(conn, ops)
-            for op, future in ops:
-                if future.cancelled():
-                    continue  # its caller is gone (run closing, shutdown)
-                if future in served:
-                    outcomes.append((future, None, served[future]))
-                    continue
-                try:
-                    async with conn.transaction():  # a savepoint per write
-                        outcome = await op(conn)
-                except rejected as exc:
-                    outcomes.append((future, None, self._rejected(exc)))
-                else:
-                    outcomes.append((future, outcome, None))
+            await self._run_ops(conn, ops, outcomes, rejected)
+
+    async def _run_ops(self, conn: Any, ops: list[tuple[_Op, asyncio.Future[Any]]],
+                       outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]],
+                       isolate: tuple[type[BaseException], ...] | None) -> None:
+        """Claims, then every journal row together, then the other writes; with a
+        savepoint each when `isolate` names the errors that fail one write alone."""
+        served: dict[asyncio.Future[Any], BaseException | None] | None = None
+        for op, future in ops:
+            if served is None and future not in self._claims:
+                served = await self._write_steps_together(conn, ops)
+            if future.cancelled() and isolate is not None:
+                continue  # its caller is gone (run closing, shutdown)
+            if served is not None and future in served:
+                outcomes.append((future, None, served[future]))
+                continue
+            if isolate is None:
+                outcomes.append((future, await op(conn), None))
+                continue
+            try:
+                async with conn.transaction():  # a savepoint per write
+                    outcome = await op(conn)
+            except isolate as exc:
+                outcomes.append((future, None, self._rejected(exc)))
+            else:
+                outcomes.append((future, outcome, None))
 
     def _rejected(self, exc: BaseException) -> BaseException:
         if isinstance(exc, WorkflowError | RunNotFoundError | LeaseLostError):
@@ -600,26 +619,48 @@ class PostgresStore(LeaseBook):
         worker = self._require_worker()
         wall = self._wall()
         until = self._lease_until()
-        return self._took(await self._write(lambda conn: _drive(claim_due(
+        return await self._claim(lambda: claim_due(
             _DIALECT, worker, now=now, wall=wall, lease_until=until,
-            queues=queues, workflows=workflows, limit=limit), conn)))
+            queues=queues, workflows=workflows, limit=limit))
+
+    async def _claim(self, plan: Callable[[], Plan]) -> list[RunRecord]:
+        """Run a claim in the group commit, first in its batch. What it took is booked
+        inside the write, so that a caller cancelled meanwhile (a worker stopping) does
+        not leave runs claimed in the database but unknown here (never handed back)."""
+        self._require_open()
+        assert self._writer is not None
+        tries: list[list[RunRecord]] = []
+
+        async def op(conn: Any) -> list[RunRecord]:
+            taken = self._took(await _drive(plan(), conn))
+            tries.append(taken)
+            return taken
+
+        final: list[RunRecord] = await self._writer.submit(op, claim=True)
+        kept = {r.run_id for r in final}
+        for earlier in tries[:-1]:  # a batch done again: its first claims were undone
+            for run in earlier:
+                if run.run_id not in kept and self._held.get(run.run_id) == run.fence:
+                    del self._held[run.run_id]
+        return final
 
     async def claim_queued(self, limits: QueueLimits, slots: int, *,
                            workflows: Sequence[tuple[str, str]] | None) -> list[RunRecord]:
         worker = self._require_worker()
         wall = self._wall()
         until = self._lease_until()
-        return self._took(await self._write(lambda conn: _drive(claim_queued(
+        return await self._claim(lambda: claim_queued(
             _DIALECT, worker, limits, slots, wall=wall, lease_until=until,
             lock_key=f"garrison-queue:{self.schema}:{limits.name}",
-            workflows=workflows), conn)))
+            workflows=workflows))
 
-    async def claim_run(self, run_id: str, *, now: float) -> RunRecord | None:
+    async def claim_run(self, run_id: str, *, now: float, mine: bool = False
+                        ) -> RunRecord | None:
         worker = self._require_worker()
         wall = self._wall()
         until = self._lease_until()
-        claimed = self._took(await self._write(lambda conn: _drive(claim_one(
-            _DIALECT, worker, run_id, now=now, wall=wall, lease_until=until), conn)))
+        claimed = await self._claim(lambda: claim_one(
+            _DIALECT, worker, run_id, now=now, wall=wall, lease_until=until, mine=mine))
         return claimed[0] if claimed else None
 
     async def renew_leases(self) -> set[str]:
@@ -759,12 +800,8 @@ class PostgresStore(LeaseBook):
                     "AND name = ANY(%s) LIMIT 1", (run_id, list(events)))).fetchone()
                 if waiting is not None:
                     wake = at  # an event arrived while the run was parking
-            await conn.execute(  # a parked run is nobody's: whoever is alive wakes it
-                "UPDATE runs SET status = 'WAITING', wake_at = %s, updated_at = %s, "
-                "owner = NULL, lease_until = NULL "
-                f"WHERE run_id = %s AND status NOT IN {TERMINAL_SQL}",
-                (wake, at, run_id),
-            )
+            # A parked run is nobody's: whoever is alive wakes it.
+            await conn.execute(_sql(PARK_RUN), (wake, at, run_id))
             await verify()
 
         await self._write(op)
@@ -790,7 +827,10 @@ class PostgresStore(LeaseBook):
                 await _insert_event(conn, self.channel, notify.run_id, notify.name, notify.payload,
                                     notify.sent_at)
             if changed and status is RunStatus.CANCELLED:
-                await conn.execute(_CANCEL_CHILDREN, (completed_at, completed_at, run_id))
+                children = await (await conn.execute(
+                    _CANCEL_CHILDREN, (completed_at, DUE_NOW, run_id))).fetchall()
+                for (child,) in children:  # a child live on another worker stops now
+                    await _notify(conn, self.channel, f"c:{child}")
             await verify()
             return changed
 
@@ -804,9 +844,9 @@ class PostgresStore(LeaseBook):
         async def op(conn: Any) -> RunRecord:
             await conn.execute(  # a parked run is woken so that its worker sees the request
                 "UPDATE runs SET cancel_requested = 1, updated_at = %s, wake_at = CASE "
-                "WHEN status = 'WAITING' THEN %s ELSE wake_at END "
+                f"WHEN status = 'WAITING' THEN {DUE_NOW} ELSE wake_at END "
                 f"WHERE run_id = %s AND status NOT IN {TERMINAL_SQL}",
-                (at, at, run_id),
+                (at, run_id),
             )
             row = await (await conn.execute(_SELECT_RUN, (run_id,))).fetchone()
             if row is None:
@@ -970,16 +1010,17 @@ async def _notify(conn: Any, channel: str, payload: str) -> None:
 
 async def _insert_event(conn: Any, channel: str, run_id: str, name: str, payload: str,
                         sent_at: float) -> int:
+    # Lock the run's row first: a park in flight (it holds the row) then commits before
+    # this event, and the wake-up below sees it WAITING; or this commits first and the
+    # park's look for waiting events sees the event.
+    await conn.execute("SELECT 1 FROM runs WHERE run_id = %s FOR SHARE", (run_id,))
     cursor = await conn.execute(
         "INSERT INTO events (run_id, name, payload, sent_at) VALUES (%s, %s, %s, %s) "
         "RETURNING seq",
         (run_id, name, payload, sent_at),
     )
     row = await cursor.fetchone()
-    await conn.execute(
-        "UPDATE runs SET wake_at = least(coalesce(wake_at, %s), %s) "
-        "WHERE run_id = %s AND status = 'WAITING'",
-        (sent_at, sent_at, run_id),
-    )
+    await conn.execute("UPDATE runs SET wake_at = %s WHERE run_id = %s AND status = 'WAITING'",
+                       (DUE_NOW, run_id))
     await _notify(conn, channel, f"e:{run_id}")
     return int(row[0])

@@ -76,8 +76,11 @@ class Store(Protocol):
                            workflows: Sequence[tuple[str, str]] | None) -> list[RunRecord]:
         """Start up to `slots` PENDING runs of one queue within its limits."""
 
-    async def claim_run(self, run_id: str, *, now: float) -> RunRecord | None:
-        """Claim one unfinished run unless another worker holds a live lease on it."""
+    async def claim_run(self, run_id: str, *, now: float, mine: bool = False
+                        ) -> RunRecord | None:
+        """Claim one unfinished run nobody holds (lease ended or handed back), or, with
+        `mine`, one this worker holds (a resume after a failed write). Waits for the
+        run's row if another transaction has it."""
 
     async def renew_leases(self) -> set[str]:
         """Extend this worker's leases; returns the run ids it no longer holds."""

@@ -26,6 +26,8 @@ __all__ = [
     "STEP_CONFLICT",
     "TERMINAL_SQL",
     "CANCEL_CHILDREN",
+    "DUE_NOW",
+    "PARK_RUN",
     "UPSERT_STEP",
     "REDRIVE_FORGET_FAILED",
     "REDRIVE_RUN",
@@ -123,7 +125,16 @@ UPSERT_STEP = f"INSERT INTO steps ({STEP_COLUMNS}) VALUES ({', '.join('?' * 15)}
 CANCEL_CHILDREN = (
     "UPDATE runs SET cancel_requested = 1, updated_at = ?, wake_at = CASE "
     "WHEN status = 'WAITING' THEN ? ELSE wake_at END "
-    f"WHERE parent_run_id = ? AND status NOT IN {TERMINAL_SQL}"
+    f"WHERE parent_run_id = ? AND status NOT IN {TERMINAL_SQL} RETURNING run_id"
+)
+# The wake-up of a parked run that an event or a cancellation makes due: "at once",
+# whatever the sender's clock says (hosts disagree; the claimer compares its own now).
+DUE_NOW = 0.0
+# Parking: a run whose cancellation was asked meanwhile is due at once.
+PARK_RUN = (
+    "UPDATE runs SET status = 'WAITING', wake_at = CASE WHEN cancel_requested = 1 THEN 0 "
+    "ELSE ? END, updated_at = ?, owner = NULL, lease_until = NULL "
+    f"WHERE run_id = ? AND status NOT IN {TERMINAL_SQL}"
 )
 
 

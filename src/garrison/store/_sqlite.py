@@ -42,8 +42,10 @@ from garrison.store._records import (
 )
 from garrison.store._rows import (
     CANCEL_CHILDREN,
+    DUE_NOW,
     INSERT_RUN,
     LIST_EVENTS,
+    PARK_RUN,
     REDRIVE_FORGET_FAILED,
     REDRIVE_RUN,
     RUN_COLUMNS,
@@ -433,19 +435,20 @@ class SQLiteStore(LeaseBook):
         plan = claim_due(_DIALECT, self._require_worker(), now=now, wall=self._wall(),
                          lease_until=self._lease_until(), queues=queues,
                          workflows=workflows, limit=limit)
-        return self._took(await self._write(lambda conn: _drive(plan, conn)))
+        return await self._write(lambda conn: self._took(_drive(plan, conn)))
 
     async def claim_queued(self, limits: QueueLimits, slots: int, *,
                            workflows: Sequence[tuple[str, str]] | None) -> list[RunRecord]:
         plan = claim_queued(_DIALECT, self._require_worker(), limits, slots, wall=self._wall(),
                             lease_until=self._lease_until(), lock_key=limits.name,
                             workflows=workflows)
-        return self._took(await self._write(lambda conn: _drive(plan, conn)))
+        return await self._write(lambda conn: self._took(_drive(plan, conn)))
 
-    async def claim_run(self, run_id: str, *, now: float) -> RunRecord | None:
+    async def claim_run(self, run_id: str, *, now: float, mine: bool = False
+                        ) -> RunRecord | None:
         plan = claim_one(_DIALECT, self._require_worker(), run_id, now=now, wall=self._wall(),
-                         lease_until=self._lease_until())
-        claimed = self._took(await self._write(lambda conn: _drive(plan, conn)))
+                         lease_until=self._lease_until(), mine=mine)
+        claimed = await self._write(lambda conn: self._took(_drive(plan, conn)))
         return claimed[0] if claimed else None
 
     async def renew_leases(self) -> set[str]:
@@ -604,12 +607,8 @@ class SQLiteStore(LeaseBook):
                 ).fetchone()
                 if waiting is not None:
                     wake = now  # an event arrived while the run was parking
-            conn.execute(  # a parked run is nobody's: whoever is alive wakes it
-                "UPDATE runs SET status = 'WAITING', wake_at = ?, updated_at = ?, "
-                "owner = NULL, lease_until = NULL "
-                f"WHERE run_id = ? AND status NOT IN {TERMINAL_SQL}",
-                (wake, now, run_id),
-            )
+            # A parked run is nobody's: whoever is alive wakes it.
+            conn.execute(PARK_RUN, (wake, now, run_id))
 
         await self._write(op)
         self._held.pop(run_id, None)
@@ -629,7 +628,7 @@ class SQLiteStore(LeaseBook):
             if changed and notify is not None:
                 _insert_event(conn, notify.run_id, notify.name, notify.payload, notify.sent_at)
             if changed and status is RunStatus.CANCELLED:
-                conn.execute(CANCEL_CHILDREN, (completed_at, completed_at, run_id))
+                conn.execute(CANCEL_CHILDREN, (completed_at, DUE_NOW, run_id)).fetchall()
             return changed
 
         changed = await self._write(op)
@@ -642,9 +641,9 @@ class SQLiteStore(LeaseBook):
         def op(conn: sqlite3.Connection) -> RunRecord:
             conn.execute(  # a parked run is woken so that its worker sees the request
                 "UPDATE runs SET cancel_requested = 1, updated_at = ?, wake_at = CASE "
-                "WHEN status = 'WAITING' THEN ? ELSE wake_at END "
+                f"WHEN status = 'WAITING' THEN {DUE_NOW} ELSE wake_at END "
                 f"WHERE run_id = ? AND status NOT IN {TERMINAL_SQL}",
-                (at, at, run_id),
+                (at, run_id),
             )
             row = conn.execute(
                 f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,)
@@ -766,9 +765,6 @@ def _insert_event(
         "INSERT INTO events (run_id, name, payload, sent_at) VALUES (?, ?, ?, ?)",
         (run_id, name, payload, sent_at),
     )
-    conn.execute(
-        "UPDATE runs SET wake_at = min(coalesce(wake_at, ?), ?) "
-        "WHERE run_id = ? AND status = 'WAITING'",
-        (sent_at, sent_at, run_id),
-    )
+    conn.execute("UPDATE runs SET wake_at = ? WHERE run_id = ? AND status = 'WAITING'",
+                 (DUE_NOW, run_id))
     return int(cursor.lastrowid or 0)

@@ -390,15 +390,16 @@ async def test_a_claim_batched_with_a_refused_write_still_claims(store: Store) -
     worker's loop)."""
     await store.register_worker("w1")
     await store.create_run(queued("r1"))
+    await store.create_run(make_run("handed-back", status=RunStatus.RUNNING))
 
-    claimed, refused, due, one = await asyncio.gather(
+    claimed, refused, one = await asyncio.gather(
         store.claim_queued(ALL, 5, workflows=None),
         store.send_event("nobody", "ping", "1", 1.0),
-        store.claim_due(now=0.0, queues=None, workflows=None, limit=10),
-        store.claim_run("r1", now=0.0),
+        store.claim_run("handed-back", now=0.0),
         return_exceptions=True,
     )
 
     assert isinstance(refused, Exception)
     assert [r.run_id for r in claimed] == ["r1"]  # type: ignore[union-attr]
-    assert due == [] and one is not None and one.run_id == "r1"  # type: ignore[union-attr]
+    assert one is not None and one.run_id == "handed-back"  # type: ignore[union-attr]
+    assert sorted(store.held()) == ["handed-back", "r1"]
