@@ -125,7 +125,7 @@ class RunExecution:
         self._cancel_after_close = False
         self._deadline_passed = False
         self._cancel_at_start = False
-        self.started = False  # set when the worker's task begins executing it
+        self.started = False  # set when the body is about to run (see drive)
         self._closing = False
         self._quiescence_scheduled = False
         self._quiet_passes = 0
@@ -163,6 +163,7 @@ class RunExecution:
 
     async def drive(self) -> None:
         """Run the workflow body to its end, to a park, or until shutdown."""
+        self.started = True  # from here a cancel interrupts the body (before: see cancel)
         token = enter_branch(self.root)
         try:
             try:

@@ -112,15 +112,16 @@ class Worker:
             for task in stuck:
                 log.error("worker.task_ignores_stop", task=task.get_name())
         self.live.clear()
-        # Everything still held: runs stopped just now, runs waiting for a retry, runs
-        # whose task died. This process runs none of them any more.
-        handed_back = self.store.held()
-        if handed_back:
-            try:
-                await self.store.release_runs(handed_back)
-                log.info("worker.handed_back", runs=len(handed_back))
-            except StoreError as exc:  # their leases run out instead
-                log.warning("worker.hand_back_failed", runs=len(handed_back), error=str(exc))
+        # Everything this worker owns: runs stopped just now, runs waiting for a retry,
+        # runs whose task died, and runs a claim in flight at the stop commits first.
+        # This process runs none of them any more.
+        known = len(self.store.held())
+        try:
+            await self.store.release_runs(None)
+            if known:
+                log.info("worker.handed_back", runs=known)
+        except StoreError as exc:  # their leases run out instead
+            log.warning("worker.hand_back_failed", runs=known, error=str(exc))
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     def _spawn(self, coro: object, *, name: str) -> asyncio.Task[None]:
@@ -201,7 +202,6 @@ class Worker:
 
     async def _execute(self, execution: RunExecution, load: bool) -> None:
         run = execution.run
-        execution.started = True
         try:
             if load:
                 entries = await self.store.load_journal(run.run_id)
@@ -267,18 +267,31 @@ class Worker:
         served = self.app.served_queues
         self._claim_due = False
         self._next_claim_at = self.clock.time() + self.app.claim_interval_s
-        room = self._room()
-        self._reserved += room
-        try:
-            due = await self.store.claim_due(now=self.clock.time(), queues=served,
-                                             workflows=registered, limit=room)
-        finally:
-            self._reserved -= room
-        self.claims += 1
-        for run in due:
-            self._adopt(run)
-        if len(due) >= _DUE_BATCH:
-            self._claim_due = True  # more may be waiting
+        # Due runs: a queue with a per-worker cap is claimed on its own, within the cap.
+        capped = [q for q in self.queues if q.worker_concurrency is not None]
+        rounds: list[tuple[list[str] | None, int | None]] = [(served, None)]
+        if capped:
+            rounds = [([q.name for q in self.queues if q.worker_concurrency is None], None)]
+            rounds += [([q.name], q.worker_concurrency) for q in capped]
+        for queues, cap in rounds:
+            if queues is not None and not queues:
+                continue
+            room = self._room()
+            if cap is not None and queues:
+                room = min(room, cap - self._live_in(queues[0]))
+            if room <= 0:
+                continue
+            self._reserved += room
+            try:
+                due = await self.store.claim_due(now=self.clock.time(), queues=queues,
+                                                 workflows=registered, limit=room)
+            finally:
+                self._reserved -= room
+            self.claims += 1
+            for run in due:
+                self._adopt(run)
+            if len(due) >= min(room, _DUE_BATCH):
+                self._claim_due = True  # more may be waiting
         for queue in self.queues:
             slots = self._room()
             if queue.worker_concurrency is not None:
@@ -399,6 +412,7 @@ class Worker:
                 timeout = min(timeout, self._timers[0][0] - now)
             if self._wake_hints:
                 timeout = min(timeout, self._wake_hints[0] - now)
+            timeout = min(timeout, self._next_claim_at - now)  # the fallback claim
             self._poke.clear()
             # A timer that pokes, rather than asyncio.timeout(): no cancellation involved.
             alarm = asyncio.get_running_loop().call_later(max(0.0, timeout), self._poke.set)

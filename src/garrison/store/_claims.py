@@ -159,12 +159,18 @@ def _pick_partitioned(limits: QueueLimits, free: int, order: str, only: str,
     """Keys in turn: every key's first run before any key's second; among keys at the
     same turn, the key served longest ago first (so a key that just ran waits)."""
     name = limits.name
+    full, full_params = "", []
+    if limits.partition_concurrency is not None:  # keys at their limit are not candidates
+        full = ("AND partition_key NOT IN (SELECT partition_key FROM runs WHERE queue = ? "
+                "AND status IN ('RUNNING', 'WAITING') AND partition_key IS NOT NULL "
+                "GROUP BY partition_key HAVING count(*) >= ?) ")
+        full_params = [name, limits.partition_concurrency]
     rows = yield (
         "SELECT run_id, partition_key, turn, priority, created_at FROM (SELECT run_id, "
         "partition_key, priority, created_at, row_number() OVER (PARTITION BY partition_key "
         f"ORDER BY {order}) AS turn FROM runs WHERE queue = ? AND status = 'PENDING' "
-        f"{only}) AS pending ORDER BY turn, {order} LIMIT ?",
-        [name, *wf_params, _CANDIDATES],
+        f"{only}{full}) AS pending ORDER BY turn, {order} LIMIT ?",
+        [name, *wf_params, *full_params, _CANDIDATES],
     )
     served = yield ("SELECT partition_key, max(started_at) FROM runs WHERE queue = ? "
                     "AND started_at > ? GROUP BY partition_key", [name, wall - _RECENT_S])

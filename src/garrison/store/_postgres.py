@@ -47,6 +47,7 @@ from garrison.store._rows import (
     PARK_RUN,
     REDRIVE_FORGET_FAILED,
     REDRIVE_RUN,
+    RELEASE_RUNS,
     RUN_COLUMNS,
     SELECT_DEDUP,
     SELECT_RUN,
@@ -58,6 +59,7 @@ from garrison.store._rows import (
     dedup_conflict,
     refuse_event,
     refuse_redrive,
+    release_filter,
     run_from_row,
     run_values,
     step_from_row,
@@ -678,20 +680,18 @@ class PostgresStore(LeaseBook):
 
         return self._renewed(held, await self._write(op))
 
-    async def release_runs(self, run_ids: Sequence[str]) -> None:
-        ids = [r for r in run_ids if r in self._held]
-        if not ids or self.worker_id is None:
+    async def release_runs(self, run_ids: Sequence[str] | None) -> None:
+        if self.worker_id is None or (run_ids is not None and not run_ids):
             return
         worker = self.worker_id
+        only, params = release_filter(run_ids)
 
         async def op(conn: Any) -> None:
-            await conn.execute(
-                "UPDATE runs SET owner = NULL, lease_until = NULL WHERE run_id = ANY(%s) "
-                "AND owner = %s AND status = 'RUNNING'", (ids, worker))
+            await conn.execute(_sql(RELEASE_RUNS + only), (worker, *params))
             await _notify(conn, self.channel, "w")
 
         await self._write(op)
-        for run_id in ids:
+        for run_id in list(self._held) if run_ids is None else run_ids:
             self._held.pop(run_id, None)
 
     @property

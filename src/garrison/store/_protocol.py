@@ -85,8 +85,9 @@ class Store(Protocol):
     async def renew_leases(self) -> set[str]:
         """Extend this worker's leases; returns the run ids it no longer holds."""
 
-    async def release_runs(self, run_ids: Sequence[str]) -> None:
-        """Hand runs back (still RUNNING, nobody's): another worker resumes them at once."""
+    async def release_runs(self, run_ids: Sequence[str] | None) -> None:
+        """Hand runs back (still RUNNING, nobody's): another worker resumes them at once.
+        None: every run this worker owns in the store (a stopping worker's hand-back)."""
 
     def holds(self, run_id: str) -> bool:
         """Whether this worker holds `run_id` (as far as it knows)."""

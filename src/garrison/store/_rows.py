@@ -30,11 +30,13 @@ __all__ = [
     "PARK_RUN",
     "UPSERT_STEP",
     "REDRIVE_FORGET_FAILED",
+    "RELEASE_RUNS",
     "REDRIVE_RUN",
     "child_conflict",
     "dedup_conflict",
     "refuse_event",
     "refuse_redrive",
+    "release_filter",
     "run_from_row",
     "run_values",
     "step_from_row",
@@ -127,6 +129,19 @@ CANCEL_CHILDREN = (
     "WHEN status = 'WAITING' THEN ? ELSE wake_at END "
     f"WHERE parent_run_id = ? AND status NOT IN {TERMINAL_SQL} RETURNING run_id"
 )
+# Hand-back: runs of this worker (all of them when no ids are given: also those a claim
+# still in flight at the stop commits just before) go back to nobody, still RUNNING.
+RELEASE_RUNS = (
+    "UPDATE runs SET owner = NULL, lease_until = NULL WHERE owner = ? AND status = 'RUNNING'"
+)
+
+
+def release_filter(run_ids: Sequence[str] | None) -> tuple[str, list[str]]:
+    if run_ids is None:
+        return "", []
+    return f" AND run_id IN ({', '.join('?' * len(run_ids))})", list(run_ids)
+
+
 # The wake-up of a parked run that an event or a cancellation makes due: "at once",
 # whatever the sender's clock says (hosts disagree; the claimer compares its own now).
 DUE_NOW = 0.0
