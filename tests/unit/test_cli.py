@@ -155,3 +155,17 @@ def test_demo_loses_no_run_across_a_sigkill(tmp_path: Path) -> None:
              for line in done.stdout.splitlines() if line.count("│") == 3}
     assert lines["runs completed"] == "40"
     assert lines["runs lost"] == "0"
+
+
+def test_runs_redrive_sends_a_quarantined_run_back_and_refuses_others(tmp_path: Path) -> None:
+    db = tmp_path / "g.db"
+    asyncio.run(seed(db))  # "bad" ended QUARANTINED, "ok" COMPLETED
+    url = f"sqlite:///{db}"
+
+    refused = runner.invoke(cli, ["runs", "redrive", "ok", "--db", url])
+    assert refused.exit_code == 2 and "only a QUARANTINED run" in refused.output
+    done = runner.invoke(cli, ["runs", "redrive", "bad", "--db", url])
+    assert done.exit_code == 0, done.output
+    assert "redriven bad" in done.output
+    listed = json.loads(runner.invoke(cli, ["runs", "list", "--db", url, "--json"]).output)
+    assert {r["run_id"]: r["status"] for r in listed}["bad"] == "PENDING"

@@ -189,6 +189,34 @@ def runs_show(
         console.print(error.get("traceback", ""), markup=False, highlight=False)
 
 
+@runs_app.command("redrive")
+def runs_redrive(
+    run_ids: Annotated[list[str], typer.Argument(help="QUARANTINED runs to continue.")],
+    db: DbOption = None,
+    app_spec: AppOption = None,
+) -> None:
+    """Continue QUARANTINED runs after a fix: back to their queue, completed steps kept,
+    failed steps run again (by a running worker)."""
+    import time
+
+    async def redrive() -> list[str]:
+        store = open_store(_store_url(db, app_spec), create=False)
+        await store.open()
+        try:
+            for run_id in run_ids:
+                await store.redrive_run(run_id, now=time.time())
+            return run_ids
+        finally:
+            await store.close()
+
+    try:
+        done = asyncio.run(redrive())
+    except GarrisonError as exc:
+        raise _fail(exc) from exc
+    for run_id in done:
+        console.print(f"redriven {run_id}: PENDING in its queue; a worker continues it")
+
+
 def main() -> None:
     """Entry point of the `garrison` script."""
     app()
