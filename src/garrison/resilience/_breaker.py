@@ -99,6 +99,8 @@ class CircuitBreaker:
         self.clock = clock
         self._state = CLOSED
         self._outcomes: deque[_Outcome] = deque()
+        self._failed = 0  # failed calls in _outcomes (kept as calls come and go)
+        self._slow = 0
         self._opened_at = 0.0
         self._trials_started = 0
         self._trials: list[_Outcome] = []
@@ -133,7 +135,7 @@ class CircuitBreaker:
             self._trials_started = 0
             self._trials = []
         if new == CLOSED:
-            self._outcomes.clear()
+            self._clear()
         log.warning("breaker.state", breaker=self.name, old=old, new=new)
         for listener in self._listeners:
             listener(self, old, new)
@@ -154,7 +156,7 @@ class CircuitBreaker:
         """Back to CLOSED with an empty window."""
         with self._lock:
             self._move(CLOSED)
-            self._outcomes.clear()
+            self._clear()
 
     def for_key(self, key: str) -> CircuitBreaker:
         """The breaker for `key` (made on first use, same settings)."""
@@ -217,23 +219,31 @@ class CircuitBreaker:
                     self._move(OPEN if self._tripped(self._trials) else CLOSED)
             elif self._state == CLOSED:
                 self._outcomes.append(outcome)
+                self._failed += outcome.failed
+                self._slow += outcome.slow
                 self._trim(now)
-                if len(self._outcomes) >= self.min_calls and self._tripped(self._outcomes):
+                total = len(self._outcomes)
+                if total >= self.min_calls and self._over(total, self._failed, self._slow):
                     self._move(OPEN)
 
+    def _clear(self) -> None:
+        self._outcomes.clear()
+        self._failed = self._slow = 0
+
     def _trim(self, now: float) -> None:
-        if self.window_type == "count":
-            while len(self._outcomes) > self.window:
-                self._outcomes.popleft()
-        else:
-            while self._outcomes and self._outcomes[0].at <= now - self.window:
-                self._outcomes.popleft()
+        outcomes = self._outcomes
+        while outcomes and (len(outcomes) > self.window if self.window_type == "count"
+                            else outcomes[0].at <= now - self.window):
+            gone = outcomes.popleft()
+            self._failed -= gone.failed
+            self._slow -= gone.slow
+
+    def _over(self, total: int, failed: int, slow: int) -> bool:
+        return failed / total >= self.failure_rate or slow / total >= self.slow_call_rate
 
     def _tripped(self, outcomes: Any) -> bool:
-        total = len(outcomes)
-        failures = sum(1 for o in outcomes if o.failed)
-        slow = sum(1 for o in outcomes if o.slow)
-        return failures / total >= self.failure_rate or slow / total >= self.slow_call_rate
+        return self._over(len(outcomes), sum(o.failed for o in outcomes),
+                          sum(o.slow for o in outcomes))
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -242,9 +252,8 @@ class CircuitBreaker:
             total = len(self._outcomes)
             if not total:
                 return {"calls": 0, "failure_rate": 0.0, "slow_call_rate": 0.0}
-            return {"calls": total,
-                    "failure_rate": sum(o.failed for o in self._outcomes) / total,
-                    "slow_call_rate": sum(o.slow for o in self._outcomes) / total}
+            return {"calls": total, "failure_rate": self._failed / total,
+                    "slow_call_rate": self._slow / total}
 
     async def call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         """`await fn(*args, **kwargs)` through the breaker."""

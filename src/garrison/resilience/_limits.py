@@ -45,7 +45,11 @@ class Bulkhead:
         return found
 
     async def acquire(self) -> None:
-        if self._semaphore.locked() and self.max_wait == 0:
+        if not self._semaphore.locked():  # a free place: no wait, no timer
+            await self._semaphore.acquire()
+            self.active += 1
+            return
+        if self.max_wait == 0:
             self.rejected += 1
             raise self._full()
         try:
