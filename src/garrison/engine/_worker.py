@@ -75,6 +75,7 @@ class Worker:
         self._claiming = True
         self._poke = asyncio.Event()
         self._claim_due = True
+        self._claim_new = False  # a queue was notified: claim new runs only
         self._next_claim_at = 0.0
         self._loop_task: asyncio.Task[None] | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
@@ -231,8 +232,9 @@ class Worker:
         log.error("run.store_error", run_id=run_id, error=str(error))
         self.retry_later(run_id)
 
-    def _adopt(self, run: RunRecord) -> None:
-        """A run this worker just claimed: resume it (or end it, if cancelled)."""
+    def _adopt(self, run: RunRecord, *, fresh: bool = False) -> None:
+        """A run this worker just claimed: resume it (or end it, if cancelled). `fresh`:
+        a PENDING run claimed for the first time (fence 1), which has no journal yet."""
         definition = self.app.registry.workflow(run.workflow_name, run.workflow_version)
         if definition is None:  # filtered out by the claim; only a racing registration
             self.store.forget(run.run_id)
@@ -240,7 +242,7 @@ class Worker:
         if run.cancel_requested and run.run_id not in self.live:
             self._spawn(self._cancel_claimed(run), name=f"garrison-cancel:{run.run_id}")
             return
-        self.launch(run, definition, None)
+        self.launch(run, definition, () if fresh and run.fence == 1 else None)
 
     async def _cancel_claimed(self, run: RunRecord) -> None:
         try:
@@ -259,14 +261,51 @@ class Worker:
                                 version=run.workflow_version)
                 self.orphaned[run.run_id] = run
 
-    async def _claim(self) -> None:
-        """Claim what is due, then new runs of each queue this worker takes, within room."""
+    async def _claim(self, *, due: bool = True) -> None:
+        """Claim what is due (unless `due` is False), then new runs of each queue this
+        worker takes, within room."""
         if not self._claiming:
             return
         registered = list(self.app.registry.workflows)
         served = self.app.served_queues
-        self._claim_due = False
-        self._next_claim_at = self.clock.time() + self.app.claim_interval_s
+        self._claim_new = False
+        if due:
+            self._claim_due = False
+            self._next_claim_at = self.clock.time() + self.app.claim_interval_s
+            await self._claim_woken(registered, served)
+        for queue in self.queues:
+            slots = self._room()
+            if queue.worker_concurrency is not None:
+                slots = min(slots, queue.worker_concurrency - self._live_in(queue.name))
+            if slots <= 0 or not self._claiming:
+                continue
+            self._reserved += slots  # no start takes these slots while the claim is out
+            try:
+                taken = await self.store.claim_queued(queue.limits, slots,
+                                                      workflows=registered)
+            finally:
+                self._reserved -= slots
+            self.claims += 1
+            for run in taken:
+                self._adopt(run, fresh=True)
+            if len(taken) >= slots:
+                self._claim_new = True  # more may be queued
+            if queue.rate_limit is not None:
+                self._pace(queue.name, queue.rate_limit, bool(taken))
+
+    def _pace(self, queue: str, rate_limit: tuple[int, float], took: bool) -> None:
+        """A rate-limited queue in a burst: look again as soon as a start may have left
+        the window (every seconds/n), until two windows pass without a claim."""
+        count, seconds = rate_limit
+        now = self.clock.time()
+        if took:
+            self._bursts[queue] = now
+        if now - self._bursts.get(queue, -seconds * 3) <= 2 * seconds:
+            heapq.heappush(self._wake_hints, now + seconds / count)
+
+    async def _claim_woken(self, registered: list[tuple[str, str]],
+                           served: list[str] | None) -> None:
+        """Claim due, abandoned and cancelled runs."""
         # Due runs: a queue with a per-worker cap is claimed on its own, within the cap.
         capped = [q for q in self.queues if q.worker_concurrency is not None]
         rounds: list[tuple[list[str] | None, int | None]] = [(served, None)]
@@ -292,35 +331,6 @@ class Worker:
                 self._adopt(run)
             if len(due) >= min(room, _DUE_BATCH):
                 self._claim_due = True  # more may be waiting
-        for queue in self.queues:
-            slots = self._room()
-            if queue.worker_concurrency is not None:
-                slots = min(slots, queue.worker_concurrency - self._live_in(queue.name))
-            if slots <= 0 or not self._claiming:
-                continue
-            self._reserved += slots  # no start takes these slots while the claim is out
-            try:
-                taken = await self.store.claim_queued(queue.limits, slots,
-                                                      workflows=registered)
-            finally:
-                self._reserved -= slots
-            self.claims += 1
-            for run in taken:
-                self._adopt(run)
-            if len(taken) >= slots:
-                self._claim_due = True
-            if queue.rate_limit is not None:
-                self._pace(queue.name, queue.rate_limit, bool(taken))
-
-    def _pace(self, queue: str, rate_limit: tuple[int, float], took: bool) -> None:
-        """A rate-limited queue in a burst: look again as soon as a start may have left
-        the window (every seconds/n), until two windows pass without a claim."""
-        count, seconds = rate_limit
-        now = self.clock.time()
-        if took:
-            self._bursts[queue] = now
-        if now - self._bursts.get(queue, -seconds * 3) <= 2 * seconds:
-            heapq.heappush(self._wake_hints, now + seconds / count)
 
     def retry_later(self, run_id: str) -> None:
         """The store failed under this run: drop it from memory, claim and resume it after
@@ -376,9 +386,11 @@ class Worker:
         for run_id in changes.events:
             if run_id in self.live:
                 self.live[run_id].deliver(None)
-        if (changes.queues or changes.wakeups or not changes.cancels <= self.live.keys()
+        if (changes.wakeups or not changes.cancels <= self.live.keys()
                 or not changes.events <= self.live.keys()):
             self._claim_due = True
+        elif changes.queues:
+            self._claim_new = True  # new runs or a freed slot: the queues only
 
     async def _loop(self) -> None:
         watch = getattr(self.store, "watch", None)
@@ -396,6 +408,8 @@ class Worker:
                     self._claim_due = True
                 if self._claim_due or now >= self._next_claim_at:
                     await self._claim()
+                elif self._claim_new:
+                    await self._claim(due=False)
                 if self._retry_at:
                     await self._retry_due(now)
             except StoreError as exc:
