@@ -22,6 +22,7 @@ GarrisonError
 ├── RateLimited                 a rate limiter had no token within its wait (`retry_after`)
 ├── DeadlineExceeded            a step, run or call went past its deadline (a TimeoutError)
 ├── FallbackExhausted           every alternative of a Fallback failed
+├── SupervisorEscalated         a supervisor's children restarted too often: it gave up
 └── ResultTimeoutError          `RunHandle.result(timeout=...)` gave up waiting
 ```
 
@@ -52,6 +53,7 @@ __all__ = [
     "StepFailed",
     "StoreError",
     "StoreLockedError",
+    "SupervisorEscalated",
     "WorkflowCancelled",
     "WorkflowConflictError",
     "WorkflowError",
@@ -171,3 +173,8 @@ class DeadlineExceeded(GarrisonError, TimeoutError):
 
 class FallbackExhausted(GarrisonError):
     """Every alternative of a `Fallback` failed (`errors`: (name, repr) pairs)."""
+
+
+class SupervisorEscalated(GarrisonError):
+    """A supervisor exceeded its restart intensity, stopped its children and failed
+    (`supervisor`, `child_run_id`: the child whose end was one too many)."""

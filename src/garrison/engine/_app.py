@@ -259,8 +259,18 @@ class Garrison:
             )
         return found
 
+    def add_supervisor(self, tree: Any) -> None:
+        """Register a supervision tree (`garrison.resilience.Supervisor`) before the app
+        opens, so that a restarted worker resumes its runs."""
+        self.workflow_definition(tree)
+
     def workflow_definition(self, workflow: Any) -> WorkflowDef:
-        """The `WorkflowDef` behind a decorated workflow (or a registered name)."""
+        """The `WorkflowDef` behind a decorated workflow (or a registered name, or an
+        object with a `__garrison_register__(app)` hook, such as a Supervisor)."""
+        register = getattr(workflow, "__garrison_register__", None)
+        if callable(register):
+            registered: WorkflowDef = register(self)
+            return registered
         if isinstance(workflow, str):
             found = [d for (n, _), d in self.registry.workflows.items() if n == workflow]
             if found:

@@ -13,11 +13,11 @@ import asyncio
 import contextvars
 import datetime as dt
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from garrison.errors import NotInWorkflowError
+from garrison.errors import NotInWorkflowError, WorkflowError
 
 if TYPE_CHECKING:
     from garrison.engine._execution import RunExecution
@@ -223,6 +223,20 @@ class Context:
         """
         branch = _require_branch(self, "wait_for")
         return await self._execution.wait_for(branch, name, timeout, default)
+
+    async def first_ended(self, handles: Sequence[RunHandle[Any]], *,
+                          timeout: float | None = None) -> dict[str, Any] | None:
+        """Durably wait until one of these child runs ends; return `{"run_id", "status",
+        "result", "error"}` (result and error as journal data), or None after `timeout`.
+
+        Each child's end is reported once: wait on it with either this or
+        `handle.result()`, not both. Supervisors are built on this.
+        """
+        ids = [h.run_id for h in handles]
+        if not ids:
+            raise WorkflowError(f"run {self.run_id}: first_ended() of no children")
+        return await self._execution.first_ended(_require_branch(self, "first_ended"), ids,
+                                                 timeout)
 
     async def start_child(self, workflow: Any, *args: Any, run_id: str | None = None,
                           **kwargs: Any) -> RunHandle[Any]:

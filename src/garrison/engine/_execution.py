@@ -91,7 +91,7 @@ class _Waiter:
     position: str
     future: asyncio.Future[None]
     fire_at: float | None = None
-    event: str | None = None
+    events: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -301,7 +301,7 @@ class RunExecution:
             self._park_plan = (  # a run with a deadline wakes up to meet it
                 min([w.fire_at for w in waiters if w.fire_at is not None] + deadline,
                     default=None),
-                sorted({w.event for w in waiters if w.event is not None}),
+                sorted({event for w in waiters for event in w.events}),
             )
             self._closing = True
             task.cancel("garrison: run parked")
@@ -486,7 +486,7 @@ class RunExecution:
     async def _wait_until(self, position: str, fire_at: float) -> None:
         """A durable timer at `position` (its entry is journaled): the run may park."""
         while self.worker.clock.time() < fire_at:
-            future = self._register(position, fire_at, None)
+            future = self._register(position, fire_at)
             try:
                 await self._block(future)
             finally:
@@ -564,12 +564,12 @@ class RunExecution:
 
     # -- waits ---------------------------------------------------------------------
 
-    def _register(self, position: str, fire_at: float | None, event: str | None
+    def _register(self, position: str, fire_at: float | None, events: tuple[str, ...] = ()
                   ) -> asyncio.Future[None]:
         """Register a wait *before* looking for what it waits for, so a delivery that
         lands in between is not lost."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.waiters[position] = _Waiter(position, future, fire_at, event)
+        self.waiters[position] = _Waiter(position, future, fire_at, events)
         if fire_at is not None and position not in self._timers:
             self._timers.add(position)
             self.worker.schedule_timer(self.run_id, position, fire_at)
@@ -597,7 +597,7 @@ class RunExecution:
         if self._closing:
             return
         for waiter in list(self.waiters.values()):
-            wanted = waiter.event is not None and (event is None or waiter.event == event)
+            wanted = bool(waiter.events) and (event is None or event in waiter.events)
             if wanted and not waiter.future.done():
                 waiter.future.set_result(None)
                 self._activity()
@@ -649,7 +649,7 @@ class RunExecution:
                 entry = self._record(position, kind, name, StepStatus.PENDING,
                                      started_at=started, fire_at=deadline)
             while True:
-                future = self._register(position, entry.fire_at, event)
+                future = self._register(position, entry.fire_at, (event,))
                 try:
                     attempt = dataclasses.replace(entry, completed_at=clock.time())
                     taken = await self._store(store.consume_event(self.run_id, event, attempt))
@@ -736,6 +736,54 @@ class RunExecution:
                             started_at=entry.started_at, output=payload)
         await self._commit(done)
         return decode(payload)
+
+    async def first_ended(self, branch: Branch, child_run_ids: Sequence[str],
+                          timeout: float | None) -> dict[str, Any] | None:
+        """Durably wait until one of these children ends; journaled (which one ended and
+        how), so a replay sees the same one. None on `timeout`. Each child's end is
+        consumed once: a later wait on the same child would wait forever."""
+        position = branch.next_position()
+        kind, name = StepKind.CHILD_RESULT, "first_ended"
+        entry = self._entry(position, kind, name, len(child_run_ids))
+        if entry is not None and entry.status is StepStatus.COMPLETED:
+            return json.loads(entry.output) if entry.output is not None else None
+        events = tuple(child_event_name(c) for c in child_run_ids)
+        clock = self.worker.clock
+        self.inflight += 1
+        self._activity()
+        try:
+            await self._flush_buffered()
+            if entry is None:
+                started = clock.time()
+                entry = self._record(position, kind, name, StepStatus.PENDING,
+                                     started_at=started, arity=len(child_run_ids),
+                                     fire_at=started + timeout if timeout is not None else None)
+                await self._commit(entry)  # its deadline must survive a crash
+            while True:
+                future = self._register(position, entry.fire_at, events)
+                try:
+                    for event in events:
+                        attempt = dataclasses.replace(entry, completed_at=clock.time())
+                        taken = await self._store(self.worker.store.consume_event(
+                            self.run_id, event, attempt))
+                        if taken is not None:
+                            self.journal[position] = taken
+                            assert taken.output is not None
+                            ended: dict[str, Any] = json.loads(taken.output)
+                            return ended
+                    if entry.fire_at is not None and clock.time() >= entry.fire_at:
+                        await self._commit(self._record(
+                            position, kind, name, StepStatus.COMPLETED, arity=entry.arity,
+                            started_at=entry.started_at, fire_at=entry.fire_at))
+                        return None
+                    await self._block(future)
+                finally:
+                    self.waiters.pop(position, None)
+                self._gate()
+        finally:
+            self.inflight -= 1
+            self._activity()
+            self._maybe_park_soon()
 
     async def child_result(self, branch: Branch, child_run_id: str,
                            timeout: float | None = None) -> Any:

@@ -480,7 +480,7 @@ class Worker:
         notify = None
         now = self.clock.time()
         if run.parent_run_id is not None:
-            payload = {"status": status.value, "result": result,
+            payload = {"status": status.value, "result": result, "run_id": run.run_id,
                        "error": json.loads(error) if error else None}
             notify = EventRecord(run_id=run.parent_run_id, seq=0,
                                  name=child_event_name(run.run_id),

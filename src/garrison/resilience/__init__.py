@@ -20,14 +20,17 @@ from garrison.resilience._breaker import CircuitBreaker
 from garrison.resilience._fallback import Fallback, Served
 from garrison.resilience._limits import Bulkhead, RateLimiter
 from garrison.resilience._retry import Retry, RetryBudget, retry_after_s
+from garrison.resilience._supervisor import Child, Supervisor
 
 __all__ = [
     "Bulkhead",
+    "Child",
     "CircuitBreaker",
     "Fallback",
     "RateLimiter",
     "Retry",
     "RetryBudget",
     "Served",
+    "Supervisor",
     "retry_after_s",
 ]

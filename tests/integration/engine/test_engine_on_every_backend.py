@@ -15,6 +15,11 @@ from tests.unit.test_durability import (  # noqa: F401  # collected by pytest
     test_journaled_values_are_stable_across_replay,
     test_step_interrupted_before_commit_runs_again_with_same_key,
 )
+from tests.unit.test_resilience_engine import (  # noqa: F401
+    test_a_failed_run_is_quarantined_and_redrive_continues_it,
+    test_retry_wait_is_durable_and_the_attempt_count_survives_a_restart,
+    test_run_deadline_is_seen_by_steps_and_ends_the_run,
+)
 from tests.unit.test_runs import (  # noqa: F401
     test_cancel_is_recorded_and_propagates_to_children,
     test_cancel_of_a_live_run_raises_cancelled_error_inside_it,
@@ -23,6 +28,14 @@ from tests.unit.test_runs import (  # noqa: F401
     test_fan_out_positions_do_not_depend_on_completion_order,
     test_start_is_idempotent_on_run_id_and_never_runs_twice,
     test_unregistered_version_is_reported_orphaned_not_failed,
+)
+from tests.unit.test_supervisor import (  # noqa: F401
+    test_a_nested_supervisor_that_escalates_is_restarted_by_its_parent,
+    test_a_tree_resumes_after_a_restart_with_its_restart_count,
+    test_intensity_exceeded_stops_the_children_and_escalates,
+    test_one_for_all_restarts_every_child_stopping_the_others_in_reverse,
+    test_one_for_one_restarts_only_the_child_that_ended,
+    test_rest_for_one_restarts_the_child_and_those_started_after_it,
 )
 from tests.unit.test_waits import (  # noqa: F401
     test_event_wakes_a_parked_run,

@@ -1,0 +1,167 @@
+"""Supervision trees: strategies, restart types, intensity, nesting, restarts of the process."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from garrison import ConfigurationError, Context, Garrison, RunStatus, WorkflowFailed
+from garrison.resilience import Child, Supervisor
+
+
+def build(url: str) -> tuple[Garrison, Any]:
+    app = Garrison(url)
+
+    @app.workflow(name="agent")
+    async def agent(ctx: Context, label: str) -> str:
+        command = await ctx.wait_for("cmd")
+        if command == "crash":
+            raise RuntimeError(f"{label} crashed")
+        return f"{label}:{command}"
+
+    return app, agent
+
+
+async def status(app: Garrison, run_id: str, timeout: float = 10.0) -> RunStatus:
+    """Wait until `run_id` exists; its status."""
+    async with asyncio.timeout(timeout):
+        while (run := await app.store.get_run(run_id)) is None:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    return run.status
+
+
+async def ended(app: Garrison, run_id: str) -> RunStatus:
+    async with asyncio.timeout(10):
+        while not (await status(app, run_id)).is_terminal:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    return await status(app, run_id)
+
+
+async def test_one_for_one_restarts_only_the_child_that_ended(db_url: str) -> None:
+    app, agent = build(db_url)
+    tree = Supervisor("desk", [Child(agent, ("a",), name="a"), Child(agent, ("b",), name="b")])
+    async with app:
+        await app.start(tree, run_id="t")  # type: ignore[arg-type]
+        await status(app, "t/b#1")
+        await app.send("t/a#1", "cmd", "crash")
+        assert await status(app, "t/a#2") in {RunStatus.RUNNING, RunStatus.WAITING}
+        assert await ended(app, "t/a#1") is RunStatus.QUARANTINED
+        assert not (await status(app, "t/b#1")).is_terminal  # untouched
+        assert await app.store.get_run("t/b#2") is None
+
+
+async def test_restart_types_permanent_transient_temporary(db_url: str) -> None:
+    app, agent = build(db_url)
+    tree = Supervisor("types", [Child(agent, ("p",), name="p", restart="permanent"),
+                                Child(agent, ("t",), name="t", restart="transient"),
+                                Child(agent, ("x",), name="x", restart="temporary")])
+    async with app:
+        handle = await app.start(tree, run_id="t")  # type: ignore[arg-type]
+        await status(app, "t/x#1")
+        await app.send("t/t#1", "cmd", "done")  # transient, normal end: not restarted
+        await app.send("t/x#1", "cmd", "crash")  # temporary: never restarted
+        await app.send("t/p#1", "cmd", "done")  # permanent: restarted even after success
+        await status(app, "t/p#2")
+        await app.send("t/p#2", "cmd", "crash")
+        await status(app, "t/p#3")
+        await asyncio.sleep(0.2)
+        assert await app.store.get_run("t/t#2") is None
+        assert await app.store.get_run("t/x#2") is None
+        await app.send("t/p#3", "cmd", "stop")
+        await status(app, "t/p#4")
+        assert not (await handle.status()).is_terminal
+
+
+async def test_one_for_all_restarts_every_child_stopping_the_others_in_reverse(
+    db_url: str,
+) -> None:
+    app, agent = build(db_url)
+    tree = Supervisor("all", [Child(agent, (n,), name=n) for n in "abc"],
+                      strategy="one_for_all")
+    async with app:
+        await app.start(tree, run_id="t")  # type: ignore[arg-type]
+        await status(app, "t/c#1")
+        await app.send("t/a#1", "cmd", "crash")
+        for name in "abc":
+            await status(app, f"t/{name}#2")
+        runs = {r.run_id: r for r in await app.store.list_runs(limit=100)}
+    assert runs["t/b#1"].status is RunStatus.CANCELLED
+    assert runs["t/c#1"].status is RunStatus.CANCELLED
+    assert runs["t/c#1"].completed_at <= runs["t/b#1"].completed_at  # type: ignore[operator]
+
+
+async def test_rest_for_one_restarts_the_child_and_those_started_after_it(db_url: str) -> None:
+    app, agent = build(db_url)
+    tree = Supervisor("rest", [Child(agent, (n,), name=n) for n in "abc"],
+                      strategy="rest_for_one")
+    async with app:
+        await app.start(tree, run_id="t")  # type: ignore[arg-type]
+        await status(app, "t/c#1")
+        await app.send("t/b#1", "cmd", "crash")
+        await status(app, "t/b#2")
+        await status(app, "t/c#2")
+        assert await app.store.get_run("t/a#2") is None
+        assert not (await status(app, "t/a#1")).is_terminal
+        assert await ended(app, "t/c#1") is RunStatus.CANCELLED
+
+
+async def test_intensity_exceeded_stops_the_children_and_escalates(db_url: str) -> None:
+    app, agent = build(db_url)
+    tree = Supervisor("hot", [Child(agent, ("a",), name="a"), Child(agent, ("b",), name="b")],
+                      intensity=2, period=60)
+    async with app:
+        handle = await app.start(tree, run_id="t")  # type: ignore[arg-type]
+        await status(app, "t/b#1")
+        for generation in (1, 2, 3):
+            await status(app, f"t/a#{generation}")
+            await app.send(f"t/a#{generation}", "cmd", "crash")
+        with pytest.raises(WorkflowFailed, match=r"SupervisorEscalated.*more than 2 restarts"):
+            await handle.result(timeout=10)
+        assert await ended(app, "t/b#1") is RunStatus.CANCELLED
+        assert await app.store.get_run("t/a#4") is None
+
+
+async def test_a_nested_supervisor_that_escalates_is_restarted_by_its_parent(
+    db_url: str,
+) -> None:
+    app, agent = build(db_url)
+    inner = Supervisor("inner", [Child(agent, ("x",), name="x")], intensity=0)
+    outer = Supervisor("outer", [Child(inner, name="inner")])
+    async with app:
+        await app.start(outer, run_id="o")  # type: ignore[arg-type]
+        await status(app, "o/inner#1/x#1")
+        await app.send("o/inner#1/x#1", "cmd", "crash")  # inner gives up at once
+        assert await ended(app, "o/inner#1") is RunStatus.FAILED
+        await status(app, "o/inner#2/x#1")  # the parent restarted the whole subtree
+
+
+async def test_a_tree_resumes_after_a_restart_with_its_restart_count(db_url: str) -> None:
+    app, agent = build(db_url)
+
+    def tree() -> Supervisor:
+        return Supervisor("durable", [Child(agent, ("a",), name="a")], intensity=1,
+                          period=3600)
+
+    async with app:
+        handle = await app.start(tree(), run_id="t")  # type: ignore[arg-type]
+        await status(app, "t/a#1")
+        await app.send("t/a#1", "cmd", "crash")
+        await status(app, "t/a#2")  # one restart spent
+    again, agent = build(db_url)
+    again.add_supervisor(Supervisor("durable", [Child(agent, ("a",), name="a")], intensity=1,
+                                    period=3600))
+    async with again:
+        await again.send("t/a#2", "cmd", "crash")  # the second within the period
+        with pytest.raises(WorkflowFailed, match="SupervisorEscalated"):
+            await again.handle(handle.run_id).result(timeout=10)
+
+
+def test_supervisor_and_child_refuse_bad_settings() -> None:
+    with pytest.raises(ConfigurationError, match="strategy"):
+        Supervisor("s", [Child(object())], strategy="one_for_some")
+    with pytest.raises(ConfigurationError, match="restart="):
+        Child(object(), restart="sometimes")
+    with pytest.raises(ConfigurationError, match="named alike"):
+        Supervisor("s", [Child(object(), name="a"), Child(object(), name="a")])
