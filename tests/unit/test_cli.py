@@ -169,3 +169,17 @@ def test_runs_redrive_sends_a_quarantined_run_back_and_refuses_others(tmp_path: 
     assert "redriven bad" in done.output
     listed = json.loads(runner.invoke(cli, ["runs", "list", "--db", url, "--json"]).output)
     assert {r["run_id"]: r["status"] for r in listed}["bad"] == "PENDING"
+
+
+def test_runs_stats_reports_success_rates_from_the_store(tmp_path: Path) -> None:
+    db = tmp_path / "g.db"
+    asyncio.run(seed(db))
+    shown = runner.invoke(cli, ["runs", "stats", "--db", f"sqlite:///{db}", "--json"])
+    assert shown.exit_code == 0, shown.output
+    figures = json.loads(shown.output)
+    assert figures["workflows"]["twice"]["by_status"] == {"COMPLETED": 1, "QUARANTINED": 1}
+    assert figures["workflows"]["twice"]["success_rate"] == 0.5
+    assert figures["steps"]["double"]["failed"] == 1
+    table = runner.invoke(cli, ["runs", "stats", "--db", f"sqlite:///{db}"],
+                          env={"COLUMNS": "200"})
+    assert table.exit_code == 0 and "50.0 %" in table.output

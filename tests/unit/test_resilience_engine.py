@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -266,3 +267,33 @@ async def test_cascade_breaker_and_budget_bound_the_calls_to_a_failing_dependenc
     assert "lost" not in guarded and set(guarded) <= {"fresh", "cached"}
     assert guarded_calls * 2 < plain_calls  # the breaker and budget bound the storm
     assert plain_calls > 240  # without them, most runs retried several times
+
+
+async def test_reliability_figures_come_from_the_store(db_url: str) -> None:
+    from garrison.resilience import reliability
+
+    app = Garrison(db_url)
+    tries: dict[int, int] = {}
+
+    @app.step(name="call", retry=Retry(max_attempts=3, base=0.0))
+    async def call(i: int) -> int:
+        tries[i] = tries.get(i, 0) + 1
+        if i % 4 == 0 or (i % 2 == 0 and tries[i] < 2):
+            raise ConnectionError("flaky")  # i % 4 == 0 always fails; other evens once
+        return i
+
+    @app.workflow(name="job")
+    async def job(ctx: Context, i: int) -> int:
+        return await call(i)
+
+    async with app:
+        for i in range(8):
+            with contextlib.suppress(WorkflowFailed):
+                await (await app.start(job, i)).result(timeout=10)
+        figures = await reliability(app.store)
+    job_figures, call_figures = figures.workflows["job"], figures.steps["call"]
+    assert job_figures.runs == 8 and job_figures.by_status == {"COMPLETED": 6, "QUARANTINED": 2}
+    assert job_figures.success_rate == 0.75
+    assert (call_figures.completed, call_figures.failed) == (6, 2)
+    assert call_figures.retries == 2 * 2 + 2  # two always-failing (2 retries), two flaky (1)
+    assert call_figures.success_rate == 0.75

@@ -189,6 +189,53 @@ def runs_show(
         console.print(error.get("traceback", ""), markup=False, highlight=False)
 
 
+@runs_app.command("stats")
+def runs_stats(
+    db: DbOption = None,
+    app_spec: AppOption = None,
+    hours: Annotated[float | None, typer.Option(
+        help="Only runs created in the last HOURS hours.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Reliability figures: success rates, retries, recovered runs, per workflow and step."""
+    import time
+
+    from rich.table import Table
+
+    from garrison.resilience import Reliability, reliability
+
+    async def fetch() -> Reliability:
+        store = open_store(_store_url(db, app_spec), create=False)
+        await store.open()
+        try:
+            since = time.time() - hours * 3600 if hours is not None else 0.0
+            return await reliability(store, since=since)
+        finally:
+            await store.close()
+
+    try:
+        figures = asyncio.run(fetch())
+    except GarrisonError as exc:
+        raise _fail(exc) from exc
+    if as_json:
+        print(json.dumps(figures.as_dict(), indent=2))
+        return
+
+    def rate(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.1f} %"
+
+    runs = Table("workflow", "runs", "success", "recovered", "by status", title="Runs")
+    for name, w in sorted(figures.workflows.items()):
+        runs.add_row(name, str(w.runs), rate(w.success_rate), str(w.recovered),
+                     ", ".join(f"{k} {v}" for k, v in sorted(w.by_status.items())))
+    steps = Table("step", "outcomes", "success", "retries", "waiting a retry", title="Steps")
+    for name, st in sorted(figures.steps.items()):
+        steps.add_row(name, str(st.outcomes), rate(st.success_rate), str(st.retries),
+                      str(st.waiting_retry))
+    console.print(runs)
+    console.print(steps)
+
+
 @runs_app.command("redrive")
 def runs_redrive(
     run_ids: Annotated[list[str], typer.Argument(help="QUARANTINED runs to continue.")],

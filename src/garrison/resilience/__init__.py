@@ -19,6 +19,7 @@ from __future__ import annotations
 from garrison.resilience._breaker import CircuitBreaker
 from garrison.resilience._fallback import Fallback, Served
 from garrison.resilience._limits import Bulkhead, RateLimiter
+from garrison.resilience._metrics import Reliability, reliability
 from garrison.resilience._retry import Retry, RetryBudget, retry_after_s
 from garrison.resilience._supervisor import Child, Supervisor
 
@@ -28,9 +29,11 @@ __all__ = [
     "CircuitBreaker",
     "Fallback",
     "RateLimiter",
+    "Reliability",
     "Retry",
     "RetryBudget",
     "Served",
     "Supervisor",
+    "reliability",
     "retry_after_s",
 ]

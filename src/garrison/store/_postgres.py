@@ -49,10 +49,12 @@ from garrison.store._rows import (
     REDRIVE_RUN,
     RELEASE_RUNS,
     RUN_COLUMNS,
+    RUN_COUNTS,
     SELECT_DEDUP,
     SELECT_RUN,
     STEP_COLUMNS,
     STEP_CONFLICT,
+    STEP_COUNTS,
     TERMINAL_SQL,
     UPSERT_STEP,
     child_conflict,
@@ -872,6 +874,11 @@ class PostgresStore(LeaseBook):
             return run_from_row(await (await conn.execute(_SELECT_RUN, (run_id,))).fetchone())
 
         return await self._write(op)
+
+    async def counts(self, since: float) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        runs = await self._read(_sql(RUN_COUNTS), (since,))
+        steps = await self._read(_sql(STEP_COUNTS), (since,))
+        return [tuple(r) for r in runs], [tuple(r) for r in steps]
 
     async def due_runs(self, now: float, *, limit: int = 1000,
                        workflows: Sequence[tuple[str, str]] | None = None) -> list[RunRecord]:

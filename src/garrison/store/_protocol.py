@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from garrison.store._records import EventRecord, QueueLimits, RunRecord, RunStatus, StepRecord
 
@@ -168,6 +168,11 @@ class Store(Protocol):
     async def redrive_run(self, run_id: str, *, now: float) -> RunRecord:
         """Send a QUARANTINED run back to its queue (PENDING), forgetting its failed
         steps. Raises `RunNotFoundError`, or `WorkflowError` for a run in another state."""
+
+    async def counts(self, since: float) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        """Aggregates of runs created since `since`: (workflow, status, runs, mean
+        duration, runs claimed more than once) and (step, status, entries, retries, mean
+        duration)."""
 
     async def due_runs(self, now: float, *, limit: int = 1000,
                        workflows: Sequence[tuple[str, str]] | None = None) -> list[RunRecord]:

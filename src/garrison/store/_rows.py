@@ -31,6 +31,8 @@ __all__ = [
     "UPSERT_STEP",
     "REDRIVE_FORGET_FAILED",
     "RELEASE_RUNS",
+    "RUN_COUNTS",
+    "STEP_COUNTS",
     "REDRIVE_RUN",
     "child_conflict",
     "dedup_conflict",
@@ -186,6 +188,20 @@ REDRIVE_RUN = (
     "UPDATE runs SET status = 'PENDING', result = NULL, error = NULL, completed_at = NULL, "
     "deadline_at = NULL, owner = NULL, lease_until = NULL, wake_at = NULL, updated_at = ? "
     "WHERE run_id = ? AND status = 'QUARANTINED'"
+)
+
+
+# Reliability figures (garrison.resilience.reliability): runs by workflow and status,
+# journaled steps by name and status, since a creation time.
+RUN_COUNTS = (
+    "SELECT workflow_name, status, count(*), avg(completed_at - created_at), "
+    "sum(CASE WHEN fence > 1 THEN 1 ELSE 0 END) FROM runs WHERE created_at >= ? "
+    "GROUP BY workflow_name, status"
+)
+STEP_COUNTS = (
+    "SELECT s.name, s.status, count(*), sum(s.attempts - 1), "
+    "avg(s.completed_at - s.started_at) FROM steps s JOIN runs r ON r.run_id = s.run_id "
+    "WHERE s.kind = 'step' AND r.created_at >= ? GROUP BY s.name, s.status"
 )
 
 

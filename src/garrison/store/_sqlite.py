@@ -50,9 +50,11 @@ from garrison.store._rows import (
     REDRIVE_RUN,
     RELEASE_RUNS,
     RUN_COLUMNS,
+    RUN_COUNTS,
     SELECT_DEDUP,
     SELECT_RUN,
     STEP_COLUMNS,
+    STEP_COUNTS,
     TERMINAL_SQL,
     UPSERT_STEP,
     child_conflict,
@@ -662,6 +664,10 @@ class SQLiteStore(LeaseBook):
             return run_from_row(conn.execute(SELECT_RUN, (run_id,)).fetchone())
 
         return await self._write(op)
+
+    async def counts(self, since: float) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        return ([tuple(r) for r in self._read(RUN_COUNTS, (since,))],
+                [tuple(r) for r in self._read(STEP_COUNTS, (since,))])
 
     async def due_runs(self, now: float, *, limit: int = 1000,
                        workflows: Sequence[tuple[str, str]] | None = None) -> list[RunRecord]:
