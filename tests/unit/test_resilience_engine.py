@@ -297,3 +297,43 @@ async def test_reliability_figures_come_from_the_store(db_url: str) -> None:
     assert (call_figures.completed, call_figures.failed) == (6, 2)
     assert call_figures.retries == 2 * 2 + 2  # two always-failing (2 retries), two flaky (1)
     assert call_figures.success_rate == 0.75
+
+
+async def test_postgres_a_breaker_opened_by_one_worker_opens_on_the_others() -> None:
+    from tests.pg import fresh_postgres_url
+
+    url = fresh_postgres_url()
+    calls: dict[str, int] = {"w1": 0, "w2": 0}
+
+    def worker(name: str) -> tuple[Garrison, CircuitBreaker]:
+        app = Garrison(url, worker_id=name)
+        breaker = CircuitBreaker("shared-dep", failure_rate=0.5, window=4, min_calls=4,
+                                 wait_open=60.0)  # each process has its own object
+
+        @app.step(name="call_dep", breaker=breaker)
+        async def call_dep() -> None:
+            calls[name] += 1
+            raise ConnectionError("down")
+
+        @app.workflow(name=f"w-{name}", quarantine=False)
+        async def flow(ctx: Context) -> str:
+            try:
+                await call_dep()
+            except CircuitOpenError:
+                return "refused"
+            except ConnectionError:
+                return "failed"
+            return "ok"
+
+        return app, breaker
+
+    (first, first_breaker), (second, second_breaker) = worker("w1"), worker("w2")
+    async with first, second:
+        for _ in range(4):
+            await (await first.start("w-w1")).result(timeout=10)  # type: ignore[arg-type]
+        assert first_breaker.state == "OPEN"
+        async with asyncio.timeout(5):  # the decision reaches the other worker
+            while second_breaker.state != "OPEN":  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        outcome = await (await second.start("w-w2")).result(timeout=10)  # type: ignore[arg-type]
+    assert outcome == "refused" and calls == {"w1": 4, "w2": 0}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import os
 import secrets
@@ -12,6 +13,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, overload
 
+from garrison._log import get_logger
 from garrison.engine._clock import Clock, SystemClock
 from garrison.engine._codec import encode
 from garrison.engine._context import Context, current_branch, install_task_factory
@@ -31,6 +33,8 @@ from garrison.errors import (
 from garrison.store import RunRecord, RunStatus, Store, open_store
 
 __all__ = ["Garrison"]
+
+log = get_logger(__name__)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -139,6 +143,8 @@ class Garrison:
         self._sync_step_threads = sync_step_threads
         self.worker: Worker | None = None
         self._open = False
+        self.breakers: dict[str, Any] = {}  # shared circuit breakers, by name
+        self._background: set[asyncio.Task[None]] = set()
         self.configure_worker(queues=queues, concurrency=concurrency,
                               shutdown_grace_s=shutdown_grace_s)
 
@@ -161,6 +167,8 @@ class Garrison:
         Called outside a workflow, the function runs directly, unjournaled (the
         decorated step is always awaited, even when the function is a `def`).
         """
+        if breaker is not None:
+            self.share_breaker(breaker)
         chain = tuple(g for g in (breaker, rate_limiter, bulkhead) if g is not None)
         return _StepDecorator(self, name, retry, chain + tuple(guards), timeout)
 
@@ -258,6 +266,47 @@ class Garrison:
                 f"app.queue({name!r}, ...) (declared: {', '.join(sorted(self.queues))})"
             )
         return found
+
+    def share_breaker(self, breaker: Any) -> None:
+        """Share a circuit breaker's decisions with every worker of the store (a breaker
+        attached to a step is shared already): when one worker's copy opens, the others'
+        open too; when one closes after its trial calls, the others close."""
+        share = getattr(breaker, "share", None)
+        if callable(share) and breaker.name not in self.breakers:
+            self.breakers[breaker.name] = breaker
+            share(self._publish_breaker)
+
+    def _publish_breaker(self, name: str, state: str, open_for_s: float | None) -> None:
+        if not self._open:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # a breaker used outside the event loop: nothing to tell the fleet
+        task = loop.create_task(self._publish_breaker_now(name, state, open_for_s),
+                                context=contextvars.Context())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _publish_breaker_now(self, name: str, state: str,
+                                   open_for_s: float | None) -> None:
+        try:
+            await self.store.publish_breaker(name, state, open_for_s)
+        except StoreError as exc:
+            log.warning("breaker.publish_failed", breaker=name, error=str(exc))
+
+    async def follow_breakers(self) -> None:
+        """Apply the breaker decisions other workers published (the worker calls this
+        when notified, and on start)."""
+        for name, (state, open_for_s) in (await self.store.breaker_states()).items():
+            breaker = self.breakers.get(name)
+            if breaker is None:  # a keyed breaker: "parent:key"
+                parent = next((b for p, b in self.breakers.items()
+                               if name.startswith(p + ":")), None)
+                if parent is None:
+                    continue
+                breaker = parent.for_key(name[len(parent.name) + 1:])
+            breaker.follow(state, open_for_s)
 
     def add_supervisor(self, tree: Any) -> None:
         """Register a supervision tree (`garrison.resilience.Supervisor`) before the app

@@ -86,6 +86,7 @@ class Worker:
     async def start(self) -> None:
         await self.store.register_worker(self.worker_id, lease_ttl_s=self.app.lease_ttl_s)
         await self._report_orphans()
+        await self.app.follow_breakers()
         await self._claim()
         self._loop_task = self._spawn(self._loop(), name="garrison-worker")
         self._heartbeat_task = self._spawn(self._heartbeat(), name="garrison-heartbeat")
@@ -371,6 +372,8 @@ class Worker:
 
     async def _foreign_changes(self, changes: Changes) -> None:
         """Other processes wrote: cancellations and events for live runs, new work."""
+        if changes.breakers or changes.everything:
+            await self.app.follow_breakers()
         if changes.everything:
             registered = list(self.app.registry.workflows)
             for run in await self.store.recoverable_runs(workflows=registered):

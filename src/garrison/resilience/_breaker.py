@@ -11,7 +11,10 @@ way. `force_open()`, `disable()` (always let through, record nothing) and `reset
 are the manual controls. `for_key("openai:gpt-4o")` gives one breaker per key with the
 same settings.
 
-This release keeps breaker state in the process (per worker).
+Shared across a fleet: a breaker attached to a step (or given to `app.share_breaker`)
+publishes its openings and closings through the store, and every worker's copy of the
+breaker of that name follows them (PostgreSQL: within milliseconds, by notification).
+Each worker still counts its own calls; what is shared is the decision.
 """
 
 from __future__ import annotations
@@ -108,6 +111,8 @@ class CircuitBreaker:
         self._keyed: dict[str, CircuitBreaker] = {}
         self._listeners: list[StateListener] = []
         self._entered: dict[int, list[float]] = {}
+        self._publish: Callable[[str, str, float | None], None] | None = None
+        self._following = False  # applying another worker's decision: do not echo it
         self.transitions: list[tuple[str, str]] = []  # (from, to), for metrics and tests
 
     # -- state ---------------------------------------------------------------------
@@ -139,6 +144,32 @@ class CircuitBreaker:
         log.warning("breaker.state", breaker=self.name, old=old, new=new)
         for listener in self._listeners:
             listener(self, old, new)
+        if self._publish is not None and not self._following and new != HALF_OPEN:
+            self._publish(self.name, new, self.wait_open if new == OPEN else None)
+
+    def share(self, publish: Callable[[str, str, float | None], None]) -> None:
+        """Publish this breaker's decisions (and its keys') with `publish(name, state,
+        open_for_s)`; the engine wires it to the store."""
+        self._publish = publish
+        for keyed in self._keyed.values():
+            keyed.share(publish)
+
+    def follow(self, state: str, open_for_s: float | None) -> None:
+        """Apply a decision another worker published for this breaker."""
+        with self._lock:
+            self._following = True
+            try:
+                if state == OPEN and open_for_s is not None and open_for_s > 0:
+                    if self._state in {CLOSED, HALF_OPEN}:
+                        self._move(OPEN)
+                        self._opened_at = self.clock() - (self.wait_open - open_for_s)
+                elif state in {FORCED_OPEN, DISABLED} and self._state != state:
+                    self._move(state)
+                elif state == CLOSED and self._state in {OPEN, HALF_OPEN, FORCED_OPEN,
+                                                         DISABLED}:
+                    self._move(CLOSED)
+            finally:
+                self._following = False
 
     def _maybe_half_open(self) -> None:
         if self._state == OPEN and self.clock() - self._opened_at >= self.wait_open:
@@ -172,6 +203,8 @@ class CircuitBreaker:
                     ignore=self.ignore, clock=self.clock)
                 for listener in self._listeners:
                     found.on_state_change(listener)
+                if self._publish is not None:
+                    found.share(self._publish)
                 self._keyed[key] = found
             return found
 

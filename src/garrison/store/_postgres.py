@@ -50,12 +50,14 @@ from garrison.store._rows import (
     RELEASE_RUNS,
     RUN_COLUMNS,
     RUN_COUNTS,
+    SELECT_BREAKERS,
     SELECT_DEDUP,
     SELECT_RUN,
     STEP_COLUMNS,
     STEP_CONFLICT,
     STEP_COUNTS,
     TERMINAL_SQL,
+    UPSERT_BREAKER,
     UPSERT_STEP,
     child_conflict,
     dedup_conflict,
@@ -879,6 +881,21 @@ class PostgresStore(LeaseBook):
         runs = await self._read(_sql(RUN_COUNTS), (since,))
         steps = await self._read(_sql(STEP_COUNTS), (since,))
         return [tuple(r) for r in runs], [tuple(r) for r in steps]
+
+    async def publish_breaker(self, name: str, state: str, open_for_s: float | None) -> None:
+        open_until = self._wall() + open_for_s if open_for_s is not None else None
+        row = (name, state, open_until, self._wall(), self.worker_id)
+
+        async def op(conn: Any) -> None:
+            await conn.execute(_sql(UPSERT_BREAKER), row)
+            await _notify(conn, self.channel, f"b:{name}")
+
+        await self._write(op)
+
+    async def breaker_states(self) -> dict[str, tuple[str, float | None]]:
+        rows = await self._read(_sql(SELECT_BREAKERS))
+        now = self._wall()
+        return {r[0]: (r[1], r[2] - now if r[2] is not None else None) for r in rows}
 
     async def due_runs(self, now: float, *, limit: int = 1000,
                        workflows: Sequence[tuple[str, str]] | None = None) -> list[RunRecord]:

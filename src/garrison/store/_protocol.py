@@ -23,6 +23,7 @@ class Changes:
     queues: set[str] = field(default_factory=set)  # new runs, or a freed slot
     events: set[str] = field(default_factory=set)  # runs with new mailbox events
     cancels: set[str] = field(default_factory=set)  # runs asked to cancel
+    breakers: bool = False  # a worker published a circuit breaker's state
     wakeups: bool = False  # runs handed back or parked: claim what is due
 
     def add(self, payload: str) -> None:
@@ -36,12 +37,14 @@ class Changes:
             self.cancels.add(what)
         elif kind == "w":
             self.wakeups = True
+        elif kind == "b":
+            self.breakers = True
         else:
             self.everything = True
 
     def __bool__(self) -> bool:
         return bool(self.everything or self.queues or self.events or self.cancels
-                    or self.wakeups)
+                    or self.wakeups or self.breakers)
 
 
 class Store(Protocol):
@@ -173,6 +176,14 @@ class Store(Protocol):
         """Aggregates of runs created since `since`: (workflow, status, runs, mean
         duration, runs claimed more than once) and (step, status, entries, retries, mean
         duration)."""
+
+    async def publish_breaker(self, name: str, state: str, open_for_s: float | None) -> None:
+        """Share a circuit breaker's state with the fleet (`open_for_s`: how long it stays
+        open from now; kept on the store's clock)."""
+
+    async def breaker_states(self) -> dict[str, tuple[str, float | None]]:
+        """The last published state of every shared breaker: name -> (state, seconds it
+        stays open from now, or None)."""
 
     async def due_runs(self, now: float, *, limit: int = 1000,
                        workflows: Sequence[tuple[str, str]] | None = None) -> list[RunRecord]:

@@ -32,7 +32,9 @@ __all__ = [
     "REDRIVE_FORGET_FAILED",
     "RELEASE_RUNS",
     "RUN_COUNTS",
+    "SELECT_BREAKERS",
     "STEP_COUNTS",
+    "UPSERT_BREAKER",
     "REDRIVE_RUN",
     "child_conflict",
     "dedup_conflict",
@@ -203,6 +205,14 @@ STEP_COUNTS = (
     "avg(s.completed_at - s.started_at) FROM steps s JOIN runs r ON r.run_id = s.run_id "
     "WHERE s.kind = 'step' AND r.created_at >= ? GROUP BY s.name, s.status"
 )
+
+
+UPSERT_BREAKER = (
+    "INSERT INTO breakers (name, state, open_until, updated_at, worker) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (name) DO UPDATE SET state = excluded.state, open_until = excluded.open_until, "
+    "updated_at = excluded.updated_at, worker = excluded.worker"
+)
+SELECT_BREAKERS = "SELECT name, state, open_until FROM breakers"
 
 
 def refuse_redrive(run_id: str, status: str | None, where: str) -> None:

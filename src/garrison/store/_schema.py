@@ -87,14 +87,25 @@ CREATE UNIQUE INDEX IF NOT EXISTS runs_dedup ON runs (queue, dedup_id)
 DELETE FROM garrison_meta WHERE key = 'worker_epoch';
 """
 
+# Circuit breakers shared across a fleet: the last state a worker published per name.
+_V3 = """
+CREATE TABLE IF NOT EXISTS breakers (
+    name TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    open_until DOUBLE PRECISION,
+    updated_at DOUBLE PRECISION NOT NULL,
+    worker TEXT
+);
+"""
+
 _DIALECTS = {
     "sqlite": {"seq": "INTEGER PRIMARY KEY AUTOINCREMENT", "steps_options": " WITHOUT ROWID"},
     "postgres": {"seq": "BIGSERIAL PRIMARY KEY", "steps_options": ""},
 }
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def migrations(dialect: str) -> dict[int, str]:
     """The DDL of each schema version for `dialect` ("sqlite" or "postgres")."""
-    return {1: _V1.format(**_DIALECTS[dialect]), 2: _V2}
+    return {1: _V1.format(**_DIALECTS[dialect]), 2: _V2, 3: _V3}

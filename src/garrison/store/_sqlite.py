@@ -51,11 +51,13 @@ from garrison.store._rows import (
     RELEASE_RUNS,
     RUN_COLUMNS,
     RUN_COUNTS,
+    SELECT_BREAKERS,
     SELECT_DEDUP,
     SELECT_RUN,
     STEP_COLUMNS,
     STEP_COUNTS,
     TERMINAL_SQL,
+    UPSERT_BREAKER,
     UPSERT_STEP,
     child_conflict,
     dedup_conflict,
@@ -668,6 +670,16 @@ class SQLiteStore(LeaseBook):
     async def counts(self, since: float) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
         return ([tuple(r) for r in self._read(RUN_COUNTS, (since,))],
                 [tuple(r) for r in self._read(STEP_COUNTS, (since,))])
+
+    async def publish_breaker(self, name: str, state: str, open_for_s: float | None) -> None:
+        open_until = self._wall() + open_for_s if open_for_s is not None else None
+        row = (name, state, open_until, self._wall(), self.worker_id)
+        await self._write(lambda conn: conn.execute(UPSERT_BREAKER, row))
+
+    async def breaker_states(self) -> dict[str, tuple[str, float | None]]:
+        now = self._wall()
+        return {r[0]: (r[1], r[2] - now if r[2] is not None else None)
+                for r in self._read(SELECT_BREAKERS)}
 
     async def due_runs(self, now: float, *, limit: int = 1000,
                        workflows: Sequence[tuple[str, str]] | None = None) -> list[RunRecord]:
