@@ -337,3 +337,28 @@ async def test_postgres_a_breaker_opened_by_one_worker_opens_on_the_others() -> 
                 await asyncio.sleep(0.01)
         outcome = await (await second.start("w-w2")).result(timeout=10)  # type: ignore[arg-type]
     assert outcome == "refused" and calls == {"w1": 4, "w2": 0}
+
+
+async def test_a_rate_limiter_on_a_step_keeps_its_bucket_in_the_store(db_url: str) -> None:
+    from garrison.errors import RateLimited
+    from garrison.resilience import RateLimiter
+
+    app = Garrison(db_url)
+    limiter = RateLimiter("shared-api", rate=2, per=3600.0)  # 2 an hour, no waiting
+
+    @app.step(name="call_api", rate_limiter=limiter)
+    async def call_api() -> str:
+        return "ok"
+
+    @app.workflow(name="w", quarantine=False)
+    async def w(ctx: Context) -> str:
+        try:
+            return await call_api()
+        except RateLimited:
+            return "limited"
+
+    async with app:
+        outcomes = [await (await app.start(w)).result(timeout=10) for _ in range(3)]
+        waits = await app.store.take_token("shared-api", rate_per_s=2 / 3600, burst=2)
+    assert outcomes == ["ok", "ok", "limited"]
+    assert waits > 0  # the bucket is in the store: another process sees it spent

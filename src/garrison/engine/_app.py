@@ -169,6 +169,8 @@ class Garrison:
         """
         if breaker is not None:
             self.share_breaker(breaker)
+        if rate_limiter is not None:
+            self.share_limiter(rate_limiter)
         chain = tuple(g for g in (breaker, rate_limiter, bulkhead) if g is not None)
         return _StepDecorator(self, name, retry, chain + tuple(guards), timeout)
 
@@ -275,6 +277,16 @@ class Garrison:
         if callable(share) and breaker.name not in self.breakers:
             self.breakers[breaker.name] = breaker
             share(self._publish_breaker)
+
+    def share_limiter(self, limiter: Any) -> None:
+        """Keep a rate limiter's bucket in the store, so its rate holds across every
+        worker (a limiter attached to a step is shared already)."""
+        share = getattr(limiter, "share", None)
+        if callable(share):
+            share(self._take_token)
+
+    async def _take_token(self, name: str, rate_per_s: float, burst: float) -> float:
+        return await self.store.take_token(name, rate_per_s=rate_per_s, burst=burst)
 
     def _publish_breaker(self, name: str, state: str, open_for_s: float | None) -> None:
         if not self._open:

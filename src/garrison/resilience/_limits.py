@@ -1,7 +1,9 @@
 """`Bulkhead` (at most N concurrent calls, bounded wait) and `RateLimiter` (token bucket).
 
 Both are keyed (`for_key`) and usable as `async with`, with `.call(fn, ...)`, or on a step
-(`@app.step(bulkhead=...)`). This release keeps their state in the process (per worker).
+(`@app.step(bulkhead=...)`). A bulkhead counts per process (per worker). A rate limiter
+attached to a step (or passed to `app.share_limiter`) keeps its bucket in the store, so
+the rate holds across the fleet; otherwise its bucket is in the process.
 """
 
 from __future__ import annotations
@@ -103,6 +105,14 @@ class RateLimiter:
         self._tokens = self.burst
         self._at = clock()
         self._keyed: dict[str, RateLimiter] = {}
+        self._shared: Callable[[str, float, float], Awaitable[float]] | None = None
+
+    def share(self, take: Callable[[str, float, float], Awaitable[float]]) -> None:
+        """Keep the bucket in a shared place: `await take(name, rate_per_s, burst)` takes a
+        token (0.0) or says how long until one refills. The engine wires it to the store."""
+        self._shared = take
+        for keyed in self._keyed.values():
+            keyed.share(take)
 
     def for_key(self, key: str) -> RateLimiter:
         found = self._keyed.get(key)
@@ -110,6 +120,8 @@ class RateLimiter:
             found = self._keyed[key] = RateLimiter(
                 f"{self.name}:{key}", rate=self.rate, per=self.per, burst=self.burst,
                 max_wait=self.max_wait, clock=self.clock)
+            if self._shared is not None:
+                found.share(self._shared)
         return found
 
     def _refill(self) -> None:
@@ -126,7 +138,10 @@ class RateLimiter:
         return (1 - self._tokens) * self.per / self.rate
 
     async def acquire(self) -> None:
-        wait = self.try_acquire()
+        if self._shared is not None:
+            wait = await self._shared(self.name, self.rate / self.per, self.burst)
+        else:
+            wait = self.try_acquire()
         if wait == 0.0:
             return
         if wait > self.max_wait:

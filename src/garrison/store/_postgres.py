@@ -15,7 +15,7 @@ import contextlib
 import contextvars
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -28,6 +28,7 @@ from garrison.errors import (
     StoreError,
     WorkflowError,
 )
+from garrison.store._buckets import take_token
 from garrison.store._claims import Dialect, Plan, claim_due, claim_one, claim_queued
 from garrison.store._leases import LeaseBook
 from garrison.store._protocol import Changes
@@ -119,16 +120,16 @@ _BLIND_LOOK_S = 1.0
 _RELISTEN_S = (0.2, 5.0)
 
 
-async def _drive(plan: Plan, conn: Any) -> list[RunRecord]:
-    """Run a claim plan (see `_claims`) on `conn`."""
+async def _drive(plan: Generator[tuple[str, Any], list[Any], T], conn: Any) -> T:
+    """Run a sans-I/O plan (`_claims`, `_buckets`) on `conn`."""
     try:
         sql, params = next(plan)
         while True:
             cursor = await conn.execute(_sql(sql), params)
             sql, params = plan.send(await cursor.fetchall())
     except StopIteration as stop:
-        claimed: list[RunRecord] = stop.value
-        return claimed
+        outcome: T = stop.value
+        return outcome
 
 
 def parse_postgres_url(url: str) -> tuple[str, str, int]:
@@ -891,6 +892,11 @@ class PostgresStore(LeaseBook):
             await _notify(conn, self.channel, f"b:{name}")
 
         await self._write(op)
+
+    async def take_token(self, name: str, *, rate_per_s: float, burst: float) -> float:
+        now = self._wall()
+        return await self._write(lambda conn: _drive(take_token(
+            name, rate_per_s=rate_per_s, burst=burst, now=now, least="least"), conn))
 
     async def breaker_states(self) -> dict[str, tuple[str, float | None]]:
         rows = await self._read(_sql(SELECT_BREAKERS))

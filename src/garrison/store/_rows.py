@@ -32,6 +32,9 @@ __all__ = [
     "REDRIVE_FORGET_FAILED",
     "RELEASE_RUNS",
     "RUN_COUNTS",
+    "BUCKET_CREATE",
+    "BUCKET_READ",
+    "BUCKET_TAKE",
     "SELECT_BREAKERS",
     "STEP_COUNTS",
     "UPSERT_BREAKER",
@@ -213,6 +216,13 @@ UPSERT_BREAKER = (
     "updated_at = excluded.updated_at, worker = excluded.worker"
 )
 SELECT_BREAKERS = "SELECT name, state, open_until FROM breakers"
+# A shared token bucket: created full; a token is taken only if one has refilled.
+BUCKET_CREATE = "INSERT INTO buckets (name, tokens, at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING"
+BUCKET_TAKE = (
+    "UPDATE buckets SET tokens = min_of(?, tokens + (? - at) * ?) - 1, at = ? "
+    "WHERE name = ? AND min_of(?, tokens + (? - at) * ?) >= 1 RETURNING tokens"
+)
+BUCKET_READ = "SELECT tokens, at FROM buckets WHERE name = ?"
 
 
 def refuse_redrive(run_id: str, status: str | None, where: str) -> None:

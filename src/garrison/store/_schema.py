@@ -87,7 +87,8 @@ CREATE UNIQUE INDEX IF NOT EXISTS runs_dedup ON runs (queue, dedup_id)
 DELETE FROM garrison_meta WHERE key = 'worker_epoch';
 """
 
-# Circuit breakers shared across a fleet: the last state a worker published per name.
+# Circuit breakers shared across a fleet: the last state a worker published per name;
+# token buckets of rate limiters shared across a fleet.
 _V3 = """
 CREATE TABLE IF NOT EXISTS breakers (
     name TEXT PRIMARY KEY,
@@ -95,6 +96,11 @@ CREATE TABLE IF NOT EXISTS breakers (
     open_until DOUBLE PRECISION,
     updated_at DOUBLE PRECISION NOT NULL,
     worker TEXT
+);
+CREATE TABLE IF NOT EXISTS buckets (
+    name TEXT PRIMARY KEY,
+    tokens DOUBLE PRECISION NOT NULL,
+    at DOUBLE PRECISION NOT NULL
 );
 """
 

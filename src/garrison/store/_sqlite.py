@@ -14,7 +14,7 @@ import fcntl
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
@@ -29,7 +29,8 @@ from garrison.errors import (
     StoreLockedError,
     WorkflowError,
 )
-from garrison.store._claims import Dialect, Plan, claim_due, claim_one, claim_queued
+from garrison.store._buckets import take_token
+from garrison.store._claims import Dialect, claim_due, claim_one, claim_queued
 from garrison.store._leases import LeaseBook
 from garrison.store._protocol import Changes
 from garrison.store._records import (
@@ -86,15 +87,15 @@ _SYNC_MODES = ("FULL", "NORMAL", "EXTRA", "OFF")
 _DIALECT = Dialect(skip_locked="", queue_lock=None)
 
 
-def _drive(plan: Plan, conn: sqlite3.Connection) -> list[RunRecord]:
-    """Run a claim plan (see `_claims`) on `conn`."""
+def _drive(plan: Generator[tuple[str, Any], list[Any], T], conn: sqlite3.Connection) -> T:
+    """Run a sans-I/O plan (`_claims`, `_buckets`) on `conn`."""
     try:
         sql, params = next(plan)
         while True:
             sql, params = plan.send(conn.execute(sql, params).fetchall())
     except StopIteration as stop:
-        claimed: list[RunRecord] = stop.value
-        return claimed
+        outcome: T = stop.value
+        return outcome
 
 
 def parse_sqlite_url(url: str) -> tuple[str, dict[str, str]]:
@@ -675,6 +676,11 @@ class SQLiteStore(LeaseBook):
         open_until = self._wall() + open_for_s if open_for_s is not None else None
         row = (name, state, open_until, self._wall(), self.worker_id)
         await self._write(lambda conn: conn.execute(UPSERT_BREAKER, row))
+
+    async def take_token(self, name: str, *, rate_per_s: float, burst: float) -> float:
+        now = self._wall()
+        return await self._write(lambda conn: _drive(take_token(
+            name, rate_per_s=rate_per_s, burst=burst, now=now, least="min"), conn))
 
     async def breaker_states(self) -> dict[str, tuple[str, float | None]]:
         now = self._wall()

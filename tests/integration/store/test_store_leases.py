@@ -403,3 +403,27 @@ async def test_a_claim_batched_with_a_refused_write_still_claims(store: Store) -
     assert [r.run_id for r in claimed] == ["r1"]  # type: ignore[union-attr]
     assert one is not None and one.run_id == "handed-back"  # type: ignore[union-attr]
     assert sorted(store.held()) == ["handed-back", "r1"]
+
+
+# -- shared token buckets (fleet-wide rate limits) ---------------------------------------
+
+
+async def test_a_shared_bucket_gives_its_burst_then_says_when_to_come_back(
+    store: Store,
+) -> None:
+    taken = [await store.take_token("api", rate_per_s=0.5, burst=2) for _ in range(3)]
+
+    assert taken[:2] == [0.0, 0.0]
+    assert 1.5 < taken[2] <= 2.0  # one token refills in 2 s at 0.5 per second
+
+
+async def test_postgres_two_workers_never_spend_the_same_token(
+    two_workers: tuple[Store, Store],
+) -> None:
+    first, second = two_workers
+    attempts = [s.take_token("fleet-api", rate_per_s=0.001, burst=10)
+                for s in (first, second) for _ in range(15)]
+
+    waits = await asyncio.gather(*attempts)
+
+    assert sum(1 for w in waits if w == 0.0) == 10
