@@ -6,9 +6,12 @@ import asyncio
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from garrison import ConfigurationError, Context, Garrison, RunStatus, WorkflowFailed
 from garrison.resilience import Child, Supervisor
+from garrison.resilience._supervisor import decide, restarts
 
 
 def build(url: str) -> tuple[Garrison, Any]:
@@ -165,3 +168,70 @@ def test_supervisor_and_child_refuse_bad_settings() -> None:
         Child(object(), restart="sometimes")
     with pytest.raises(ConfigurationError, match="named alike"):
         Supervisor("s", [Child(object(), name="a"), Child(object(), name="a")])
+
+
+# -- the decision core against a reference model (hypothesis) ---------------------------
+
+
+
+def model(strategy: str, types: list[str], intensity: int, period: float,
+          running: set[int], history: list[float], index: int, abnormal: bool,
+          now: float) -> tuple[set[int], list[float], str]:
+    """OTP's rules in words: a child restarts by its type; more than `intensity`
+    restarts within `period` escalate (everything stops); else the strategy says which
+    children restart with it."""
+    running = running - {index}
+    if types[index] == "temporary" or (types[index] == "transient" and not abnormal):
+        return running, history, "none"
+    history = [t for t in history if t > now - period] + [now]
+    if len(history) > intensity:
+        return set(), history, "escalate"
+    if strategy == "one_for_one":
+        affected = {index}
+    elif strategy == "one_for_all":
+        affected = running | {index}
+    else:
+        affected = {i for i in running if i > index} | {index}
+    return running | affected, history, "restart"
+
+
+@settings(max_examples=300, deadline=None)
+@given(strategy=st.sampled_from(["one_for_one", "one_for_all", "rest_for_one"]),
+       types=st.lists(st.sampled_from(["permanent", "transient", "temporary"]),
+                      min_size=1, max_size=4),
+       intensity=st.integers(0, 4), period=st.sampled_from([1.0, 5.0, 60.0]),
+       events=st.lists(st.tuples(st.integers(0, 3), st.booleans(),
+                                 st.sampled_from([0.0, 0.5, 2.0, 10.0])), max_size=25))
+def test_supervisor_decisions_match_a_reference_model(
+    strategy: str, types: list[str], intensity: int, period: float,
+    events: list[tuple[int, bool, float]],
+) -> None:
+    spec = Supervisor("m", [Child(object(), name=str(i), restart=t) for i, t in enumerate(types)],
+                      strategy=strategy, intensity=intensity, period=period)
+    running, history, now = set(range(len(types))), (), 0.0
+    expected_running, expected_history = set(running), list(history)
+    for pick, abnormal, advance in events:
+        if not running:
+            break
+        index = sorted(running)[pick % len(running)]
+        now += advance
+        want_running, expected_history, outcome = model(
+            strategy, types, intensity, period, expected_running, expected_history, index,
+            abnormal, now)
+        rest = frozenset(running - {index})
+        if not restarts(spec.children[index], abnormal):
+            assert outcome == "none"
+            running = set(rest)
+        else:
+            decision = decide(spec, rest, index, history, now)
+            assert list(decision.stop) == sorted(decision.stop, reverse=True)
+            assert list(decision.start) == sorted(decision.start)
+            assert decision.escalate == (outcome == "escalate")
+            assert list(decision.restarts) == expected_history
+            history = decision.restarts
+            running = (set(rest) - set(decision.stop)) | set(decision.start)
+            if decision.escalate:
+                assert set(decision.stop) == rest
+                running = set()
+        assert running == want_running
+        expected_running = want_running

@@ -172,32 +172,55 @@ class _Tree:
             assert ended is not None
             index = next(i for i, h in self.running.items() if h.run_id == ended["run_id"])
             del self.running[index]
-            child = self.spec.children[index]
             abnormal = ended["status"] != "COMPLETED"
-            if child.restart == "temporary" or (child.restart == "transient" and not abnormal):
+            if not restarts(self.spec.children[index], abnormal):
                 continue
-            await self.restart(index, ended)
+            decision = decide(self.spec, frozenset(self.running), index,
+                              tuple(self.restarts), self.ctx.now().timestamp())
+            self.restarts = list(decision.restarts)
+            for other in decision.stop:
+                await self.stop(other)
+            if decision.escalate:
+                spec = self.spec
+                error = (ended.get("error") or {}).get("message") or ended["status"]
+                raise SupervisorEscalated(
+                    f"supervisor {spec.name!r}: more than {spec.intensity} restarts within "
+                    f"{spec.period:g} s (last: child {ended['run_id']} ended "
+                    f"{ended['status']}: {error}); its children were stopped",
+                    supervisor=spec.name, child_run_id=ended["run_id"])
+            if self.spec.backoff is not None:
+                low, high = self.spec.backoff
+                wait = min(high, low * 2 ** (len(self.restarts) - 1)) * self.ctx.random()
+                await self.ctx.sleep(dt.timedelta(seconds=wait))
+            for target in decision.start:
+                await self.start(target)
 
-    async def restart(self, index: int, ended: dict[str, Any]) -> None:
-        spec = self.spec
-        now = self.ctx.now().timestamp()
-        self.restarts = [t for t in self.restarts if now - t < spec.period] + [now]
-        if len(self.restarts) > spec.intensity:
-            await self.stop_all()
-            error = (ended.get("error") or {}).get("message") or ended["status"]
-            raise SupervisorEscalated(
-                f"supervisor {spec.name!r}: more than {spec.intensity} restarts within "
-                f"{spec.period:g} s (last: child {ended['run_id']} ended {ended['status']}: "
-                f"{error}); its children were stopped",
-                supervisor=spec.name, child_run_id=ended["run_id"])
-        order = sorted(self.running) if spec.strategy != "one_for_one" else []
-        if spec.strategy == "rest_for_one":
-            order = [i for i in order if i > index]
-        for other in sorted(order, reverse=True):
-            await self.stop(other)
-        if spec.backoff is not None:
-            low, high = spec.backoff
-            wait = min(high, low * 2 ** (len(self.restarts) - 1)) * self.ctx.random()
-            await self.ctx.sleep(dt.timedelta(seconds=wait))
-        for target in sorted({index, *order}):
-            await self.start(target)
+
+def restarts(child: Child, abnormal: bool) -> bool:
+    """Whether a child that ended is to be restarted, by its restart type."""
+    return child.restart == "permanent" or (child.restart == "transient" and abnormal)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What a supervisor does after a child that must restart ended: stop `stop` (in
+    this order), then start `start` (in this order), or escalate after the stops."""
+
+    stop: tuple[int, ...]
+    start: tuple[int, ...]
+    restarts: tuple[float, ...]  # restart times within the period, this one included
+    escalate: bool
+
+
+def decide(spec: Supervisor, running: frozenset[int], index: int,
+           restart_times: tuple[float, ...], now: float) -> Decision:
+    """The pure core of a supervisor (no I/O): child `index` ended and must restart;
+    `running` are the children still running."""
+    kept = (*(t for t in restart_times if now - t < spec.period), now)
+    if len(kept) > spec.intensity:
+        return Decision(tuple(sorted(running, reverse=True)), (), kept, True)
+    others = sorted(running) if spec.strategy != "one_for_one" else []
+    if spec.strategy == "rest_for_one":
+        others = [i for i in others if i > index]
+    return Decision(tuple(sorted(others, reverse=True)), tuple(sorted({index, *others})),
+                    kept, False)
