@@ -6,7 +6,7 @@ import asyncio
 import threading
 from typing import Any
 
-from garrison import CircuitOpenError, Context, Garrison, RunStatus
+from garrison import Context, Garrison, RunStatus
 from garrison.resilience import Child, CircuitBreaker, Retry, RetryBudget, Supervisor
 from garrison.resilience._breaker import CLOSED, HALF_OPEN, OPEN
 from garrison.testing import FakeClock
@@ -31,7 +31,7 @@ def test_count_window_smaller_than_min_calls_still_opens() -> None:
     with a ConfigurationError).
     """
     breaker = CircuitBreaker("tiny", window=5, clock=_Clock())
-    for _ in range(20):
+    for _ in range(5):
         started = breaker.acquire()
         breaker.record(started, ConnectionError("down"))
     assert breaker.state == OPEN
@@ -135,8 +135,11 @@ def test_a_retried_call_that_succeeds_gives_back_its_retry_cost() -> None:
     retry = Retry(max_attempts=2, budget=budget, random=lambda: 0.0)
     assert retry.delay_s(1, ConnectionError("blip")) is not None  # one retry: pays 5
     assert budget.tokens == 5
-    retry.succeeded()  # ... and the retried call succeeded
+    retry.succeeded(2)  # ... and the retried call succeeded (attempt 2)
     assert budget.tokens == 10
+    retry.delay_s(1, ConnectionError("blip"))
+    retry.succeeded(1)  # a first-try success gives back only `refund`
+    assert budget.tokens == 6
 
 
 async def _status(app: Garrison, run_id: str) -> RunStatus | None:
@@ -255,7 +258,7 @@ async def test_remaining_read_by_workflow_code_replays_identically(db_url: str) 
     async with app:
         handle = await app.start(w, run_id="r")  # type: ignore[arg-type]
         async with asyncio.timeout(8):
-            while not took:
+            while not took:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
         await asyncio.sleep(0.1)
         clock.advance(60)
@@ -296,13 +299,13 @@ async def test_redrive_of_a_run_quarantined_in_a_retry_wait_runs_the_step_at_onc
     async with app:
         await app.start(w, run_id="r")  # type: ignore[arg-type]
         async with asyncio.timeout(8):
-            while not calls:
+            while not calls:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
         await asyncio.sleep(0.2)  # journaled its retry wait and parked
         clock.advance(6)  # past the run's deadline
         assert await _until(app, "r", lambda s: s.is_terminal) is RunStatus.QUARANTINED
         await app.redrive("r")
         async with asyncio.timeout(3):
-            while len(calls) < 2:
+            while len(calls) < 2:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
         assert await app.handle("r").result(timeout=5) == "up"

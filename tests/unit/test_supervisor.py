@@ -187,12 +187,13 @@ def model(strategy: str, types: list[str], intensity: int, period: float,
     if len(history) > intensity:
         return set(), history, "escalate"
     if strategy == "one_for_one":
-        affected = {index}
+        stopped: set[int] = set()
     elif strategy == "one_for_all":
-        affected = running | {index}
+        stopped = set(running)
     else:
-        affected = {i for i in running if i > index} | {index}
-    return running | affected, history, "restart"
+        stopped = {i for i in running if i > index}
+    again = {i for i in stopped if types[i] != "temporary"} | {index}
+    return (running - stopped) | again, history, "restart"
 
 
 @settings(max_examples=300, deadline=None)

@@ -254,7 +254,11 @@ def remaining() -> float | None:
     inherited from a parent); None outside a run or when it has no deadline. Inside a
     step too, so an outbound call can pass it on as its own timeout."""
     branch = current_branch()
-    if branch is not None:
-        return branch.execution.remaining()
+    if branch is not None:  # workflow code: from the journaled clock, so replay agrees
+        deadline_at = branch.execution.run.deadline_at
+        if deadline_at is None:
+            return None
+        now = branch.execution.journal_value(branch, "now")
+        return float(deadline_at - now.timestamp())
     deadline = _step_deadline.get()
     return deadline[0] - deadline[1]() if deadline is not None else None

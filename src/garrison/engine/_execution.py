@@ -461,27 +461,33 @@ class RunExecution:
             return await asyncio.get_running_loop().run_in_executor(
                 self.worker.executor, contextvars.copy_context().run, call)
 
-        attempt: Callable[[], Awaitable[Any]] = invoke
-        for guard in reversed(step.guards):
-            attempt = functools.partial(guard.call, attempt)
         limits = [t for t in (step.timeout, self.remaining()) if t is not None]
-        if not limits:
-            return await attempt()
-        limit = min(limits)
-        if limit <= 0:
+        limit = min(limits) if limits else None
+        if limit is not None and limit <= 0:
             raise DeadlineExceeded(f"{where}: the run's deadline has passed",
                                    run_id=self.run_id, seconds=limit)
-        scope = asyncio.timeout(limit)
-        try:
-            async with scope:
-                return await attempt()
-        except TimeoutError as exc:
-            if not scope.expired():
-                raise  # the step's own timeout, not ours
-            raise DeadlineExceeded(
-                f"{where}: attempt cancelled after {limit:.3g} s ("
-                + ("its timeout" if limit == step.timeout else "the run's deadline") + ")",
-                run_id=self.run_id, seconds=limit) from exc
+
+        async def bounded() -> Any:
+            """The call itself within the time limit: the guards around it (a breaker)
+            see a timeout as the call's failure, `DeadlineExceeded`."""
+            if limit is None:
+                return await invoke()
+            scope = asyncio.timeout(limit)
+            try:
+                async with scope:
+                    return await invoke()
+            except TimeoutError as exc:
+                if not scope.expired():
+                    raise  # the step's own timeout, not ours
+                raise DeadlineExceeded(
+                    f"{where}: attempt cancelled after {limit:.3g} s ("
+                    + ("its timeout" if limit == step.timeout else "the run's deadline")
+                    + ")", run_id=self.run_id, seconds=limit) from exc
+
+        attempt: Callable[[], Awaitable[Any]] = bounded
+        for guard in reversed(step.guards):
+            attempt = functools.partial(guard.call, attempt)
+        return await attempt()
 
     async def _wait_until(self, position: str, fire_at: float) -> None:
         """A durable timer at `position` (its entry is journaled): the run may park."""
@@ -554,7 +560,7 @@ class RunExecution:
                 raise
             succeeded = getattr(step.retry, "succeeded", None)
             if callable(succeeded):
-                succeeded()  # e.g. refund a retry budget
+                succeeded(attempt)  # e.g. refund a retry budget
             record = self._record(position, StepKind.STEP, step.name, StepStatus.COMPLETED,
                                   started_at=started_at, arity=arity, inputs=inputs,
                                   output=output, attempts=attempt)

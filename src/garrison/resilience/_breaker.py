@@ -100,6 +100,9 @@ class CircuitBreaker:
         self.failure_on = failure_on
         self.ignore = ignore
         self.clock = clock
+        # A count window never holds more than `window` calls (resilience4j caps
+        # minimumNumberOfCalls at the window size the same way).
+        self._min_calls = min(min_calls, int(window)) if window_type == "count" else min_calls
         self._state = CLOSED
         self._outcomes: deque[_Outcome] = deque()
         self._failed = 0  # failed calls in _outcomes (kept as calls come and go)
@@ -107,7 +110,7 @@ class CircuitBreaker:
         self._opened_at = 0.0
         self._trials_started = 0
         self._trials: list[_Outcome] = []
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # listeners called on a transition may read it
         self._keyed: dict[str, CircuitBreaker] = {}
         self._listeners: list[StateListener] = []
         self._entered: dict[int, list[float]] = {}
@@ -229,18 +232,20 @@ class CircuitBreaker:
                 breaker=self.name, state=self._state, retry_after=retry_in,
             )
 
+    def release(self) -> None:
+        """A call that `acquire` let through ended without an outcome to count (it was
+        cancelled, or its error is ignored): a half-open trial slot is given back."""
+        with self._lock:
+            if self._state == HALF_OPEN and self._trials_started:
+                self._trials_started -= 1
+
     def record(self, started: float, error: BaseException | None) -> None:
         """The outcome of a call that `acquire` let through."""
-        if error is not None and (isinstance(error, self.ignore)
-                                  or not isinstance(error, self.failure_on)):
-            failed = False
-            if isinstance(error, self.ignore):
-                with self._lock:  # a trial that counts neither way frees its slot
-                    if self._state == HALF_OPEN and self._trials_started:
-                        self._trials_started -= 1
-                return
-        else:
-            failed = error is not None
+        if isinstance(error, asyncio.CancelledError) or (
+                error is not None and isinstance(error, self.ignore)):
+            self.release()  # counts neither way
+            return
+        failed = error is not None and isinstance(error, self.failure_on)
         now = self.clock()
         slow = (self.slow_call_duration is not None
                 and now - started >= self.slow_call_duration)
@@ -256,7 +261,7 @@ class CircuitBreaker:
                 self._slow += outcome.slow
                 self._trim(now)
                 total = len(self._outcomes)
-                if total >= self.min_calls and self._over(total, self._failed, self._slow):
+                if total >= self._min_calls and self._over(total, self._failed, self._slow):
                     self._move(OPEN)
 
     def _clear(self) -> None:
@@ -293,10 +298,7 @@ class CircuitBreaker:
         started = self.acquire()
         try:
             result = await fn(*args, **kwargs)
-        except asyncio.CancelledError:
-            self.record(started, None)  # not the dependency's fault
-            raise
-        except BaseException as exc:
+        except BaseException as exc:  # a cancellation counts neither way (see record)
             self.record(started, exc)
             raise
         self.record(started, None)
@@ -314,7 +316,7 @@ class CircuitBreaker:
         started = starts.pop()
         if not starts:
             del self._entered[key]
-        self.record(started, None if isinstance(exc, asyncio.CancelledError) else exc)
+        self.record(started, exc)
 
 
 def _task_key() -> int:

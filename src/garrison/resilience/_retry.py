@@ -96,10 +96,12 @@ class RetryBudget:
             self._bucket.tokens -= cost
             return True
 
-    def refund(self) -> None:
-        """A call succeeded: give back a little."""
+    def refund(self, *, retried: bool = False) -> None:
+        """A call succeeded: give back `refund`, or, when it succeeded on a retry, what
+        that retry cost (botocore releases the retry's cost)."""
+        amount = self.retry_cost if retried else self.refund_tokens
         with self._bucket.lock:
-            self._bucket.tokens = min(self.capacity, self._bucket.tokens + self.refund_tokens)
+            self._bucket.tokens = min(self.capacity, self._bucket.tokens + amount)
 
     def reset(self) -> None:
         """Fill the bucket (tests, or after an operator fixed the dependency)."""
@@ -173,7 +175,7 @@ class Retry:
             return None
         return delay
 
-    def succeeded(self) -> None:
-        """An attempt succeeded (the engine calls this): refund the budget."""
+    def succeeded(self, attempt: int = 1) -> None:
+        """Attempt `attempt` succeeded (the engine calls this): refund the budget."""
         if self.budget is not None:
-            self.budget.refund()
+            self.budget.refund(retried=attempt > 1)

@@ -222,5 +222,8 @@ def decide(spec: Supervisor, running: frozenset[int], index: int,
     others = sorted(running) if spec.strategy != "one_for_one" else []
     if spec.strategy == "rest_for_one":
         others = [i for i in others if i > index]
-    return Decision(tuple(sorted(others, reverse=True)), tuple(sorted({index, *others})),
+    # Siblings stopped for the restart start again, except temporary ones (never
+    # restarted, as in OTP).
+    again = {i for i in others if spec.children[i].restart != "temporary"}
+    return Decision(tuple(sorted(others, reverse=True)), tuple(sorted({index, *again})),
                     kept, False)

@@ -188,7 +188,9 @@ def dedup_conflict(run: RunRecord, existing_run_id: str) -> RunDeduplicatedError
 # Redrive: a QUARANTINED run goes back to its queue; its failed steps run again, the
 # completed ones keep their journaled results. Its deadline is lifted (it had passed,
 # or the failure was another): a redriven run runs to its end.
-REDRIVE_FORGET_FAILED = "DELETE FROM steps WHERE run_id = ? AND kind = 'step' AND status = 'failed'"
+REDRIVE_FORGET_FAILED = (  # failed steps, and steps quarantined in a retry wait
+    "DELETE FROM steps WHERE run_id = ? AND kind = 'step' AND status IN ('failed', 'pending')"
+)
 REDRIVE_RUN = (
     "UPDATE runs SET status = 'PENDING', result = NULL, error = NULL, completed_at = NULL, "
     "deadline_at = NULL, owner = NULL, lease_until = NULL, wake_at = NULL, updated_at = ? "
