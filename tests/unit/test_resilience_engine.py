@@ -362,3 +362,34 @@ async def test_a_rate_limiter_on_a_step_keeps_its_bucket_in_the_store(db_url: st
         waits = await app.store.take_token("shared-api", rate_per_s=2 / 3600, burst=2)
     assert outcomes == ["ok", "ok", "limited"]
     assert waits > 0  # the bucket is in the store: another process sees it spent
+
+
+async def test_postgres_a_retry_budget_on_a_step_is_one_budget_for_the_fleet() -> None:
+    from tests.pg import fresh_postgres_url
+
+    url = fresh_postgres_url()
+    attempts: dict[str, int] = {"w1": 0, "w2": 0}
+
+    def worker(name: str) -> Garrison:
+        app = Garrison(url, worker_id=name)
+        budget = RetryBudget(f"fleet-budget-{url}", capacity=10, retry_cost=5)
+
+        @app.step(name="call", retry=Retry(max_attempts=5, base=0.0, budget=budget))
+        async def call() -> None:
+            attempts[name] += 1
+            raise ConnectionError("down")
+
+        @app.workflow(name=f"w-{name}", quarantine=False)
+        async def flow(ctx: Context) -> None:
+            await call()
+
+        return app
+
+    first, second = worker("w1"), worker("w2")
+    async with first, second:
+        with pytest.raises(WorkflowFailed):
+            await (await first.start("w-w1")).result(timeout=10)  # type: ignore[arg-type]
+        with pytest.raises(WorkflowFailed):
+            await (await second.start("w-w2")).result(timeout=10)  # type: ignore[arg-type]
+    # 10 tokens pay two retries in the whole fleet: w1 made 1 + 2 attempts, w2 only 1.
+    assert attempts == {"w1": 3, "w2": 1}

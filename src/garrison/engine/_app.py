@@ -171,6 +171,9 @@ class Garrison:
             self.share_breaker(breaker)
         if rate_limiter is not None:
             self.share_limiter(rate_limiter)
+        budget = getattr(retry, "budget", None)
+        if budget is not None:
+            self.share_budget(budget)
         chain = tuple(g for g in (breaker, rate_limiter, bulkhead) if g is not None)
         return _StepDecorator(self, name, retry, chain + tuple(guards), timeout)
 
@@ -285,27 +288,48 @@ class Garrison:
         if callable(share):
             share(self._take_token)
 
+    def share_budget(self, budget: Any) -> None:
+        """Keep a retry budget's bucket in the store, so the whole fleet spends one
+        budget per target (a budget on a step's `Retry` is shared already)."""
+        share = getattr(budget, "share", None)
+        if callable(share) and not getattr(budget, "shared", False):
+            share(self._take_budget, self._give_budget)
+
+    async def _take_budget(self, name: str, cost: float, capacity: float) -> bool:
+        wait = await self.store.take_token(f"retry-budget:{name}", rate_per_s=0.0,
+                                           burst=capacity, cost=cost)
+        return wait == 0.0
+
+    def _give_budget(self, name: str, amount: float, capacity: float) -> None:
+        if not self._open:
+            return
+        self._in_background(self.store.give_tokens(f"retry-budget:{name}", amount=amount,
+                                                   burst=capacity), what="retry budget")
+
+    def _in_background(self, write: Any, *, what: str) -> None:
+        """A store write nobody waits for (errors are logged)."""
+        async def run() -> None:
+            try:
+                await write
+            except StoreError as exc:
+                log.warning("store.background_write_failed", what=what, error=str(exc))
+
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            write.close()
+            return
+        task = loop.create_task(run(), context=contextvars.Context())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def _take_token(self, name: str, rate_per_s: float, burst: float) -> float:
         return await self.store.take_token(name, rate_per_s=rate_per_s, burst=burst)
 
     def _publish_breaker(self, name: str, state: str, open_for_s: float | None) -> None:
-        if not self._open:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return  # a breaker used outside the event loop: nothing to tell the fleet
-        task = loop.create_task(self._publish_breaker_now(name, state, open_for_s),
-                                context=contextvars.Context())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _publish_breaker_now(self, name: str, state: str,
-                                   open_for_s: float | None) -> None:
-        try:
-            await self.store.publish_breaker(name, state, open_for_s)
-        except StoreError as exc:
-            log.warning("breaker.publish_failed", breaker=name, error=str(exc))
+        if self._open:
+            self._in_background(self.store.publish_breaker(name, state, open_for_s),
+                                what=f"breaker {name}")
 
     async def follow_breakers(self) -> None:
         """Apply the breaker decisions other workers published (the worker calls this

@@ -524,6 +524,9 @@ class RunExecution:
                 elapsed = self.worker.clock.time() - started_at
                 delay = (step.retry.delay_s(attempt, exc, elapsed_s=elapsed)
                          if step.retry is not None else None)
+                admit = getattr(step.retry, "admit", None)
+                if delay is not None and callable(admit) and not await admit(exc):
+                    delay = None  # a shared retry budget is spent
                 self._emit("step_failed", info, exc, delay is not None)
                 if delay is not None:
                     log.info("step.retry_scheduled", run_id=self.run_id, position=position,

@@ -11,7 +11,7 @@ import email.utils
 import random as _random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +82,27 @@ class RetryBudget:
         self.refund_tokens = float(refund)
         with _BUCKETS_LOCK:
             self._bucket = _BUCKETS.setdefault(name, _Bucket(self.capacity))
+        self._take: Callable[[str, float, float], Awaitable[bool]] | None = None
+        self._give: Callable[[str, float, float], None] | None = None
+
+    @property
+    def shared(self) -> bool:
+        """Whether the bucket lives in the store (fleet-wide) rather than the process."""
+        return self._take is not None
+
+    def share(self, take: Callable[[str, float, float], Awaitable[bool]],
+              give: Callable[[str, float, float], None]) -> None:
+        """Keep the bucket in a shared place: `await take(name, cost, capacity)` pays for
+        a retry (False: spent), `give(name, amount, capacity)` refunds (in the
+        background). The engine wires them to the store for a budget on a step."""
+        self._take, self._give = take, give
+
+    async def withdraw_shared(self, error: BaseException | None = None) -> bool:
+        """`withdraw` on the shared bucket (the engine awaits it before a retry)."""
+        if self._take is None:
+            return self.withdraw(error)
+        cost = self.timeout_cost if isinstance(error, TimeoutError) else self.retry_cost
+        return await self._take(self.name, cost, self.capacity)
 
     @property
     def tokens(self) -> float:
@@ -100,6 +121,9 @@ class RetryBudget:
         """A call succeeded: give back `refund`, or, when it succeeded on a retry, what
         that retry cost (botocore releases the retry's cost)."""
         amount = self.retry_cost if retried else self.refund_tokens
+        if self._give is not None:
+            self._give(self.name, amount, self.capacity)
+            return
         with self._bucket.lock:
             self._bucket.tokens = min(self.capacity, self._bucket.tokens + amount)
 
@@ -171,9 +195,17 @@ class Retry:
                 delay = max(delay, asked)
         if self.max_elapsed is not None and elapsed_s + delay > self.max_elapsed:
             return None
-        if self.budget is not None and not self.budget.withdraw(error):
+        if (self.budget is not None and not self.budget.shared
+                and not self.budget.withdraw(error)):
             return None
         return delay
+
+    async def admit(self, error: BaseException) -> bool:
+        """For a budget shared through the store: pay for the retry `delay_s` allowed
+        (the engine awaits this; False: spent, no retry)."""
+        if self.budget is None or not self.budget.shared:
+            return True
+        return await self.budget.withdraw_shared(error)
 
     def succeeded(self, attempt: int = 1) -> None:
         """Attempt `attempt` succeeded (the engine calls this): refund the budget."""

@@ -28,7 +28,7 @@ from garrison.errors import (
     StoreError,
     WorkflowError,
 )
-from garrison.store._buckets import take_token
+from garrison.store._buckets import give_tokens, take_token
 from garrison.store._claims import Dialect, Plan, claim_due, claim_one, claim_queued
 from garrison.store._leases import LeaseBook
 from garrison.store._protocol import Changes
@@ -893,10 +893,16 @@ class PostgresStore(LeaseBook):
 
         await self._write(op)
 
-    async def take_token(self, name: str, *, rate_per_s: float, burst: float) -> float:
+    async def give_tokens(self, name: str, *, amount: float, burst: float) -> float:
+        now = self._wall()
+        return await self._write(lambda conn: _drive(give_tokens(
+            name, amount=amount, burst=burst, now=now, least="least"), conn))
+
+    async def take_token(self, name: str, *, rate_per_s: float, burst: float,
+                         cost: float = 1.0) -> float:
         now = self._wall()
         return await self._write(lambda conn: _drive(take_token(
-            name, rate_per_s=rate_per_s, burst=burst, now=now, least="least"), conn))
+            name, rate_per_s=rate_per_s, burst=burst, now=now, least="least", cost=cost), conn))
 
     async def breaker_states(self) -> dict[str, tuple[str, float | None]]:
         rows = await self._read(_sql(SELECT_BREAKERS))

@@ -181,9 +181,14 @@ class Store(Protocol):
         """Share a circuit breaker's state with the fleet (`open_for_s`: how long it stays
         open from now; kept on the store's clock)."""
 
-    async def take_token(self, name: str, *, rate_per_s: float, burst: float) -> float:
-        """Take a token of the shared bucket `name` (created full with `burst`): 0.0 when
-        taken, else the seconds until one refills (nothing taken)."""
+    async def take_token(self, name: str, *, rate_per_s: float, burst: float,
+                         cost: float = 1.0) -> float:
+        """Take `cost` tokens of the shared bucket `name` (created full with `burst`,
+        refilling at `rate_per_s`): 0.0 when taken, else the seconds until enough refill
+        (infinity if it never refills by itself); nothing is taken then."""
+
+    async def give_tokens(self, name: str, *, amount: float, burst: float) -> float:
+        """Give tokens back to the shared bucket `name` (at most `burst`); its tokens."""
 
     async def breaker_states(self) -> dict[str, tuple[str, float | None]]:
         """The last published state of every shared breaker: name -> (state, seconds it

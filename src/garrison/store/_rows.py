@@ -33,6 +33,7 @@ __all__ = [
     "RELEASE_RUNS",
     "RUN_COUNTS",
     "BUCKET_CREATE",
+    "BUCKET_GIVE",
     "BUCKET_READ",
     "BUCKET_TAKE",
     "SELECT_BREAKERS",
@@ -221,9 +222,10 @@ SELECT_BREAKERS = "SELECT name, state, open_until FROM breakers"
 # A shared token bucket: created full; a token is taken only if one has refilled.
 BUCKET_CREATE = "INSERT INTO buckets (name, tokens, at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING"
 BUCKET_TAKE = (
-    "UPDATE buckets SET tokens = min_of(?, tokens + (? - at) * ?) - 1, at = ? "
-    "WHERE name = ? AND min_of(?, tokens + (? - at) * ?) >= 1 RETURNING tokens"
+    "UPDATE buckets SET tokens = min_of(?, tokens + (? - at) * ?) - ?, at = ? "
+    "WHERE name = ? AND min_of(?, tokens + (? - at) * ?) >= ? RETURNING tokens"
 )
+BUCKET_GIVE = "UPDATE buckets SET tokens = min_of(?, tokens + ?) WHERE name = ? RETURNING tokens"
 BUCKET_READ = "SELECT tokens, at FROM buckets WHERE name = ?"
 
 

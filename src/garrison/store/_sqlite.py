@@ -29,7 +29,7 @@ from garrison.errors import (
     StoreLockedError,
     WorkflowError,
 )
-from garrison.store._buckets import take_token
+from garrison.store._buckets import give_tokens, take_token
 from garrison.store._claims import Dialect, claim_due, claim_one, claim_queued
 from garrison.store._leases import LeaseBook
 from garrison.store._protocol import Changes
@@ -677,10 +677,16 @@ class SQLiteStore(LeaseBook):
         row = (name, state, open_until, self._wall(), self.worker_id)
         await self._write(lambda conn: conn.execute(UPSERT_BREAKER, row))
 
-    async def take_token(self, name: str, *, rate_per_s: float, burst: float) -> float:
+    async def give_tokens(self, name: str, *, amount: float, burst: float) -> float:
+        now = self._wall()
+        return await self._write(lambda conn: _drive(give_tokens(
+            name, amount=amount, burst=burst, now=now, least="min"), conn))
+
+    async def take_token(self, name: str, *, rate_per_s: float, burst: float,
+                         cost: float = 1.0) -> float:
         now = self._wall()
         return await self._write(lambda conn: _drive(take_token(
-            name, rate_per_s=rate_per_s, burst=burst, now=now, least="min"), conn))
+            name, rate_per_s=rate_per_s, burst=burst, now=now, least="min", cost=cost), conn))
 
     async def breaker_states(self) -> dict[str, tuple[str, float | None]]:
         now = self._wall()
