@@ -361,7 +361,10 @@ async def test_a_rate_limiter_on_a_step_keeps_its_bucket_in_the_store(db_url: st
         outcomes = [await (await app.start(w)).result(timeout=10) for _ in range(3)]
         waits = await app.store.take_token("shared-api", rate_per_s=2 / 3600, burst=2)
     assert outcomes == ["ok", "ok", "limited"]
-    assert waits > 0  # the bucket is in the store: another process sees it spent
+    if app.store.fleet:  # PostgreSQL: the bucket is in the store, every worker sees it spent
+        assert waits > 0
+    else:  # SQLite: one worker; the limiter counts in the process, the store's is untouched
+        assert waits == 0.0
 
 
 async def test_postgres_a_retry_budget_on_a_step_is_one_budget_for_the_fleet() -> None:
@@ -393,3 +396,49 @@ async def test_postgres_a_retry_budget_on_a_step_is_one_budget_for_the_fleet() -
             await (await second.start("w-w2")).result(timeout=10)  # type: ignore[arg-type]
     # 10 tokens pay two retries in the whole fleet: w1 made 1 + 2 attempts, w2 only 1.
     assert attempts == {"w1": 3, "w2": 1}
+
+
+async def test_postgres_a_bulkhead_on_a_step_holds_across_the_fleet() -> None:
+    from garrison import BulkheadFull
+    from garrison.resilience import Bulkhead
+    from tests.pg import fresh_postgres_url
+
+    url = fresh_postgres_url()
+    active = peak = 0
+    release = asyncio.Event()
+
+    def worker(name: str) -> Garrison:
+        app = Garrison(url, worker_id=name)
+        bulkhead = Bulkhead("fleet-db", max_concurrent=2, max_wait=0.0)  # one per process
+
+        @app.step(name="query", bulkhead=bulkhead)
+        async def query() -> str:
+            nonlocal active, peak
+            active += 1
+            peak = max(peak, active)
+            await release.wait()
+            active -= 1
+            return "rows"
+
+        @app.workflow(name=f"w-{name}", quarantine=False)
+        async def flow(ctx: Context) -> str:
+            try:
+                return await query()
+            except BulkheadFull:
+                return "full"
+
+        return app
+
+    first, second = worker("w1"), worker("w2")
+    async with first, second:
+        handles = []
+        for app, name in ((first, "w1"), (second, "w2")) * 3:
+            handles.append(await app.start(f"w-{name}"))  # type: ignore[arg-type]
+        async with asyncio.timeout(10):
+            while active < 2:  # noqa: ASYNC110  # the places fill up
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)  # the others find the bulkhead full
+        release.set()
+        outcomes = [await h.result(timeout=10) for h in handles]
+    assert peak == 2  # never more than 2 in the whole fleet
+    assert sorted(outcomes) == ["full"] * 4 + ["rows"] * 2

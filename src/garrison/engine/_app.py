@@ -171,6 +171,8 @@ class Garrison:
             self.share_breaker(breaker)
         if rate_limiter is not None:
             self.share_limiter(rate_limiter)
+        if bulkhead is not None:
+            self.share_bulkhead(bulkhead)
         budget = getattr(retry, "budget", None)
         if budget is not None:
             self.share_budget(budget)
@@ -285,14 +287,25 @@ class Garrison:
         """Keep a rate limiter's bucket in the store, so its rate holds across every
         worker (a limiter attached to a step is shared already)."""
         share = getattr(limiter, "share", None)
-        if callable(share):
+        if callable(share) and self.store.fleet:
             share(self._take_token)
+
+    def share_bulkhead(self, bulkhead: Any) -> None:
+        """Keep a bulkhead's places in the store, so `max_concurrent` holds across the
+        fleet (a bulkhead on a step is shared already). A place is held under the
+        worker's lease: a worker that dies frees its places after `lease_ttl_s`."""
+        share = getattr(bulkhead, "share", None)
+        if callable(share) and self.store.fleet:
+            share(self._take_permit, self.store.release_permit)
+
+    async def _take_permit(self, name: str, permit_id: str, limit: int) -> bool:
+        return await self.store.take_permit(name, permit_id, limit=limit)
 
     def share_budget(self, budget: Any) -> None:
         """Keep a retry budget's bucket in the store, so the whole fleet spends one
         budget per target (a budget on a step's `Retry` is shared already)."""
         share = getattr(budget, "share", None)
-        if callable(share) and not getattr(budget, "shared", False):
+        if callable(share) and self.store.fleet and not getattr(budget, "shared", False):
             share(self._take_budget, self._give_budget)
 
     async def _take_budget(self, name: str, cost: float, capacity: float) -> bool:

@@ -445,6 +445,7 @@ class Worker:
             await asyncio.sleep(interval)
             try:
                 lost = await self.store.renew_leases()
+                await self.store.renew_permits()  # fleet-wide bulkhead places held here
             except StoreError as exc:  # the store is down: writes fail too; try again
                 log.warning("worker.heartbeat_failed", error=str(exc))
                 continue

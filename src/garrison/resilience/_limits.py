@@ -1,15 +1,16 @@
 """`Bulkhead` (at most N concurrent calls, bounded wait) and `RateLimiter` (token bucket).
 
 Both are keyed (`for_key`) and usable as `async with`, with `.call(fn, ...)`, or on a step
-(`@app.step(bulkhead=...)`). A bulkhead counts per process (per worker). A rate limiter
-attached to a step (or passed to `app.share_limiter`) keeps its bucket in the store, so
-the rate holds across the fleet; otherwise its bucket is in the process.
+(`@app.step(bulkhead=...)`). Attached to a step (or passed to `app.share_bulkhead` /
+`app.share_limiter`), a bulkhead keeps its places and a rate limiter its bucket in the
+store, so they hold across the fleet; used alone, they count in the process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, TypeVar
@@ -17,6 +18,14 @@ from typing import Any, TypeVar
 from garrison.errors import BulkheadFull, ConfigurationError, RateLimited
 
 __all__ = ["Bulkhead", "RateLimiter"]
+
+# A fleet-wide bulkhead with no free place looks again this often (within max_wait).
+_SHARED_POLL_S = 0.05
+
+
+def _task_key() -> int:
+    task = asyncio.current_task()
+    return id(task) if task is not None else 0
 
 T = TypeVar("T")
 
@@ -37,6 +46,18 @@ class Bulkhead:
         self._keyed: dict[str, Bulkhead] = {}
         self.active = 0
         self.rejected = 0
+        self._take: Callable[[str, str, int], Awaitable[bool]] | None = None
+        self._give: Callable[[str], Awaitable[None]] | None = None
+        self._permits: dict[int, list[str]] = {}
+
+    def share(self, take: Callable[[str, str, int], Awaitable[bool]],
+              give: Callable[[str], Awaitable[None]]) -> None:
+        """Keep the places in a shared place: `await take(name, permit_id, limit)` takes
+        one (False: all taken), `await give(permit_id)` gives it back. The engine wires
+        them to the store for a bulkhead on a step."""
+        self._take, self._give = take, give
+        for keyed in self._keyed.values():
+            keyed.share(take, give)
 
     def for_key(self, key: str) -> Bulkhead:
         found = self._keyed.get(key)
@@ -44,9 +65,36 @@ class Bulkhead:
             found = self._keyed[key] = Bulkhead(f"{self.name}:{key}",
                                                max_concurrent=self.max_concurrent,
                                                max_wait=self.max_wait)
+            if self._take is not None and self._give is not None:
+                found.share(self._take, self._give)
         return found
 
+    async def _acquire_shared(self) -> None:
+        assert self._take is not None
+        permit = uuid.uuid4().hex
+        give_up = time.monotonic() + self.max_wait
+        while not await self._take(self.name, permit, self.max_concurrent):
+            left = give_up - time.monotonic()
+            if left <= 0:
+                self.rejected += 1
+                raise self._full()
+            await asyncio.sleep(min(_SHARED_POLL_S, left))
+        self._permits.setdefault(_task_key(), []).append(permit)
+        self.active += 1
+
+    async def _release_shared(self) -> None:
+        assert self._give is not None
+        key = _task_key()
+        permit = self._permits[key].pop()
+        if not self._permits[key]:
+            del self._permits[key]
+        self.active -= 1
+        await asyncio.shield(self._give(permit))  # even if the caller is cancelled
+
     async def acquire(self) -> None:
+        if self._take is not None:
+            await self._acquire_shared()
+            return
         if not self._semaphore.locked():  # a free place: no wait, no timer
             await self._semaphore.acquire()
             self.active += 1
@@ -75,6 +123,12 @@ class Bulkhead:
         try:
             return await fn(*args, **kwargs)
         finally:
+            await self._leave()
+
+    async def _leave(self) -> None:
+        if self._give is not None:
+            await self._release_shared()
+        else:
             self.release()
 
     async def __aenter__(self) -> Bulkhead:
@@ -83,7 +137,7 @@ class Bulkhead:
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
-        self.release()
+        await self._leave()
 
 
 class RateLimiter:

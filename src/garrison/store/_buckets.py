@@ -12,7 +12,7 @@ from typing import Any
 
 from garrison.store._rows import BUCKET_CREATE, BUCKET_GIVE, BUCKET_READ, BUCKET_TAKE
 
-__all__ = ["give_tokens", "take_token"]
+__all__ = ["give_tokens", "one_statement", "take_permit", "take_token"]
 
 Plan = Generator[tuple[str, list[Any]], list[Any], float]
 
@@ -40,3 +40,27 @@ def give_tokens(name: str, *, amount: float, burst: float, now: float, least: st
     yield BUCKET_CREATE + " RETURNING name", [name, burst, now]
     rows = yield BUCKET_GIVE.replace("min_of", least), [burst, amount, name]
     return float(rows[0][0])
+
+
+def take_permit(name: str, *, permit_id: str, worker: str, limit: int, now: float,
+                until: float, lock: str | None
+                ) -> Generator[tuple[str, list[Any]], list[Any], bool]:
+    """Take a place of the fleet-wide bulkhead `name` (at most `limit` held at once) for
+    `permit_id`, held until `until` unless renewed; False when all places are taken.
+    Places of a worker that died expire. `lock`: the dialect's per-name lock statement."""
+    if lock is not None:
+        yield lock, [f"garrison-permits:{name}"]
+    yield "DELETE FROM permits WHERE name = ? AND until < ? RETURNING id", [name, now]
+    rows = yield "SELECT count(*) FROM permits WHERE name = ?", [name]
+    if int(rows[0][0]) >= limit:
+        return False
+    yield ("INSERT INTO permits (id, name, worker, until) VALUES (?, ?, ?, ?) RETURNING id",
+           [permit_id, name, worker, until])
+    return True
+
+
+def one_statement(sql: str, params: list[Any]
+                  ) -> Generator[tuple[str, list[Any]], list[Any], list[Any]]:
+    """A plan of one statement (returning rows): its rows."""
+    rows = yield sql, params
+    return rows

@@ -28,7 +28,8 @@ from garrison.errors import (
     StoreError,
     WorkflowError,
 )
-from garrison.store._buckets import give_tokens, take_token
+from garrison.store._buckets import give_tokens, take_permit, take_token
+from garrison.store._buckets import one_statement as _one
 from garrison.store._claims import Dialect, Plan, claim_due, claim_one, claim_queued
 from garrison.store._leases import LeaseBook
 from garrison.store._protocol import Changes
@@ -411,6 +412,8 @@ class _GroupCommit:
 
 
 class PostgresStore(LeaseBook):
+    fleet = True  # any number of workers: fleet-wide limits live here
+
     """Runs, journals and mailboxes in PostgreSQL (one schema per application)."""
 
     def __init__(self, url: str) -> None:
@@ -892,6 +895,25 @@ class PostgresStore(LeaseBook):
             await _notify(conn, self.channel, f"b:{name}")
 
         await self._write(op)
+
+    async def take_permit(self, name: str, permit_id: str, *, limit: int) -> bool:
+        worker = self.worker_id or "client"
+        now = self._wall()
+        until = now + self.lease_ttl_s
+        return await self._write(lambda conn: _drive(take_permit(
+            name, permit_id=permit_id, worker=worker, limit=limit, now=now, until=until,
+            lock="SELECT pg_advisory_xact_lock(hashtext(?))"), conn))
+
+    async def release_permit(self, permit_id: str) -> None:
+        await self._write(lambda conn: _drive(_one(
+            "DELETE FROM permits WHERE id = ? RETURNING id", [permit_id]), conn))
+
+    async def renew_permits(self) -> None:
+        if self.worker_id is None:
+            return
+        params = [self._wall() + self.lease_ttl_s, self.worker_id]
+        await self._write(lambda conn: _drive(_one(
+            "UPDATE permits SET until = ? WHERE worker = ? RETURNING id", params), conn))
 
     async def give_tokens(self, name: str, *, amount: float, burst: float) -> float:
         now = self._wall()

@@ -56,6 +56,9 @@ class Store(Protocol):
     """
 
     url: str
+    # Whether several worker processes may share this store (PostgreSQL): then rate
+    # limiters, retry budgets and bulkheads on steps keep their state in it.
+    fleet: bool
 
     async def open(self) -> None:
         """Connect, create or migrate the schema. Raises `ConfigurationError`/`StoreError`."""
@@ -186,6 +189,17 @@ class Store(Protocol):
         """Take `cost` tokens of the shared bucket `name` (created full with `burst`,
         refilling at `rate_per_s`): 0.0 when taken, else the seconds until enough refill
         (infinity if it never refills by itself); nothing is taken then."""
+
+    async def take_permit(self, name: str, permit_id: str, *, limit: int) -> bool:
+        """Take a place of the fleet-wide bulkhead `name` (at most `limit` at once),
+        held for this worker's lease TTL unless renewed (`renew_permits`); False when
+        every place is taken."""
+
+    async def release_permit(self, permit_id: str) -> None:
+        """Give a bulkhead place back."""
+
+    async def renew_permits(self) -> None:
+        """Extend the places this worker holds (its heartbeat does)."""
 
     async def give_tokens(self, name: str, *, amount: float, burst: float) -> float:
         """Give tokens back to the shared bucket `name` (at most `burst`); its tokens."""

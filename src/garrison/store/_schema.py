@@ -102,6 +102,14 @@ CREATE TABLE IF NOT EXISTS buckets (
     tokens DOUBLE PRECISION NOT NULL,
     at DOUBLE PRECISION NOT NULL
 );
+CREATE TABLE IF NOT EXISTS permits (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    worker TEXT NOT NULL,
+    until DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS permits_name ON permits (name);
+CREATE INDEX IF NOT EXISTS permits_worker ON permits (worker);
 """
 
 _DIALECTS = {

@@ -29,7 +29,8 @@ from garrison.errors import (
     StoreLockedError,
     WorkflowError,
 )
-from garrison.store._buckets import give_tokens, take_token
+from garrison.store._buckets import give_tokens, take_permit, take_token
+from garrison.store._buckets import one_statement as _one
 from garrison.store._claims import Dialect, claim_due, claim_one, claim_queued
 from garrison.store._leases import LeaseBook
 from garrison.store._protocol import Changes
@@ -284,6 +285,8 @@ class _GroupCommit:
 
 
 class SQLiteStore(LeaseBook):
+    fleet = False  # one worker process per file: limits can count in the process
+
     """The embedded default store. One worker process per database file.
 
     Durability: WAL with `synchronous=FULL` (survives power loss); `?synchronous=NORMAL`
@@ -676,6 +679,25 @@ class SQLiteStore(LeaseBook):
         open_until = self._wall() + open_for_s if open_for_s is not None else None
         row = (name, state, open_until, self._wall(), self.worker_id)
         await self._write(lambda conn: conn.execute(UPSERT_BREAKER, row))
+
+    async def take_permit(self, name: str, permit_id: str, *, limit: int) -> bool:
+        worker = self.worker_id or "client"
+        now = self._wall()
+        until = now + self.lease_ttl_s
+        return await self._write(lambda conn: _drive(take_permit(
+            name, permit_id=permit_id, worker=worker, limit=limit, now=now, until=until,
+            lock=None), conn))
+
+    async def release_permit(self, permit_id: str) -> None:
+        await self._write(lambda conn: _drive(_one(
+            "DELETE FROM permits WHERE id = ? RETURNING id", [permit_id]), conn))
+
+    async def renew_permits(self) -> None:
+        if self.worker_id is None:
+            return
+        params = [self._wall() + self.lease_ttl_s, self.worker_id]
+        await self._write(lambda conn: _drive(_one(
+            "UPDATE permits SET until = ? WHERE worker = ? RETURNING id", params), conn))
 
     async def give_tokens(self, name: str, *, amount: float, burst: float) -> float:
         now = self._wall()
