@@ -115,6 +115,9 @@ _INSERT_STEPS = (  # many journal rows in one statement: one array per column
 _DIALECT = Dialect(skip_locked=" FOR UPDATE SKIP LOCKED",
                    queue_lock="SELECT pg_advisory_xact_lock(hashtext(?))",
                    row_lock=" FOR UPDATE")
+# How long the server lets a session of ours sit idle inside a transaction (ms); our
+# transactions never wait on anything but the database.
+_IDLE_IN_TX_MS = 10_000
 # Without a LISTEN connection, `changes()` says "everything" at most this often.
 _BLIND_LOOK_S = 1.0
 # How long a LISTEN connection that dropped waits before connecting again (doubling).
@@ -436,7 +439,12 @@ class PostgresStore(LeaseBook):
     # -- lifecycle -----------------------------------------------------------------
 
     def _options(self) -> str:
-        return f"-c search_path={self.schema}"
+        # A worker paused in the middle of a transaction (SIGSTOP, a VM freeze) would
+        # hold its row and queue locks, and every other worker would wait on them: the
+        # server ends such a session after a while, releasing them (fencing then refuses
+        # whatever the paused worker tries when it wakes).
+        return (f"-c search_path={self.schema} "
+                f"-c idle_in_transaction_session_timeout={_IDLE_IN_TX_MS}")
 
     async def _connect(self, *, autocommit: bool = True) -> Any:
         try:
