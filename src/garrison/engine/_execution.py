@@ -484,7 +484,7 @@ class RunExecution:
                     + ("its timeout" if limit == step.timeout else "the run's deadline")
                     + ")", run_id=self.run_id, seconds=limit) from exc
 
-        attempt: Callable[[], Awaitable[Any]] = bounded
+        attempt: Callable[[], Awaitable[Any]] = bounded if limit is not None else invoke
         for guard in reversed(step.guards):
             attempt = functools.partial(guard.call, attempt)
         return await attempt()

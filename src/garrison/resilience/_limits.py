@@ -123,7 +123,10 @@ class Bulkhead:
         try:
             return await fn(*args, **kwargs)
         finally:
-            await self._leave()
+            if self._give is None:
+                self.release()
+            else:
+                await self._release_shared()
 
     async def _leave(self) -> None:
         if self._give is not None:
