@@ -99,6 +99,13 @@ _UPSERT_STEP = _sql(UPSERT_STEP)
 _CANCEL_CHILDREN = _sql(CANCEL_CHILDREN)
 _SELECT_RUN = _sql(SELECT_RUN)
 _INSERT_RUN_RETURNING = f"{_INSERT_RUN} RETURNING {RUN_COLUMNS}"
+# A new queued run and its queue's notification, one statement (the notification is
+# sent only if the row was inserted, at commit).
+_INSERT_RUN_NOTIFYING = (
+    f"WITH inserted AS ({_INSERT_RUN_RETURNING}) SELECT inserted.*, "
+    "pg_notify(%s, %s) FROM inserted"
+)
+_RUN_WIDTH = len(RUN_COLUMNS.split(","))
 # The fence check and one journal row in one statement (see `_append_one`).
 _STEP_TYPES = ("text", "text", "text", "text", "text", "float8", "int", "text", "text",
                "text", "float8", "float8", "int", "text", "text")
@@ -720,7 +727,14 @@ class PostgresStore(LeaseBook):
     # -- runs ----------------------------------------------------------------------
 
     async def _insert_run(self, conn: Any, run: RunRecord) -> tuple[RunRecord, bool]:
-        row = await (await conn.execute(_INSERT_RUN_RETURNING, run_values(run))).fetchone()
+        """Insert `run` (and, for a queued one, notify its queue) in one statement, so that
+        alone in its batch it commits in one round trip."""
+        if run.status is RunStatus.PENDING:
+            row = await (await conn.execute(
+                _INSERT_RUN_NOTIFYING, (*run_values(run), self.channel, f"q:{run.queue}")
+            )).fetchone()
+        else:
+            row = await (await conn.execute(_INSERT_RUN_RETURNING, run_values(run))).fetchone()
         created = row is not None
         if not created:
             row = await (await conn.execute(_SELECT_RUN, (run.run_id,))).fetchone()
@@ -729,13 +743,14 @@ class PostgresStore(LeaseBook):
                 _sql(SELECT_DEDUP), (run.queue, run.dedup_id))).fetchone()
             if taken is not None:
                 raise dedup_conflict(run, taken[0])
-        if created and run.status is RunStatus.PENDING:
-            await _notify(conn, self.channel, f"q:{run.queue}")
-        return run_from_row(row), created
+        return run_from_row(row[:_RUN_WIDTH]), created
 
     async def create_run(self, run: RunRecord) -> tuple[RunRecord, bool]:
         run = self._leased(run)
-        stored, created = await self._write(lambda conn: self._insert_run(conn, run))
+        self._require_open()
+        assert self._writer is not None
+        stored, created = await self._writer.submit(lambda conn: self._insert_run(conn, run),
+                                                    single_statement=True)
         self._created(run, created)
         return stored, created
 
