@@ -442,3 +442,54 @@ async def test_postgres_a_bulkhead_on_a_step_holds_across_the_fleet() -> None:
         outcomes = [await h.result(timeout=10) for h in handles]
     assert peak == 2  # never more than 2 in the whole fleet
     assert sorted(outcomes) == ["full"] * 4 + ["rows"] * 2
+
+
+def test_breaker_figures_count_opens_time_open_and_recoveries() -> None:
+    from garrison.resilience._metrics import _breaker_figures
+
+    history = [("dep", "OPEN", 100.0), ("dep", "OPEN", 101.0),  # a second worker agreeing
+               ("dep", "CLOSED", 130.0), ("dep", "FORCED_OPEN", 200.0),
+               ("dep", "CLOSED", 210.0), ("dep", "OPEN", 300.0),
+               ("other", "DISABLED", 50.0)]
+    figures = _breaker_figures(history, now=320.0)
+    dep = figures["dep"]
+    assert (dep.opens, dep.recoveries, dep.state) == (3, 2, "OPEN")
+    assert dep.time_open_s == 30.0 + 10.0 + 20.0  # the open spell still running counts
+    assert dep.mean_time_to_recovery_s == 20.0
+    assert figures["other"].opens == 0
+
+
+async def test_a_shared_breakers_opening_and_recovery_are_in_the_figures(db_url: str) -> None:
+    from garrison.resilience import reliability
+
+    app = Garrison(db_url)
+    breaker = CircuitBreaker("figures-dep", failure_rate=0.5, window=2, min_calls=2,
+                             wait_open=0.2, half_open_calls=1)
+    healthy = False
+
+    @app.step(name="call_dep", breaker=breaker)
+    async def call_dep() -> str:
+        if not healthy:
+            raise ConnectionError("down")
+        return "up"
+
+    @app.workflow(name="w", quarantine=False)
+    async def w(ctx: Context) -> str:
+        try:
+            return await call_dep()
+        except (ConnectionError, CircuitOpenError):
+            return "no"
+
+    async with app:
+        for _ in range(2):
+            await (await app.start(w)).result(timeout=10)
+        assert breaker.state == "OPEN"
+        await asyncio.sleep(0.3)  # the wait is over: a trial goes through
+        healthy = True
+        assert await (await app.start(w)).result(timeout=10) == "up"
+        assert breaker.state == "CLOSED"
+        await asyncio.sleep(0.2)  # the decisions are published in the background
+        figures = (await reliability(app.store)).breakers["figures-dep"]
+    assert (figures.opens, figures.recoveries, figures.state) == (1, 1, "CLOSED")
+    assert figures.mean_time_to_recovery_s is not None
+    assert figures.mean_time_to_recovery_s >= 0.2

@@ -234,6 +234,14 @@ def runs_stats(
                       str(st.waiting_retry))
     console.print(runs)
     console.print(steps)
+    if figures.breakers:
+        breakers = Table("breaker", "state", "opens", "time open", "recoveries", "MTTR",
+                         title="Circuit breakers")
+        for name, b in sorted(figures.breakers.items()):
+            mttr = b.mean_time_to_recovery_s
+            breakers.add_row(name, b.state, str(b.opens), f"{b.time_open_s:.1f} s",
+                             str(b.recoveries), "-" if mttr is None else f"{mttr:.1f} s")
+        console.print(breakers)
 
 
 @runs_app.command("redrive")

@@ -1,14 +1,19 @@
 """Reliability figures computed from the store: how often workflows and steps succeed,
-how many retries they needed, how many runs were recovered after a worker's death."""
+how many retries they needed, how many runs were recovered after a worker's death, and,
+for shared circuit breakers, how often they opened and how long their dependency took
+to recover."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from garrison.store import Store
 
-__all__ = ["Reliability", "StepFigures", "WorkflowFigures", "reliability"]
+__all__ = ["BreakerFigures", "Reliability", "StepFigures", "WorkflowFigures", "reliability"]
+
+_OPEN = ("OPEN", "FORCED_OPEN")
 
 _ENDED = ("COMPLETED", "FAILED", "CANCELLED", "QUARANTINED")
 
@@ -41,16 +46,55 @@ class StepFigures:
 
 
 @dataclass(slots=True)
+class BreakerFigures:
+    """A shared circuit breaker's published decisions. `time_open_s`: seconds spent OPEN
+    (or forced open) in the period, an open spell still running counted up to now;
+    `recoveries`: spells that ended CLOSED; `mean_time_to_recovery_s`: their mean length."""
+
+    opens: int = 0
+    time_open_s: float = 0.0
+    recoveries: int = 0
+    mean_time_to_recovery_s: float | None = None
+    state: str = "CLOSED"
+
+
+@dataclass(slots=True)
 class Reliability:
     workflows: dict[str, WorkflowFigures]
     steps: dict[str, StepFigures]
+    breakers: dict[str, BreakerFigures] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+def _breaker_figures(history: list[tuple[str, str, float]], now: float
+                     ) -> dict[str, BreakerFigures]:
+    figures: dict[str, BreakerFigures] = {}
+    opened: dict[str, float] = {}
+    recovered: dict[str, list[float]] = {}
+    for name, state, at in history:
+        breaker = figures.setdefault(name, BreakerFigures())
+        if state in _OPEN and name not in opened:
+            opened[name] = at
+            breaker.opens += 1
+        elif state not in _OPEN and name in opened:
+            spell = at - opened.pop(name)
+            breaker.time_open_s += spell
+            if state == "CLOSED":
+                recovered.setdefault(name, []).append(spell)
+        breaker.state = state
+    for name, since in opened.items():  # still open
+        figures[name].time_open_s += max(0.0, now - since)
+    for name, spells in recovered.items():
+        figures[name].recoveries = len(spells)
+        figures[name].mean_time_to_recovery_s = sum(spells) / len(spells)
+    return figures
+
+
 async def reliability(store: Store, *, since: float = 0.0) -> Reliability:
-    """Figures for runs created at or after `since` (seconds since the epoch)."""
+    """Figures for runs created (and breaker decisions published) at or after `since`
+    (seconds since the epoch)."""
     run_rows, step_rows = await store.counts(since)
     workflows: dict[str, WorkflowFigures] = {}
     durations: dict[str, tuple[float, int]] = {}
@@ -84,4 +128,5 @@ async def reliability(store: Store, *, since: float = 0.0) -> Reliability:
         finished = figures_s.completed + figures_s.failed
         if finished:
             figures_s.success_rate = figures_s.completed / finished
-    return Reliability(workflows, steps)
+    breakers = _breaker_figures(await store.breaker_history(since), time.time())
+    return Reliability(workflows, steps, breakers)

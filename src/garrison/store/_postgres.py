@@ -42,8 +42,10 @@ from garrison.store._records import (
     StepStatus,
 )
 from garrison.store._rows import (
+    BREAKER_HISTORY,
     CANCEL_CHILDREN,
     DUE_NOW,
+    INSERT_BREAKER_EVENT,
     INSERT_RUN,
     LIST_EVENTS,
     PARK_RUN,
@@ -912,9 +914,11 @@ class PostgresStore(LeaseBook):
     async def publish_breaker(self, name: str, state: str, open_for_s: float | None) -> None:
         open_until = self._wall() + open_for_s if open_for_s is not None else None
         row = (name, state, open_until, self._wall(), self.worker_id)
+        event = (name, state, self._wall(), self.worker_id)
 
         async def op(conn: Any) -> None:
             await conn.execute(_sql(UPSERT_BREAKER), row)
+            await conn.execute(_sql(INSERT_BREAKER_EVENT), event)
             await _notify(conn, self.channel, f"b:{name}")
 
         await self._write(op)
@@ -948,6 +952,10 @@ class PostgresStore(LeaseBook):
         now = self._wall()
         return await self._write(lambda conn: _drive(take_token(
             name, rate_per_s=rate_per_s, burst=burst, now=now, least="least", cost=cost), conn))
+
+    async def breaker_history(self, since: float) -> list[tuple[str, str, float]]:
+        rows = await self._read(_sql(BREAKER_HISTORY), (since,))
+        return [(r[0], r[1], float(r[2])) for r in rows]
 
     async def breaker_states(self) -> dict[str, tuple[str, float | None]]:
         rows = await self._read(_sql(SELECT_BREAKERS))

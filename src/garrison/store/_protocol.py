@@ -204,6 +204,10 @@ class Store(Protocol):
     async def give_tokens(self, name: str, *, amount: float, burst: float) -> float:
         """Give tokens back to the shared bucket `name` (at most `burst`); its tokens."""
 
+    async def breaker_history(self, since: float) -> list[tuple[str, str, float]]:
+        """Published breaker transitions since `since` (wall time): (name, state, at),
+        by name then time."""
+
     async def breaker_states(self) -> dict[str, tuple[str, float | None]]:
         """The last published state of every shared breaker: name -> (state, seconds it
         stays open from now, or None)."""

@@ -30,8 +30,10 @@ __all__ = [
     "PARK_RUN",
     "UPSERT_STEP",
     "REDRIVE_FORGET_FAILED",
+    "INSERT_BREAKER_EVENT",
     "RELEASE_RUNS",
     "RUN_COUNTS",
+    "BREAKER_HISTORY",
     "BUCKET_CREATE",
     "BUCKET_GIVE",
     "BUCKET_READ",
@@ -219,6 +221,8 @@ UPSERT_BREAKER = (
     "updated_at = excluded.updated_at, worker = excluded.worker"
 )
 SELECT_BREAKERS = "SELECT name, state, open_until FROM breakers"
+INSERT_BREAKER_EVENT = "INSERT INTO breaker_events (name, state, at, worker) VALUES (?, ?, ?, ?)"
+BREAKER_HISTORY = "SELECT name, state, at FROM breaker_events WHERE at >= ? ORDER BY name, at"
 # A shared token bucket: created full; a token is taken only if one has refilled.
 BUCKET_CREATE = "INSERT INTO buckets (name, tokens, at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING"
 BUCKET_TAKE = (

@@ -97,6 +97,13 @@ CREATE TABLE IF NOT EXISTS breakers (
     updated_at DOUBLE PRECISION NOT NULL,
     worker TEXT
 );
+CREATE TABLE IF NOT EXISTS breaker_events (
+    name TEXT NOT NULL,
+    state TEXT NOT NULL,
+    at DOUBLE PRECISION NOT NULL,
+    worker TEXT
+);
+CREATE INDEX IF NOT EXISTS breaker_events_at ON breaker_events (at);
 CREATE TABLE IF NOT EXISTS buckets (
     name TEXT PRIMARY KEY,
     tokens DOUBLE PRECISION NOT NULL,

@@ -43,8 +43,10 @@ from garrison.store._records import (
     StepStatus,
 )
 from garrison.store._rows import (
+    BREAKER_HISTORY,
     CANCEL_CHILDREN,
     DUE_NOW,
+    INSERT_BREAKER_EVENT,
     INSERT_RUN,
     LIST_EVENTS,
     PARK_RUN,
@@ -678,7 +680,16 @@ class SQLiteStore(LeaseBook):
     async def publish_breaker(self, name: str, state: str, open_for_s: float | None) -> None:
         open_until = self._wall() + open_for_s if open_for_s is not None else None
         row = (name, state, open_until, self._wall(), self.worker_id)
-        await self._write(lambda conn: conn.execute(UPSERT_BREAKER, row))
+        event = (name, state, self._wall(), self.worker_id)
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(UPSERT_BREAKER, row)
+            conn.execute(INSERT_BREAKER_EVENT, event)
+
+        await self._write(op)
+
+    async def breaker_history(self, since: float) -> list[tuple[str, str, float]]:
+        return [(r[0], r[1], float(r[2])) for r in self._read(BREAKER_HISTORY, (since,))]
 
     async def take_permit(self, name: str, permit_id: str, *, limit: int) -> bool:
         worker = self.worker_id or "client"

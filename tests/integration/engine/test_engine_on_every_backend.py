@@ -18,6 +18,7 @@ from tests.unit.test_durability import (  # noqa: F401  # collected by pytest
 from tests.unit.test_resilience_engine import (  # noqa: F401
     test_a_failed_run_is_quarantined_and_redrive_continues_it,
     test_a_rate_limiter_on_a_step_keeps_its_bucket_in_the_store,
+    test_a_shared_breakers_opening_and_recovery_are_in_the_figures,
     test_reliability_figures_come_from_the_store,
     test_retry_wait_is_durable_and_the_attempt_count_survives_a_restart,
     test_run_deadline_is_seen_by_steps_and_ends_the_run,
