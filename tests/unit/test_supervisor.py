@@ -236,3 +236,30 @@ def test_supervisor_decisions_match_a_reference_model(
                 running = set()
         assert running == want_running
         expected_running = want_running
+
+
+async def test_a_child_that_ignores_its_stop_is_killed_after_its_shutdown_time(
+    db_url: str,
+) -> None:
+    app, agent = build(db_url)
+
+    @app.workflow(name="stubborn")
+    async def stubborn(ctx: Context) -> str:
+        try:
+            await ctx.wait_for("never")
+        except asyncio.CancelledError:
+            await ctx.wait_for("still-never")  # ignores the stop
+        return "unreachable"
+
+    tree = Supervisor("kill", [Child(agent, ("a",), name="a"),
+                               Child(stubborn, name="s", shutdown=0.3)],
+                      strategy="one_for_all")
+    async with app:
+        await app.start(tree, run_id="t")  # type: ignore[arg-type]
+        await status(app, "t/s#1")
+        await app.send("t/a#1", "cmd", "crash")
+        await status(app, "t/s#2")  # restarted after the kill
+        await status(app, "t/a#2")
+        assert await ended(app, "t/s#1") is RunStatus.CANCELLED
+        killed = await app.store.get_run("t/s#1")
+        assert killed is not None and killed.fence >= 2  # its holder's writes are refused

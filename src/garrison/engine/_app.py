@@ -26,6 +26,7 @@ from garrison.errors import (
     ConfigurationError,
     LeaseLostError,
     NotInWorkflowError,
+    RunNotFoundError,
     StoreError,
     WorkflowConflictError,
     WorkflowError,
@@ -534,9 +535,24 @@ class Garrison:
         if self.worker is not None:
             self.worker.notify_event(run_id, name)
 
-    async def cancel(self, run_id: str) -> None:
-        """Cancel a run and its unfinished children. Raises `RunNotFoundError`."""
+    async def cancel(self, run_id: str, *, force: bool = False) -> None:
+        """Cancel a run and its unfinished children. Raises `RunNotFoundError`.
+
+        Cooperative: the run sees `CancelledError` at its current await. `force=True`
+        ends it CANCELLED now, whoever executes it: its worker's further writes are
+        refused (a supervisor's kill after a child's shutdown timeout). Needs a worker
+        in this process."""
         self._require_open("cancel")
+        if force:
+            if self.worker is None:
+                raise ConfigurationError("app.cancel(force=True) needs a worker in this "
+                                         "process (Garrison(worker=True))")
+            found = await self.store.get_run(run_id)
+            if found is None:
+                raise RunNotFoundError(f"no run {run_id!r}; check the id", run_id=run_id)
+            await self.worker.finish_stored(found, RunStatus.CANCELLED, None, None,
+                                            force=True)
+            return
         run = await self.store.request_cancel(run_id, now=self.clock.time())
         if run.status.is_terminal or self.worker is None:
             return  # the worker holding it, or the next to claim it, ends it

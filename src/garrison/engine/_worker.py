@@ -479,7 +479,7 @@ class Worker:
             del self.live[run.run_id]
 
     async def finish_stored(self, run: RunRecord, status: RunStatus, result: str | None,
-                            error: str | None) -> bool:
+                            error: str | None, *, force: bool = False) -> bool:
         """End a run durably (once), tell its parent, wake result waiters, cascade cancels."""
         notify = None
         now = self.clock.time()
@@ -490,7 +490,12 @@ class Worker:
                                  name=child_event_name(run.run_id),
                                  payload=json.dumps(payload), sent_at=now)
         changed = await self.store.finish_run(run.run_id, status, result=result, error=error,
-                                              completed_at=now, notify=notify)
+                                              completed_at=now, notify=notify, force=force)
+        if force:
+            self.store.forget(run.run_id)
+            execution = self.live.pop(run.run_id, None)
+            if execution is not None:
+                execution.abandon()
         self._store_failures.pop(run.run_id, None)
         if not changed:
             return False

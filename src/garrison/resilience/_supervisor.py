@@ -121,8 +121,8 @@ class Supervisor:
                 child.workflow.__garrison_register__(app)
 
         @app.step(name=f"supervisor:{self.name}:stop")
-        async def stop_child(run_id: str) -> None:
-            await app.cancel(run_id)
+        async def stop_child(run_id: str, kill: bool = False) -> None:
+            await app.cancel(run_id, force=kill)
 
         tree = self
 
@@ -156,8 +156,12 @@ class _Tree:
     async def stop(self, index: int) -> None:
         handle = self.running.pop(index)
         await self.stop_child(handle.run_id)
-        # Its end (CANCELLED, or whatever it reached first) is consumed here.
-        await self.ctx.first_ended([handle], timeout=self.spec.children[index].shutdown)
+        # Its end (CANCELLED, or whatever it reached first) is consumed here; past its
+        # shutdown time it is killed (ended now; its worker's writes are refused).
+        ended = await self.ctx.first_ended([handle],
+                                           timeout=self.spec.children[index].shutdown)
+        if ended is None:
+            await self.stop_child(handle.run_id, True)
 
     async def stop_all(self) -> None:
         for index in sorted(self.running, reverse=True):

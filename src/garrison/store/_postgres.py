@@ -842,20 +842,23 @@ class PostgresStore(LeaseBook):
 
     async def finish_run(
         self, run_id: str, status: RunStatus, *, result: str | None, error: str | None,
-        completed_at: float, notify: EventRecord | None = None,
+        completed_at: float, notify: EventRecord | None = None, force: bool = False,
     ) -> bool:
         async def op(conn: Any) -> bool:
-            verify = await self._fenced(conn, run_id)
+            verify = _no_check if force else await self._fenced(conn, run_id)
             cursor = await conn.execute(
                 "UPDATE runs SET status = %s, result = %s, error = %s, completed_at = %s, "
-                "updated_at = %s, wake_at = NULL, lease_until = NULL "
-                f"WHERE run_id = %s AND status NOT IN {TERMINAL_SQL} RETURNING queue",
+                "updated_at = %s, wake_at = NULL, lease_until = NULL"
+                + (", owner = NULL, fence = fence + 1" if force else "")
+                + f" WHERE run_id = %s AND status NOT IN {TERMINAL_SQL} RETURNING queue",
                 (status.value, result, error, completed_at, completed_at, run_id),
             )
             ended = await cursor.fetchone()
             changed: bool = ended is not None
             if changed:  # a slot of its queue is free
                 await _notify(conn, self.channel, f"q:{ended[0]}")
+            if changed and force:  # its worker, if any, stops at once
+                await _notify(conn, self.channel, f"c:{run_id}")
             if changed and notify is not None:
                 await _insert_event(conn, self.channel, notify.run_id, notify.name, notify.payload,
                                     notify.sent_at)

@@ -143,9 +143,12 @@ class Store(Protocol):
 
     async def finish_run(
         self, run_id: str, status: RunStatus, *, result: str | None, error: str | None,
-        completed_at: float, notify: EventRecord | None = None,
+        completed_at: float, notify: EventRecord | None = None, force: bool = False,
     ) -> bool:
         """End a run once; `notify` (to a parent) is sent in the same transaction.
+
+        `force`: whoever holds the run (its fence moves on, so the holder's further
+        writes are refused): the supervisor's kill after a shutdown timeout.
 
         Returns False when the run had already ended (nothing was changed).
         """

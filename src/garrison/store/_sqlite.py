@@ -620,14 +620,16 @@ class SQLiteStore(LeaseBook):
 
     async def finish_run(
         self, run_id: str, status: RunStatus, *, result: str | None, error: str | None,
-        completed_at: float, notify: EventRecord | None = None,
+        completed_at: float, notify: EventRecord | None = None, force: bool = False,
     ) -> bool:
         def op(conn: sqlite3.Connection) -> bool:
-            self._fenced(run_id)
+            if not force:
+                self._fenced(run_id)
             changed = conn.execute(
                 "UPDATE runs SET status = ?, result = ?, error = ?, completed_at = ?, "
-                "updated_at = ?, wake_at = NULL, lease_until = NULL "
-                f"WHERE run_id = ? AND status NOT IN {TERMINAL_SQL}",
+                "updated_at = ?, wake_at = NULL, lease_until = NULL"
+                + (", owner = NULL, fence = fence + 1" if force else "")
+                + f" WHERE run_id = ? AND status NOT IN {TERMINAL_SQL}",
                 (status.value, result, error, completed_at, completed_at, run_id),
             ).rowcount == 1
             if changed and notify is not None:

@@ -33,6 +33,7 @@ from tests.unit.test_runs import (  # noqa: F401
     test_unregistered_version_is_reported_orphaned_not_failed,
 )
 from tests.unit.test_supervisor import (  # noqa: F401
+    test_a_child_that_ignores_its_stop_is_killed_after_its_shutdown_time,
     test_a_nested_supervisor_that_escalates_is_restarted_by_its_parent,
     test_a_tree_resumes_after_a_restart_with_its_restart_count,
     test_intensity_exceeded_stops_the_children_and_escalates,
