@@ -493,3 +493,20 @@ async def test_a_shared_breakers_opening_and_recovery_are_in_the_figures(db_url:
     assert (figures.opens, figures.recoveries, figures.state) == (1, 1, "CLOSED")
     assert figures.mean_time_to_recovery_s is not None
     assert figures.mean_time_to_recovery_s >= 0.2
+
+
+async def test_a_poison_run_is_quarantined_and_never_blocks_its_queue(db_url: str) -> None:
+    app = Garrison(db_url)
+    app.queue("serial", concurrency=1)
+
+    @app.workflow(name="job")
+    async def job(ctx: Context, payload: str) -> str:
+        if payload == "poison":
+            raise ValueError("cannot parse the message")
+        return payload.upper()
+
+    async with app:
+        poison = await app.start(job, "poison", queue="serial")
+        good = await app.start(job, "fine", queue="serial")
+        assert await good.result(timeout=10) == "FINE"
+        assert await poison.status() is RunStatus.QUARANTINED

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from garrison import ConfigurationError, Context, Garrison, RunStatus, WorkflowFailed
 from garrison.resilience import Child, Supervisor
 from garrison.resilience._supervisor import decide, restarts
+from garrison.testing import FakeClock
 
 
 def build(url: str) -> tuple[Garrison, Any]:
@@ -263,3 +264,26 @@ async def test_a_child_that_ignores_its_stop_is_killed_after_its_shutdown_time(
         assert await ended(app, "t/s#1") is RunStatus.CANCELLED
         killed = await app.store.get_run("t/s#1")
         assert killed is not None and killed.fence >= 2  # its holder's writes are refused
+
+
+async def test_restart_backoff_waits_a_durable_jittered_time(db_url: str,
+                                                             clock: FakeClock) -> None:
+    app = Garrison(db_url, clock=clock)
+
+    @app.workflow(name="agent")
+    async def agent(ctx: Context, label: str) -> str:
+        if await ctx.wait_for("cmd") == "crash":
+            raise RuntimeError("crashed")
+        return label
+
+    tree = Supervisor("slow", [Child(agent, ("a",), name="a")], backoff=(10.0, 60.0),
+                      intensity=5, period=3600)
+    async with app:
+        await app.start(tree, run_id="t")  # type: ignore[arg-type]
+        await status(app, "t/a#1")
+        await app.send("t/a#1", "cmd", "crash")
+        await ended(app, "t/a#1")
+        await asyncio.sleep(0.3)
+        assert await app.store.get_run("t/a#2") is None  # waiting out its backoff
+        clock.advance(10.0)  # the first backoff is at most min * 2**0 = 10 s
+        await status(app, "t/a#2")
