@@ -218,9 +218,8 @@ class Worker:
             await execution.drive()
         except StoreError as exc:
             self.store_failed(run.run_id, exc)
-        finally:
-            if self.live.get(run.run_id) is execution:
-                del self.live[run.run_id]
+        # The run leaves `live` in the task's done callback (`_forget_live`), however the
+        # task ended.
 
     def store_failed(self, run_id: str, error: StoreError) -> None:
         """A write for `run_id` failed: if the lease is gone, the run is someone else's
