@@ -352,3 +352,14 @@ def test_json_values_roundtrip_equal(value: Any) -> None:
 def test_json_values_with_typed_leaves_roundtrip_equal(value: Any) -> None:
     assert roundtrip(value)[1] == value
 
+
+
+def test_a_utc_offset_with_microseconds_survives_the_journal() -> None:
+    import datetime as dt
+
+    from garrison.engine._codec import decode, encode
+
+    zone = dt.timezone(dt.timedelta(hours=-3, microseconds=1))
+    for value in (dt.datetime(2000, 1, 1, tzinfo=zone), dt.time(1, 2, tzinfo=zone)):
+        back = decode(encode(value))
+        assert back == value and back.utcoffset() == value.utcoffset()

@@ -45,11 +45,11 @@ def _is_pydantic_model(value: object) -> bool:
 def _default(value: Any) -> Any:
     # Order matters: datetime is a subclass of date; IntEnum of int (handled by json first).
     if isinstance(value, dt.datetime):
-        return {_TAG: "datetime", "v": value.isoformat()}
+        return _with_offset({_TAG: "datetime", "v": value.isoformat()}, value.utcoffset())
     if isinstance(value, dt.date):
         return {_TAG: "date", "v": value.isoformat()}
     if isinstance(value, dt.time):
-        return {_TAG: "time", "v": value.isoformat()}
+        return _with_offset({_TAG: "time", "v": value.isoformat()}, value.utcoffset())
     if isinstance(value, dt.timedelta):
         return {_TAG: "timedelta", "v": [value.days, value.seconds, value.microseconds]}
     if isinstance(value, uuid.UUID):
@@ -119,14 +119,29 @@ def _lookup_class(path: str) -> type:
     return obj
 
 
+def _with_offset(body: dict[str, Any], offset: dt.timedelta | None) -> dict[str, Any]:
+    """A UTC offset with sub-second parts does not survive `fromisoformat` (CPython
+    reads it as UTC): such an offset is kept beside the text, in microseconds."""
+    if offset is not None and offset.microseconds:
+        body["offset_us"] = offset // dt.timedelta(microseconds=1)
+    return body
+
+
+def _offset(value: Any, body: dict[str, Any]) -> Any:
+    if "offset_us" in body:
+        zone = dt.timezone(dt.timedelta(microseconds=body["offset_us"]))
+        return value.replace(tzinfo=zone)
+    return value
+
+
 def _rebuild(tag: str, body: dict[str, Any]) -> Any:
     v = body["v"]
     if tag == "datetime":
-        return dt.datetime.fromisoformat(v)
+        return _offset(dt.datetime.fromisoformat(v), body)
     if tag == "date":
         return dt.date.fromisoformat(v)
     if tag == "time":
-        return dt.time.fromisoformat(v)
+        return _offset(dt.time.fromisoformat(v), body)
     if tag == "timedelta":
         return dt.timedelta(days=v[0], seconds=v[1], microseconds=v[2])
     if tag == "uuid":
