@@ -1,4 +1,4 @@
-"""Fakes that ship with Garrison for users' tests: a clock you move by hand."""
+"""`FakeClock`: time that stands still until a test moves it."""
 
 from __future__ import annotations
 
