@@ -1,6 +1,6 @@
 """Persistence: one `Store` protocol, an embedded SQLite backend (the default).
 
-The store knows nothing of agents: it keeps runs, journals and mailboxes, and offers
+The store knows nothing of agents: it keeps runs, journals, mailboxes and run streams, and offers
 the primitives the engine builds on.
 """
 
@@ -17,6 +17,7 @@ from garrison.store._records import (
     StepKind,
     StepRecord,
     StepStatus,
+    StreamRecord,
     position_key,
 )
 from garrison.store._sqlite import SQLiteStore, parse_sqlite_url
@@ -33,6 +34,7 @@ __all__ = [
     "StepRecord",
     "StepStatus",
     "Store",
+    "StreamRecord",
     "open_store",
     "parse_sqlite_url",
     "position_key",

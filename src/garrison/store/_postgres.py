@@ -40,6 +40,7 @@ from garrison.store._records import (
     RunStatus,
     StepRecord,
     StepStatus,
+    StreamRecord,
 )
 from garrison.store._rows import (
     BREAKER_HISTORY,
@@ -47,6 +48,7 @@ from garrison.store._rows import (
     DUE_NOW,
     INSERT_BREAKER_EVENT,
     INSERT_RUN,
+    INSERT_STREAM,
     LIST_EVENTS,
     PARK_RUN,
     REDRIVE_FORGET_FAILED,
@@ -65,6 +67,7 @@ from garrison.store._rows import (
     UPSERT_STEP,
     child_conflict,
     dedup_conflict,
+    read_stream_query,
     refuse_event,
     refuse_redrive,
     release_filter,
@@ -72,6 +75,7 @@ from garrison.store._rows import (
     run_values,
     step_from_row,
     step_values,
+    stream_from_row,
     workflow_filter,
 )
 from garrison.store._schema import SCHEMA_VERSION, migrations
@@ -101,6 +105,7 @@ _UPSERT_STEP = _sql(UPSERT_STEP)
 _CANCEL_CHILDREN = _sql(CANCEL_CHILDREN)
 _SELECT_RUN = _sql(SELECT_RUN)
 _INSERT_RUN_RETURNING = f"{_INSERT_RUN} RETURNING {RUN_COLUMNS}"
+_INSERT_STREAM = _sql(INSERT_STREAM)
 # A new queued run and its queue's notification, one statement (the notification is
 # sent only if the row was inserted, at commit).
 _INSERT_RUN_NOTIFYING = (
@@ -1049,6 +1054,37 @@ class PostgresStore(LeaseBook):
                                  f"{holder[1]}" if holder else "gone")
 
         return op
+
+    # -- streams -------------------------------------------------------------------
+
+    async def append_stream(self, run_id: str, events: Sequence[tuple[str, str, str]], *,
+                            at: float) -> list[int | None]:
+        rows = [(run_id, run_id, key, kind, data, at) for key, kind, data in events]
+
+        async def op(conn: Any) -> list[int | None]:
+            verify = await self._fenced(conn, run_id)
+            if self.worker_id is None:
+                # A client's append: the run's row lock still orders appends to one run,
+                # so that offsets grow in commit order (a reader never skips one).
+                await conn.execute("SELECT 1 FROM runs WHERE run_id = %s FOR UPDATE",
+                                   (run_id,))
+            offsets: list[int | None] = []
+            for row in rows:
+                written = await (await conn.execute(_INSERT_STREAM, row)).fetchone()
+                offsets.append(int(written[0]) if written is not None else None)
+            await verify()
+            if any(offset is not None for offset in offsets):
+                await _notify(conn, self.channel, f"s:{run_id}")
+            return offsets
+
+        if not rows:
+            return []
+        return await self._write(op)
+
+    async def read_stream(self, run_id: str, *, after: int = 0, limit: int = 1000,
+                          key_prefix: str | None = None) -> list[StreamRecord]:
+        sql, params = read_stream_query(run_id, after, limit, key_prefix)
+        return [stream_from_row(r) for r in await self._read(_sql(sql), params)]
 
     # -- mailbox -------------------------------------------------------------------
 

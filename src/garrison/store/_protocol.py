@@ -6,7 +6,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from garrison.store._records import EventRecord, QueueLimits, RunRecord, RunStatus, StepRecord
+from garrison.store._records import (
+    EventRecord,
+    QueueLimits,
+    RunRecord,
+    RunStatus,
+    StepRecord,
+    StreamRecord,
+)
 
 __all__ = ["Changes", "Store"]
 
@@ -23,11 +30,13 @@ class Changes:
     queues: set[str] = field(default_factory=set)  # new runs, or a freed slot
     events: set[str] = field(default_factory=set)  # runs with new mailbox events
     cancels: set[str] = field(default_factory=set)  # runs asked to cancel
+    streams: set[str] = field(default_factory=set)  # runs whose stream grew
     breakers: bool = False  # a worker published a circuit breaker's state
     wakeups: bool = False  # runs handed back or parked: claim what is due
 
     def add(self, payload: str) -> None:
-        """Record one notification (`q:QUEUE`, `e:RUN`, `c:RUN`, `w`; anything else: all)."""
+        """Record one notification (`q:QUEUE`, `e:RUN`, `c:RUN`, `s:RUN`, `w`, `b`;
+        anything else: all)."""
         kind, _, what = payload.partition(":")
         if kind == "q" and what:
             self.queues.add(what)
@@ -35,6 +44,8 @@ class Changes:
             self.events.add(what)
         elif kind == "c" and what:
             self.cancels.add(what)
+        elif kind == "s" and what:
+            self.streams.add(what)
         elif kind == "w":
             self.wakeups = True
         elif kind == "b":
@@ -44,7 +55,7 @@ class Changes:
 
     def __bool__(self) -> bool:
         return bool(self.everything or self.queues or self.events or self.cancels
-                    or self.wakeups or self.breakers)
+                    or self.streams or self.wakeups or self.breakers)
 
 
 class Store(Protocol):
@@ -227,6 +238,24 @@ class Store(Protocol):
                                workflows: Sequence[tuple[str, str]] | None = None
                                ) -> list[RunRecord]:
         """PENDING and RUNNING runs, oldest first (only these (name, version) pairs)."""
+
+    async def append_stream(self, run_id: str, events: Sequence[tuple[str, str, str]], *,
+                            at: float) -> list[int | None]:
+        """Append `(key, kind, data)` events to a run's stream, in order, durably.
+
+        Idempotent per (run, key): an event whose key the run's stream already holds is
+        left as it is, and its slot in the result is None; every other slot is the new
+        event's offset. Offsets are global sequence numbers: within one run they grow in
+        commit order (a run's writes are sequential) but have gaps. A worker's append is
+        fenced like its journal writes (`LeaseLostError` once it no longer holds the
+        run). Announced to readers: `Changes.streams` (`s:RUN` on PostgreSQL, in this
+        store object on SQLite).
+        """
+
+    async def read_stream(self, run_id: str, *, after: int = 0, limit: int = 1000,
+                          key_prefix: str | None = None) -> list[StreamRecord]:
+        """At most `limit` events of a run's stream with offset > `after`, ascending;
+        only keys starting with `key_prefix` if given. An unknown run has none."""
 
     async def changes(self) -> Changes:
         """What other processes wrote since the last call (a cheap poll)."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 __all__ = [
     "DEFAULT_TENANT",
     "EventRecord", "QueueLimits", "RunRecord", "RunStatus", "StepKind", "StepRecord", "StepStatus",
+    "StreamRecord",
     "position_key",
 ]
 
@@ -144,6 +145,24 @@ class EventRecord:
     sent_at: float
     consumed_position: str | None = None
     tenant_id: str = DEFAULT_TENANT
+
+
+@dataclass(frozen=True, slots=True)
+class StreamRecord:
+    """One event of a run's stream (`garrison.publish`), read with `Garrison.stream`.
+
+    `offset` is a global sequence number: it grows with every append to any run, so a
+    run's offsets increase (in commit order) but have gaps. A reader resumes by passing
+    the last offset it saw as `after`. `data` is journal JSON text (see
+    `engine._codec`); `key` is unique within the run.
+    """
+
+    offset: int
+    run_id: str
+    key: str
+    kind: str
+    data: str
+    at: float
 
 
 def position_key(position: str) -> tuple[int, ...]:

@@ -9,15 +9,26 @@ from collections.abc import Sequence
 from typing import Any
 
 from garrison.errors import (
+    ConfigurationError,
     RunDeduplicatedError,
     RunNotFoundError,
     WorkflowConflictError,
     WorkflowError,
 )
-from garrison.store._records import RunRecord, RunStatus, StepKind, StepRecord, StepStatus
+from garrison.store._records import (
+    RunRecord,
+    RunStatus,
+    StepKind,
+    StepRecord,
+    StepStatus,
+    StreamRecord,
+)
 
 __all__ = [
     "INSERT_RUN",
+    "INSERT_STREAM",
+    "read_stream_query",
+    "stream_from_row",
     "SELECT_DEDUP",
     "SELECT_RUN",
     "LIST_EVENTS",
@@ -279,3 +290,37 @@ def workflow_filter(workflows: Sequence[tuple[str, str]] | None
     pairs = ", ".join(["(?, ?)"] * len(workflows))
     return (f"AND (workflow_name, workflow_version) IN (VALUES {pairs}) ",
             [part for pair in workflows for part in pair])
+
+
+# Run streams. An existing (run, key) inserts nothing and returns no row; the event
+# takes its run's tenant (the default for a run this store does not know).
+INSERT_STREAM = (
+    "INSERT INTO streams (run_id, tenant_id, key, kind, data, at) VALUES (?, coalesce("
+    "(SELECT tenant_id FROM runs WHERE run_id = ?), 'default'), ?, ?, ?, ?) "
+    "ON CONFLICT (run_id, key) DO NOTHING RETURNING seq"
+)
+
+
+def read_stream_query(run_id: str, after: int, limit: int, key_prefix: str | None
+                      ) -> tuple[str, list[Any]]:
+    """The `?`-style read of a run's stream after `after`. A prefix is compared with
+    `substr`, not LIKE, so `%` and `_` in it are plain characters."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ConfigurationError(
+            f"read_stream(run {run_id!r}, limit={limit!r}): limit is a whole number >= 1",
+            run_id=run_id)
+    if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+        raise ConfigurationError(
+            f"read_stream(run {run_id!r}, after={after!r}): after is an offset (a whole "
+            "number >= 0: the last offset already read)", run_id=run_id)
+    sql = "SELECT seq, run_id, key, kind, data, at FROM streams WHERE run_id = ? AND seq > ?"
+    params: list[Any] = [run_id, after]
+    if key_prefix:
+        sql += " AND substr(key, 1, CAST(? AS INTEGER)) = ?"
+        params += [len(key_prefix), key_prefix]
+    return f"{sql} ORDER BY seq LIMIT ?", [*params, limit]
+
+
+def stream_from_row(row: Sequence[Any]) -> StreamRecord:
+    return StreamRecord(offset=int(row[0]), run_id=row[1], key=row[2], kind=row[3],
+                        data=row[4], at=float(row[5]))

@@ -3,7 +3,7 @@
 Every row carries `tenant_id` so that row-level security can be switched on later
 without a rewrite; payload columns hold journal JSON text and can move out to a
 claim-check table without changing the journal's meaning. The dialects differ only in
-the mailbox's sequence column and SQLite's WITHOUT ROWID journal table.
+the sequence columns (mailbox, streams) and SQLite's WITHOUT ROWID journal table.
 """
 
 from __future__ import annotations
@@ -119,14 +119,32 @@ CREATE INDEX IF NOT EXISTS permits_name ON permits (name);
 CREATE INDEX IF NOT EXISTS permits_worker ON permits (worker);
 """
 
+# Run streams: an append-only log per run of what its steps publish while they run
+# (model tokens, tool calls). `seq` is the offset a reader resumes after; a key is
+# written once per run, so a step that runs again publishes nothing twice.
+_V4 = """
+CREATE TABLE IF NOT EXISTS streams (
+    seq {seq},
+    run_id TEXT NOT NULL,
+    tenant_id TEXT NOT NULL DEFAULT 'default',
+    key TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    data TEXT NOT NULL,
+    at DOUBLE PRECISION NOT NULL,
+    UNIQUE (run_id, key)
+);
+CREATE INDEX IF NOT EXISTS streams_run ON streams (run_id, seq);
+"""
+
 _DIALECTS = {
     "sqlite": {"seq": "INTEGER PRIMARY KEY AUTOINCREMENT", "steps_options": " WITHOUT ROWID"},
     "postgres": {"seq": "BIGSERIAL PRIMARY KEY", "steps_options": ""},
 }
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def migrations(dialect: str) -> dict[int, str]:
     """The DDL of each schema version for `dialect` ("sqlite" or "postgres")."""
-    return {1: _V1.format(**_DIALECTS[dialect]), 2: _V2, 3: _V3}
+    dialect_terms = _DIALECTS[dialect]
+    return {1: _V1.format(**dialect_terms), 2: _V2, 3: _V3, 4: _V4.format(**dialect_terms)}

@@ -41,6 +41,7 @@ from garrison.store._records import (
     RunStatus,
     StepRecord,
     StepStatus,
+    StreamRecord,
 )
 from garrison.store._rows import (
     BREAKER_HISTORY,
@@ -48,6 +49,7 @@ from garrison.store._rows import (
     DUE_NOW,
     INSERT_BREAKER_EVENT,
     INSERT_RUN,
+    INSERT_STREAM,
     LIST_EVENTS,
     PARK_RUN,
     REDRIVE_FORGET_FAILED,
@@ -65,6 +67,7 @@ from garrison.store._rows import (
     UPSERT_STEP,
     child_conflict,
     dedup_conflict,
+    read_stream_query,
     refuse_event,
     refuse_redrive,
     release_filter,
@@ -72,6 +75,7 @@ from garrison.store._rows import (
     run_values,
     step_from_row,
     step_values,
+    stream_from_row,
     workflow_filter,
 )
 from garrison.store._schema import SCHEMA_VERSION, migrations
@@ -303,6 +307,7 @@ class SQLiteStore(LeaseBook):
         self._writer: _GroupCommit | None = None
         self._lock_fd: int | None = None
         self._data_version: int | None = None
+        self._streams_grown: set[str] = set()  # appended here since the last changes()
         self.safe_url = self.path
         self._init_leases()
 
@@ -754,11 +759,13 @@ class SQLiteStore(LeaseBook):
         return [run_from_row(r) for r in rows]
 
     async def changes(self) -> Changes:
-        """Another process wrote (`garrison runs send`, a client app): look at everything."""
+        """Another process wrote (`garrison runs send`, a client app): look at everything.
+        Streams appended to through this store object are named (`streams`)."""
         version = int(self._read("PRAGMA data_version")[0][0])
         changed = version != self._data_version
         self._data_version = version
-        return Changes(everything=changed)
+        grown, self._streams_grown = self._streams_grown, set()
+        return Changes(everything=changed, streams=grown)
 
     # -- journal -------------------------------------------------------------------
 
@@ -775,6 +782,32 @@ class SQLiteStore(LeaseBook):
             conn.executemany(UPSERT_STEP, rows)
 
         await self._write(op, step_rows=rows)
+
+    # -- streams -------------------------------------------------------------------
+
+    async def append_stream(self, run_id: str, events: Sequence[tuple[str, str, str]], *,
+                            at: float) -> list[int | None]:
+        rows = [(run_id, run_id, key, kind, data, at) for key, kind, data in events]
+
+        def op(conn: sqlite3.Connection) -> list[int | None]:
+            self._fenced(run_id)  # in the batch: a lease dropped meanwhile is seen
+            offsets: list[int | None] = []
+            for row in rows:
+                written = conn.execute(INSERT_STREAM, row).fetchall()
+                offsets.append(int(written[0][0]) if written else None)
+            return offsets
+
+        if not rows:
+            return []
+        offsets = await self._write(op)
+        if any(offset is not None for offset in offsets):
+            self._streams_grown.add(run_id)
+        return offsets
+
+    async def read_stream(self, run_id: str, *, after: int = 0, limit: int = 1000,
+                          key_prefix: str | None = None) -> list[StreamRecord]:
+        sql, params = read_stream_query(run_id, after, limit, key_prefix)
+        return [stream_from_row(r) for r in self._read(sql, params)]
 
     # -- mailbox -------------------------------------------------------------------
 
