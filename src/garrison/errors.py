@@ -23,7 +23,21 @@ GarrisonError
 ├── DeadlineExceeded            a step, run or call went past its deadline (a TimeoutError)
 ├── FallbackExhausted           every alternative of a Fallback failed
 ├── SupervisorEscalated         a supervisor's children restarted too often: it gave up
-└── ResultTimeoutError          `RunHandle.result(timeout=...)` gave up waiting
+├── ResultTimeoutError          `RunHandle.result(timeout=...)` gave up waiting
+├── ProviderError               a model provider refused or failed a call (`retryable`)
+│   ├── ProviderRateLimited     429: slow down (`retry_after`)
+│   ├── ProviderUnavailable     5xx, timeout, connection reset: try again or elsewhere
+│   ├── ProviderAuthError       bad or missing credentials: fix the key
+│   ├── ContextTooLong          the conversation does not fit the model's context
+│   ├── ContentFiltered         the provider's content filter blocked the answer
+│   ├── InvalidModelRequest     the provider rejected the request as malformed
+│   └── MalformedResponse       the provider's answer could not be read
+└── AgentError                  an agent run stopped by one of its own rules
+    ├── BudgetExceeded          a token, cost or tool-call budget is spent (`budget`)
+    ├── LoopDetected            the same calls keep repeating (`calls`)
+    ├── MaxTurnsExceeded        more model calls than `max_turns`
+    ├── OutputValidationError   no model produced output matching `output_type`
+    └── ToolCallError           the model kept calling tools wrongly past the repairs
 ```
 
 Ids are attributes (`run_id`, `position`, `step_name`); messages name the thing and the fix.
@@ -35,15 +49,28 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "AgentError",
+    "BudgetExceeded",
     "BulkheadFull",
     "CircuitOpenError",
     "ConfigurationError",
+    "ContentFiltered",
+    "ContextTooLong",
     "DeadlineExceeded",
     "FallbackExhausted",
     "GarrisonError",
+    "InvalidModelRequest",
     "LeaseLostError",
+    "LoopDetected",
+    "MalformedResponse",
+    "MaxTurnsExceeded",
     "NonDeterminismError",
     "NotInWorkflowError",
+    "OutputValidationError",
+    "ProviderAuthError",
+    "ProviderError",
+    "ProviderRateLimited",
+    "ProviderUnavailable",
     "RateLimited",
     "ResultTimeoutError",
     "RunDeduplicatedError",
@@ -54,6 +81,7 @@ __all__ = [
     "StoreError",
     "StoreLockedError",
     "SupervisorEscalated",
+    "ToolCallError",
     "WorkflowCancelled",
     "WorkflowConflictError",
     "WorkflowError",
@@ -178,3 +206,69 @@ class FallbackExhausted(GarrisonError):
 class SupervisorEscalated(GarrisonError):
     """A supervisor exceeded its restart intensity, stopped its children and failed
     (`supervisor`, `child_run_id`: the child whose end was one too many)."""
+
+
+class ProviderError(GarrisonError):
+    """A model provider refused or failed a call. Attributes: `provider`, `model`,
+    `status` (HTTP status or None), `kind` ("rate_limit", "server", "timeout",
+    "connection", "auth", "context_length", "content_filter", "invalid_request",
+    "malformed"), `retryable` (whether the same call may succeed later: retries and
+    fallbacks read this, never the message) and `retry_after` (seconds the provider
+    asked for, or None)."""
+
+
+class ProviderRateLimited(ProviderError):
+    """HTTP 429: the provider asks to slow down (`retry_after`); retryable."""
+
+
+class ProviderUnavailable(ProviderError):
+    """A 5xx answer, a timeout or a dropped connection; retryable, or served elsewhere."""
+
+
+class ProviderAuthError(ProviderError):
+    """The provider refused the credentials (401/403); not retryable: fix the key."""
+
+
+class ContextTooLong(ProviderError):
+    """The conversation does not fit the model's context window; not retryable as is
+    (a fallback with a larger context may serve it)."""
+
+
+class ContentFiltered(ProviderError):
+    """The provider's content filter blocked the request or the answer."""
+
+
+class InvalidModelRequest(ProviderError):
+    """The provider rejected the request (400/404/422): a bug or a wrong model name."""
+
+
+class MalformedResponse(ProviderError):
+    """The provider's answer could not be read (bad JSON, a cut stream); retryable."""
+
+
+class AgentError(GarrisonError):
+    """An agent run stopped by one of its own rules (`run_id`, `agent`)."""
+
+
+class BudgetExceeded(AgentError):
+    """A budget of the run is spent (`budget`: "tokens", "cost_usd", "tool_calls" or
+    "model_calls"; `limit`; `used`). Checked before each model and tool call."""
+
+
+class LoopDetected(AgentError):
+    """The agent repeats itself: the same tool call with the same arguments, or a cycle
+    of calls (`calls`: the repeated calls as "name(args)")."""
+
+
+class MaxTurnsExceeded(AgentError):
+    """The run made `max_turns` model calls without a final answer."""
+
+
+class OutputValidationError(AgentError):
+    """No model of the chain produced output matching the agent's `output_type` within
+    its repairs (`errors`: the last validation error per model)."""
+
+
+class ToolCallError(AgentError):
+    """The model kept calling unknown tools or passing invalid arguments after
+    `max_tool_repairs` rounds of being told what was wrong (`last_error`)."""

@@ -1,0 +1,1 @@
+"""One module per provider, each over the provider's official SDK."""
