@@ -75,7 +75,7 @@ class PriceTable:
         if price is None:
             if model not in self._unknown:
                 self._unknown.add(model)
-                log.info("agent.price_unknown", model=model)
+                log.debug("agent.price_unknown", model=model)
             return 0.0
         return (usage.input_tokens * price.input_per_mtok
                 + usage.output_tokens * price.output_per_mtok) / 1_000_000
