@@ -25,6 +25,7 @@ from garrison.engine import (
     RunHandle,
     StepInfo,
     current_step,
+    publish,
     remaining,
 )
 from garrison.errors import (
@@ -49,7 +50,7 @@ from garrison.errors import (
     WorkflowError,
     WorkflowFailed,
 )
-from garrison.store import RunRecord, RunStatus, StepRecord, Store
+from garrison.store import RunRecord, RunStatus, StepRecord, Store, StreamRecord
 
 __version__ = "0.1.0"
 
@@ -82,11 +83,13 @@ __all__ = [
     "Store",
     "StoreError",
     "StoreLockedError",
+    "StreamRecord",
     "WorkflowCancelled",
     "WorkflowConflictError",
     "WorkflowError",
     "WorkflowFailed",
     "__version__",
     "current_step",
+    "publish",
     "remaining",
 ]

@@ -15,8 +15,8 @@ def test_top_level_names_are_pinned() -> None:
         "ResultTimeoutError", "RetryPolicy", "RunDeduplicatedError", "RunHandle",
         "RunNotFoundError", "RunRecord", "RunStatus", "SchemaVersionError",
         "SerializationError", "StepFailed", "StepInfo", "StepRecord", "Store", "StoreError",
-        "StoreLockedError", "WorkflowCancelled", "WorkflowConflictError", "WorkflowError",
-        "WorkflowFailed", "__version__", "current_step",
+        "StoreLockedError", "StreamRecord", "WorkflowCancelled", "WorkflowConflictError",
+        "WorkflowError", "WorkflowFailed", "__version__", "current_step", "publish",
         "remaining",
     ]
     for name in garrison.__all__:

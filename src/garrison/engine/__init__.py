@@ -9,6 +9,7 @@ from garrison.engine._handle import RunHandle
 from garrison.engine._hooks import EngineHooks
 from garrison.engine._queues import Queue
 from garrison.engine._registry import RetryPolicy, StepDef, WorkflowDef
+from garrison.engine._stream import publish
 
 __all__ = [
     "Clock",
@@ -24,5 +25,6 @@ __all__ = [
     "WorkflowDef",
     "current_step",
     "new_run_id",
+    "publish",
     "remaining",
 ]

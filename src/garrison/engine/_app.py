@@ -9,7 +9,7 @@ import functools
 import os
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, overload
 
@@ -21,6 +21,7 @@ from garrison.engine._handle import RunHandle
 from garrison.engine._hooks import EngineHooks
 from garrison.engine._queues import DEFAULT_QUEUE, Queue, StartOptions
 from garrison.engine._registry import Guard, Registry, RetryPolicy, StepDef, WorkflowDef
+from garrison.engine._stream import StreamSignals, follow_stream
 from garrison.engine._worker import Worker
 from garrison.errors import (
     ConfigurationError,
@@ -31,7 +32,7 @@ from garrison.errors import (
     WorkflowConflictError,
     WorkflowError,
 )
-from garrison.store import RunRecord, RunStatus, Store, open_store
+from garrison.store import RunRecord, RunStatus, Store, StreamRecord, open_store
 
 __all__ = ["Garrison"]
 
@@ -146,6 +147,7 @@ class Garrison:
         self._open = False
         self.breakers: dict[str, Any] = {}  # shared circuit breakers, by name
         self._background: set[asyncio.Task[None]] = set()
+        self.stream_signals = StreamSignals()  # wakes this process's stream readers
         self.configure_worker(queues=queues, concurrency=concurrency,
                               shutdown_grace_s=shutdown_grace_s)
 
@@ -363,6 +365,12 @@ class Garrison:
         opens, so that a restarted worker resumes its runs."""
         self.workflow_definition(tree)
 
+    def add_agent(self, agent: Any) -> None:
+        """Register an agent (`garrison.agents.Agent`) with its steps, tools and the
+        agents it hands off to, before the app opens, so that a restarted worker
+        resumes its interrupted runs by itself."""
+        self.workflow_definition(agent)
+
     def workflow_definition(self, workflow: Any) -> WorkflowDef:
         """The `WorkflowDef` behind a decorated workflow (or a registered name, or an
         object with a `__garrison_register__(app)` hook, such as a Supervisor)."""
@@ -534,6 +542,36 @@ class Garrison:
         await self.store.send_event(run_id, name, payload, self.clock.time())
         if self.worker is not None:
             self.worker.notify_event(run_id, name)
+
+    def stream(self, run_id: str, *, after: int = 0, poll_s: float = 0.05
+               ) -> AsyncIterator[StreamRecord]:
+        """Follow a run's stream (what its steps `garrison.publish`): the events with
+        offset > `after`, in order, waiting for more, until the run has ended
+        (COMPLETED, FAILED, CANCELLED, QUARANTINED) and every event was read.
+
+        A reconnecting client passes the last offset it saw as `after` and resumes
+        exactly after it. Each key is in the stream once: a step that runs again after
+        a crash, or a replay, publishes nothing twice (at-least-once publishing, exactly
+        once per key in the stream). Offsets grow within a run but have gaps (they are
+        the store's global sequence).
+
+        A publish in this process wakes its readers at once; runs executed by other
+        processes are polled every `poll_s` seconds (sooner on PostgreSQL when this
+        app runs a worker, which hears the store's notifications).
+
+        Raises (on first iteration):
+            RunNotFoundError: no such run.
+        """
+        self._require_open("stream")
+        branch = current_branch()
+        if branch is not None:
+            raise WorkflowError(
+                f"run {branch.execution.run_id}: app.stream() inside a workflow is not "
+                "journaled (a replay would read other events); read it from a step or a "
+                "client", run_id=branch.execution.run_id)
+        if not isinstance(poll_s, int | float) or poll_s <= 0:
+            raise ConfigurationError(f"app.stream(poll_s={poll_s!r}): seconds, > 0")
+        return follow_stream(self, run_id, after=after, poll_s=float(poll_s))
 
     async def cancel(self, run_id: str, *, force: bool = False) -> None:
         """Cancel a run and its unfinished children. Raises `RunNotFoundError`.

@@ -29,12 +29,15 @@ __all__ = ["Branch", "Context", "StepInfo", "current_step", "install_task_factor
 class Branch:
     """One sequential strand of a run, with its own position counter."""
 
-    __slots__ = ("counter", "execution", "path")
+    __slots__ = ("counter", "execution", "path", "published")
 
     def __init__(self, execution: RunExecution, path: str) -> None:
         self.execution = execution
         self.path = path
         self.counter = 0
+        # Stream events published from this branch's workflow code: (counter, how many
+        # since the counter last moved), for deterministic default keys (`publish`).
+        self.published = (0, 0)
 
     def next_position(self) -> str:
         self.counter += 1
@@ -96,23 +99,49 @@ def leave_branch(token: contextvars.Token[Branch | None]) -> None:
     _branch.reset(token)
 
 
+class StepCall:
+    """One attempt of a step body, as `publish` needs it: its run and how many stream
+    events this attempt has published so far (private)."""
+
+    __slots__ = ("execution", "info", "published")
+
+    def __init__(self, execution: RunExecution, info: StepInfo) -> None:
+        self.execution = execution
+        self.info = info
+        self.published = 0
+
+
+_step_call: contextvars.ContextVar[StepCall | None] = contextvars.ContextVar(
+    "garrison_step_call", default=None
+)
+
+
+def current_step_call() -> StepCall | None:
+    """The step attempt whose body is running now, or None."""
+    return _step_call.get()
+
+
 # Inside a step body: the run's deadline and the engine's clock, for `remaining()`.
 _Deadline = tuple[float, Callable[[], float]] | None
 _step_deadline: contextvars.ContextVar[_Deadline] = contextvars.ContextVar(
     "garrison_step_deadline", default=None
 )
 _StepTokens = tuple[contextvars.Token[StepInfo | None], contextvars.Token[Branch | None],
-                    contextvars.Token[_Deadline]]
+                    contextvars.Token[_Deadline], contextvars.Token[StepCall | None]]
 
 
-def enter_step(info: StepInfo, deadline: _Deadline = None) -> _StepTokens:
-    return _step.set(info), _branch.set(None), _step_deadline.set(deadline)
+def enter_step(info: StepInfo, deadline: _Deadline = None,
+               execution: RunExecution | None = None) -> _StepTokens:
+    call = StepCall(execution, info) if execution is not None else None
+    return (_step.set(info), _branch.set(None), _step_deadline.set(deadline),
+            _step_call.set(call))
 
 
 def leave_step(tokens: _StepTokens) -> None:
     _step.reset(tokens[0])
     _branch.reset(tokens[1])
     _step_deadline.reset(tokens[2])
+    _step_call.reset(tokens[3])
 
 
 def install_task_factory(loop: asyncio.AbstractEventLoop) -> None:

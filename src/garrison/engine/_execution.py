@@ -23,9 +23,9 @@ import json
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from garrison._log import get_logger
 from garrison.engine._codec import decode, encode, error_from_data, error_to_data, roundtrip
@@ -59,6 +59,8 @@ if TYPE_CHECKING:
 __all__ = ["RunExecution", "child_event_name"]
 
 log = get_logger(__name__)
+
+T = TypeVar("T")
 
 # Loop passes with no journaled activity before an all-waiting run is parked. A branch
 # between two operations runs synchronously, and a finished branch reaches the task
@@ -358,6 +360,25 @@ class RunExecution:
         except StoreError as exc:
             raise _StoreFailure(exc) from exc
 
+    async def workflow_write(self, write: Coroutine[Any, Any, T]) -> T:
+        """A store write workflow code makes outside the journal (`publish`): the run is
+        busy meanwhile (it does not park), and a failure aborts the body like the
+        engine's own writes do (workflow code cannot swallow a lost lease)."""
+        try:
+            self._gate()
+        except BaseException:
+            write.close()  # never started: nothing to write
+            raise
+        self.inflight += 1
+        self._activity()
+        try:
+            result: T = await self._store(write)
+            return result
+        finally:
+            self.inflight -= 1
+            self._activity()
+            self._maybe_park_soon()
+
     async def _commit(self, record: StepRecord) -> None:
         if self._buffered:
             records, self._buffered = [*self._buffered, record], []
@@ -516,7 +537,7 @@ class RunExecution:
             began = time.perf_counter()
             deadline = self.run.deadline_at
             tokens = enter_step(info, (deadline, self.worker.clock.time)
-                                if deadline is not None else None)
+                                if deadline is not None else None, self)
             try:
                 result = await self._attempt(step, args, kwargs, where)
             except Exception as exc:

@@ -370,7 +370,12 @@ class Worker:
                     self._adopt(claimed)
 
     async def _foreign_changes(self, changes: Changes) -> None:
-        """Other processes wrote: cancellations and events for live runs, new work."""
+        """Other processes wrote: cancellations and events for live runs, new work,
+        stream events for this process's readers."""
+        for run_id in changes.streams:
+            self.app.stream_signals.notify(run_id)
+        if changes.everything:
+            self.app.stream_signals.notify_all()
         if changes.breakers or changes.everything:
             await self.app.follow_breakers()
         if changes.everything:
@@ -490,6 +495,7 @@ class Worker:
                                  payload=json.dumps(payload), sent_at=now)
         changed = await self.store.finish_run(run.run_id, status, result=result, error=error,
                                               completed_at=now, notify=notify, force=force)
+        self.app.stream_signals.notify(run.run_id)  # its readers stop once they have read all
         if force:
             self.store.forget(run.run_id)
             execution = self.live.pop(run.run_id, None)
