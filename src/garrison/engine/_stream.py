@@ -73,6 +73,8 @@ def publish(kind: str, data: Any = None, *, key: str | None = None) -> Awaitable
     Call it from a step's body (the usual place: model tokens, tool calls, results) or
     from workflow code. The awaitable returns the event's offset, or None when the run's
     stream already held its key (a step running again, a replay): nothing was written.
+    Workflow code must not branch on that answer: a replay gets None where the first
+    execution got an offset.
 
     Args:
         kind: what the event is, e.g. "token", "tool_call" (readers dispatch on it).

@@ -18,6 +18,7 @@ from garrison import (
     RunNotFoundError,
     RunStatus,
     StreamRecord,
+    WorkflowFailed,
     publish,
 )
 from garrison.engine._codec import decode
@@ -226,3 +227,21 @@ async def test_streaming_an_unknown_run_says_how_to_find_the_runs(db_url: str) -
 async def test_publish_outside_a_run_is_refused_with_where_to_call_it() -> None:
     with pytest.raises(NotInWorkflowError, match="from a step's body"):
         await publish("token", "x")
+
+
+async def test_publish_in_a_synchronous_step_says_to_make_it_async(db_url: str) -> None:
+    app = Garrison(db_url)
+
+    @app.step(name="sync_step")
+    def sync_step() -> None:
+        publish("token", "x")
+
+    @app.workflow(name="sync_publisher")
+    async def sync_publisher(ctx: Context) -> None:
+        await sync_step()
+
+    async with app:
+        await app.start(sync_publisher, run_id="r1")
+        with pytest.raises(WorkflowFailed, match="make the step an `async def`"):
+            await app.handle("r1").result(timeout=5)
+        assert await read_all(app, "r1") == []
