@@ -145,7 +145,7 @@ def test_worker_command_executes_runs_and_stops_on_sigterm(tmp_path: Path) -> No
 
 def test_demo_loses_no_run_across_a_sigkill(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "garrison", "demo", "--runs", "40", "--folder",
+        [sys.executable, "-m", "garrison", "demo", "--workflows", "--runs", "40", "--folder",
          str(tmp_path / "demo")],
         capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"},
     )

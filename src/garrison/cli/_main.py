@@ -1,4 +1,4 @@
-"""`garrison demo | worker | runs list | runs show`."""
+"""`garrison demo | worker | runs list | runs show | llm-server`."""
 
 from __future__ import annotations
 
@@ -47,17 +47,31 @@ def _store_url(db: str | None, app_spec: str | None) -> str | None:
 
 @app.command()
 def demo(
-    runs: Annotated[int, typer.Option(help="How many order workflows to run.")] = 200,
+    runs: Annotated[int | None, typer.Option(
+        help="How many conversations (default 100) or, with --workflows, order workflows "
+             "(default 200).")] = None,
     folder: Annotated[Path, typer.Option(help="Where the demo database goes.")] = Path(
         "garrison-demo"),
+    workflows: Annotated[bool, typer.Option(
+        "--workflows", help="The plain-workflow demo (orders, no agents).")] = False,
 ) -> None:
-    """Run a batch of durable workflows, SIGKILL the worker midway, restart it, report."""
-    from garrison.demo._driver import run_demo
+    """Agent conversations against the local LLM server with injected faults; the worker
+    is SIGKILLed midway and restarted; then a report: nothing lost, nothing repeated."""
+    if runs is not None and runs < 1:
+        raise _fail(ValueError(f"--runs {runs}: run at least one"))
+    if workflows:
+        from garrison.demo._driver import run_demo
 
-    if runs < 1:
-        raise _fail(ValueError(f"--runs {runs}: run at least one workflow"))
-    report = run_demo(folder, runs=runs, console=console)
-    if report.lost:
+        report = run_demo(folder, runs=runs or 200, console=console)
+        if report.lost:
+            raise typer.Exit(1)
+        return
+    try:
+        from garrison.demo._agent_driver import run_agent_demo
+    except ImportError as exc:
+        raise _fail(exc) from exc
+    agents_report = run_agent_demo(folder, runs=runs or 100, console=console)
+    if agents_report.lost:
         raise typer.Exit(1)
 
 
@@ -270,6 +284,45 @@ def runs_redrive(
         raise _fail(exc) from exc
     for run_id in done:
         console.print(f"redriven {run_id}: PENDING in its queue; a worker continues it")
+
+
+@app.command("llm-server")
+def llm_server(
+    script: Annotated[Path | None, typer.Option(
+        help="JSON script {\"rules\": [...], \"default\": {...}} (default: answer 'ok').")
+    ] = None,
+    faults: Annotated[str | None, typer.Option(
+        help="Faults to inject, e.g. '429:0.2@1.5,503:1x3/model=gpt-*,latency:20-80ms' "
+             "(grammar: docs/llm-server.md).")] = None,
+    port: Annotated[int, typer.Option(help="Port to listen on; 0 picks a free one.")] = 0,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    seed: Annotated[int, typer.Option(help="Seeds which requests the faults hit.")] = 0,
+) -> None:
+    """Serve a local OpenAI/Anthropic-compatible LLM with scripted replies and injected
+    faults until SIGINT/SIGTERM; prints `listening on http://HOST:PORT` once ready."""
+    try:
+        from garrison.testing import Faults, LLMServer, Script
+
+        server = LLMServer(Script.from_file(script) if script is not None else None,
+                           faults=Faults.parse(faults, seed=seed) if faults else None,
+                           host=host, port=port, seed=seed)
+    except (GarrisonError, ImportError) as exc:
+        raise _fail(exc) from exc
+
+    def ready(url: str) -> None:
+        print(f"listening on {url}", flush=True)
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await server.serve(stop, ready=ready)
+
+    try:
+        asyncio.run(serve())
+    except GarrisonError as exc:
+        raise _fail(exc) from exc
 
 
 def main() -> None:
