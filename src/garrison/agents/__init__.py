@@ -19,6 +19,8 @@ and without repeating a completed tool call (docs/agents.md).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from garrison.agents._agent import Agent, AgentResult, AgentTool, Handoff
 from garrison.agents._budget import Budget, LoopGuard
 from garrison.agents._events import (
@@ -44,6 +46,10 @@ from garrison.errors import (
     OutputValidationError,
     ToolCallError,
 )
+
+if TYPE_CHECKING:  # imported lazily below: they need their SDKs
+    from garrison.agents.providers.anthropic import AnthropicModel
+    from garrison.agents.providers.openai import OpenAIModel
 
 __all__ = [
     "DEFAULT_PRICES",
