@@ -37,7 +37,8 @@ _NAME = re.compile(r"^[a-zA-Z0-9_-]{1,48}$")
 
 
 def _retryable(error: BaseException) -> bool:
-    return bool(getattr(error, "retryable", False))
+    """Provider errors marked retryable, and a step attempt past its `model_timeout_s`."""
+    return bool(getattr(error, "retryable", False)) or isinstance(error, TimeoutError)
 
 
 DEFAULT_MODEL_RETRY = Retry(max_attempts=3, base=0.5, cap=10.0, retry_on=_retryable)

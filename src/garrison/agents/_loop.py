@@ -21,6 +21,7 @@ from garrison.agents._messages import Message, ModelSettings, ToolCall, Usage
 from garrison.agents._tools import result_text
 from garrison.engine import Context, current_step, publish
 from garrison.errors import (
+    DeadlineExceeded,
     MaxTurnsExceeded,
     OutputValidationError,
     ProviderError,
@@ -205,13 +206,13 @@ async def _call_models(app: Garrison, state: _State) -> _Reply:
     if state.budget is not None:
         settings = settings.capped(state.budget.tokens_left(state.usage))
     start = state.model_floor.get(active.name, 0)
-    errors: list[ProviderError] = []
+    errors: list[Exception] = []
     for model in active.models[start:]:
         state.turns += 1
         try:
             out = await binding.model_step(model.name, [m.to_dict() for m in state.messages],
                                            settings.to_dict(), state.stream)
-        except ProviderError as exc:
+        except (ProviderError, DeadlineExceeded) as exc:  # after the step's retries
             errors.append(exc)
             log.warning("agent.model_failed", run_id=state.run_id, agent=active.name,
                         model=model.name, kind=getattr(exc, "kind", None), error=str(exc))
