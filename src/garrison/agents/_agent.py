@@ -261,6 +261,11 @@ class Agent:
             return binding
         from garrison.agents._loop import make_model_step, make_workflow
 
+        if f"agent.{self.name}.model" in app.registry.steps:
+            raise ConfigurationError(
+                f"another Agent named {self.name!r} is registered on this app; agent names "
+                "are unique per app (they name the workflow agent:NAME): reuse that Agent "
+                "object or give this one another name")
         model_step = app.step(name=f"agent.{self.name}.model", retry=self.retry,
                               timeout=self.model_timeout_s)(make_model_step(self, app))
         tool_steps: dict[str, Callable[..., Any]] = {}
