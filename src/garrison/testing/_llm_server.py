@@ -253,7 +253,7 @@ class LLMServer:
 
     async def _serve(self, sock: socket.socket, stop: asyncio.Event,
                      ready: Callable[[str], None]) -> None:
-        connections = _Connections()
+        connections = _Connections(tracked=True)
         app = _build_app(self._state, connections)
         config = uvicorn.Config(
             app, http=_protocol_class(connections), lifespan="off", log_config=None,
@@ -279,7 +279,7 @@ def create_app(script: Script, faults: Faults) -> Starlette:
     fault and a `truncate` cut raise `ConnectionAbortedError` inside the app instead, which
     the ASGI server turns into a dropped connection.
     """
-    return _build_app(_State(script, faults, 0), _Connections())
+    return _build_app(_State(script, faults, 0), _Connections(tracked=False))
 
 
 # -- connections: one write per loop pass, and a way for a fault to cut the TCP connection
@@ -389,7 +389,9 @@ class _Connection:
 class _Connections:
     """Open connections by peer address (the ASGI scope's `client`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, tracked: bool) -> None:
+        # False when the app runs under another ASGI server: no connection is ever known.
+        self.tracked = tracked
         self._by_peer: dict[tuple[str, int], _Connection] = {}
 
     def add(self, peer: tuple[str, int], transport: _BatchingTransport) -> None:
@@ -811,9 +813,12 @@ class _Cut(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         connection = self._connections.get(scope)
-        if connection is None:
-            raise ConnectionAbortedError("garrison llm-server: injected connection reset")
-        await connection.cut(reset=self._reset)
+        if connection is not None:
+            await connection.cut(reset=self._reset)
+        elif not self._connections.tracked:
+            raise ConnectionAbortedError("garrison llm-server: injected connection cut (the "
+                                         "app runs outside LLMServer, which owns the sockets)")
+        # Else the connection is already gone (the client left, or the server is stopping).
 
 
 class _PartialBody(Response):

@@ -11,6 +11,7 @@ import openai
 import pytest
 
 from garrison.testing import LLMServer
+from tests.integration.llm_server._http import openai_http_client
 
 
 @pytest.fixture(scope="session")
@@ -30,20 +31,21 @@ def server(llm_server_session: LLMServer) -> LLMServer:
 @pytest.fixture
 async def openai_client(server: LLMServer) -> AsyncIterator[openai.AsyncOpenAI]:
     client = openai.AsyncOpenAI(base_url=server.openai_base_url, api_key="test",
-                                max_retries=0)
+                                max_retries=0, http_client=openai_http_client())
     yield client
     await client.close()
 
 
 @pytest.fixture
 async def anthropic_client(server: LLMServer) -> AsyncIterator[anthropic.AsyncAnthropic]:
-    client = anthropic.AsyncAnthropic(base_url=server.anthropic_base_url, api_key="test",
-                                      max_retries=0)
+    client = anthropic.AsyncAnthropic(
+        base_url=server.anthropic_base_url, api_key="test", max_retries=0,
+        http_client=anthropic.DefaultAsyncHttpxClient(verify=False))
     yield client
     await client.close()
 
 
 @pytest.fixture
 async def http(server: LLMServer) -> AsyncIterator[httpx2.AsyncClient]:
-    async with httpx2.AsyncClient(base_url=server.url) as client:
+    async with httpx2.AsyncClient(base_url=server.url, verify=False) as client:
         yield client
