@@ -157,6 +157,27 @@ def test_demo_loses_no_run_across_a_sigkill(tmp_path: Path) -> None:
     assert lines["runs lost"] == "0"
 
 
+def test_agent_demo_loses_no_conversation_across_faults_and_a_sigkill(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "garrison", "demo", "--runs", "20", "--folder",
+         str(tmp_path / "demo")],
+        capture_output=True, text=True, timeout=180, env={**os.environ, "COLUMNS": "200"},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SIGKILL worker pid" in done.stdout
+    lines = {line.split("│")[1].strip(): line.split("│")[2].strip()
+             for line in done.stdout.splitlines() if line.count("│") == 3}
+    report = done.stdout
+    assert lines["conversations completed"] == "20", report
+    assert lines["conversations lost"] == "0", report
+    assert int(lines["faults injected by the server"]) > 0, report
+    # Half the primary's calls fail: a call falls back after 3 failures (1 in 8).
+    assert int(lines["conversations served by the fallback model"]) > 0, report
+    # Only refunds in flight at the kill run twice.
+    assert int(lines["refunds issued"]) - int(lines["refunds run twice (in flight at SIGKILL)"]
+                                             ) == 20, report
+
+
 def test_runs_redrive_sends_a_quarantined_run_back_and_refuses_others(tmp_path: Path) -> None:
     db = tmp_path / "g.db"
     asyncio.run(seed(db))  # "bad" ended QUARANTINED, "ok" COMPLETED

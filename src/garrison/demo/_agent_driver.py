@@ -25,11 +25,12 @@ from garrison.demo._support_agent import DEMO_SCRIPT, MODEL_CALLS_PER_RUN
 __all__ = ["DEMO_FAULTS", "AgentDemoReport", "run_agent_demo"]
 
 # 5 % rate limits (asking for 0.1 s), 5 % server errors, 10-40 ms of latency on every
-# call, and the primary model down for its first 12 calls (503): those fall back.
+# call, and the primary model degraded (503 on half its calls): a call that fails its
+# three attempts there (1 in 8) is served by the backup model.
 DEMO_FAULTS: list[dict[str, Any]] = [
     {"kind": "status", "status": 429, "rate": 0.05, "retry_after": 0.1},
     {"kind": "status", "status": 500, "rate": 0.05},
-    {"kind": "status", "status": 503, "rate": 1.0, "count": 12, "model": "demo-primary"},
+    {"kind": "status", "status": 503, "rate": 0.5, "model": "demo-primary"},
     {"kind": "latency", "latency_ms": [10.0, 40.0]},
 ]
 
@@ -110,8 +111,8 @@ def run_agent_demo(folder: Path, runs: int = 100, kill_fraction: float = 0.4,
         console.print(
             f"[bold]Garrison agent demo[/]: {runs} support conversations (look up, refund, "
             f"confirm) on SQLite at {db}, against the local LLM server at {server.url} "
-            "with injected faults: 5 % 429, 5 % 500, 10-40 ms latency, the primary model "
-            "down for its first 12 calls (fallback: demo-backup)")
+            "with injected faults: 5 % 429, 5 % 500, 10-40 ms latency, and the primary model "
+            "failing half its calls with 503 (fallback: demo-backup)")
         worker = _spawn(folder, server.openai_base_url, runs)
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[steps]} model calls journaled"),

@@ -60,7 +60,7 @@ def build_app(url: str, base_url: str, effects_path: str) -> tuple[Garrison, Age
         fallback_models=[OpenAIModel("demo-backup", base_url=base_url, api_key="demo")],
         instructions="You are a support agent. Look orders up before refunding them.",
         tools=[lookup_order, refund], prices=prices, model_timeout_s=5.0,
-        retry=Retry(max_attempts=4, base=0.05, cap=0.5, retry_on=_retryable))
+        retry=Retry(max_attempts=3, base=0.05, cap=0.5, retry_on=_retryable))
     app = Garrison(url)
     app.add_agent(agent)
     return app, agent
