@@ -25,7 +25,7 @@ from garrison.agents._model import Model, resolve_model
 from garrison.agents._pricing import PriceTable
 from garrison.agents._tools import Tool
 from garrison.errors import ConfigurationError, GarrisonError, WorkflowFailed
-from garrison.resilience import Retry
+from garrison.resilience import CircuitBreaker, Retry
 
 if TYPE_CHECKING:
     from garrison.engine import Garrison, RunHandle
@@ -151,6 +151,9 @@ class Agent:
             backoff, only errors the provider marks retryable, honouring Retry-After);
             the wait is a durable timer.
         model_timeout_s: a deadline per model call attempt.
+        breaker: a `garrison.resilience.CircuitBreaker`, one per model of the chain
+            (keyed by the model's name, shared across the fleet): an open breaker sends
+            the call straight to the next model instead of waiting on a dead one.
         prices: the price table for cost (default: common models' list prices).
         loop_guard: loop detection (default: 3 identical calls, or a cycle repeated 3
             times).
@@ -168,7 +171,8 @@ class Agent:
                  handoffs: Sequence[Agent] = (), max_turns: int = 10,
                  budget: Budget | None = None, model_settings: ModelSettings | None = None,
                  retry: Retry | None = DEFAULT_MODEL_RETRY,
-                 model_timeout_s: float | None = None, prices: PriceTable | None = None,
+                 model_timeout_s: float | None = None, breaker: CircuitBreaker | None = None,
+                 prices: PriceTable | None = None,
                  loop_guard: LoopGuard | None = None, output_retries: int = 2,
                  max_tool_repairs: int = 3, approval_timeout_s: float | None = None,
                  description: str = "", version: str | None = None) -> None:
@@ -197,6 +201,7 @@ class Agent:
         self.model_settings = model_settings or ModelSettings()
         self.retry = retry
         self.model_timeout_s = model_timeout_s
+        self.breaker = breaker
         self.prices = prices or PriceTable()
         self.loop_guard = loop_guard or LoopGuard()
         self.output_retries = output_retries
@@ -266,6 +271,8 @@ class Agent:
                 f"another Agent named {self.name!r} is registered on this app; agent names "
                 "are unique per app (they name the workflow agent:NAME): reuse that Agent "
                 "object or give this one another name")
+        if self.breaker is not None:
+            app.share_breaker(self.breaker)
         model_step = app.step(name=f"agent.{self.name}.model", retry=self.retry,
                               timeout=self.model_timeout_s)(make_model_step(self, app))
         tool_steps: dict[str, Callable[..., Any]] = {}

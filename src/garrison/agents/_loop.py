@@ -7,6 +7,7 @@ after a crash takes the same path and only the step that was in flight runs agai
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable, Coroutine, Mapping
@@ -21,6 +22,7 @@ from garrison.agents._messages import Message, ModelSettings, ToolCall, Usage
 from garrison.agents._tools import result_text
 from garrison.engine import Context, current_step, publish
 from garrison.errors import (
+    CircuitOpenError,
     DeadlineExceeded,
     MaxTurnsExceeded,
     OutputValidationError,
@@ -112,7 +114,10 @@ def make_model_step(agent: Agent, app: Garrison) -> Callable[..., Coroutine[Any,
         writer = _DeltaWriter(app, agent.name) if stream else None
         if writer is not None:
             await writer.load()
-        response = await chosen.request(
+        request = (chosen.request if agent.breaker is None
+                   else functools.partial(agent.breaker.for_key(chosen.name).call,
+                                          chosen.request))
+        response = await request(
             conversation, tools=tools, settings=ModelSettings.from_dict(settings),
             output_schema=agent.output_schema,
             on_delta=writer.write if writer is not None else None)
@@ -212,7 +217,7 @@ async def _call_models(app: Garrison, state: _State) -> _Reply:
         try:
             out = await binding.model_step(model.name, [m.to_dict() for m in state.messages],
                                            settings.to_dict(), state.stream)
-        except (ProviderError, DeadlineExceeded) as exc:  # after the step's retries
+        except (ProviderError, DeadlineExceeded, CircuitOpenError) as exc:  # retries spent
             errors.append(exc)
             log.warning("agent.model_failed", run_id=state.run_id, agent=active.name,
                         model=model.name, kind=getattr(exc, "kind", None), error=str(exc))

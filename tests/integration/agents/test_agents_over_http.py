@@ -30,7 +30,7 @@ from garrison.errors import (
     ProviderRateLimited,
     ProviderUnavailable,
 )
-from garrison.resilience import Retry
+from garrison.resilience import CircuitBreaker, Retry
 from garrison.store import StepKind
 from garrison.testing import LLMServer
 
@@ -247,3 +247,20 @@ async def test_auth_and_bad_requests_are_not_retried(app: Garrison, server: LLMS
     with pytest.raises(InvalidModelRequest):
         await other.run(app, "hello", run_id="r2")
     assert len(server.requests()) == 2  # one attempt each
+
+
+async def test_an_open_breaker_sends_calls_straight_to_the_fallback(
+        app: Garrison, server: LLMServer) -> None:
+    server.set_faults("503:1/model=primary")
+    breaker = CircuitBreaker("llm", window=2, min_calls=2, failure_rate=0.5,
+                             wait_open=3600)
+    agent = Agent("breaker", model=openai_model(server, "primary"),
+                  fallback_models=[openai_model(server, "backup")], retry=fast_retry(3),
+                  breaker=breaker)
+    for n in range(3):
+        res = await agent.run(app, "hello", run_id=f"r{n}")
+        assert res.model == "openai:backup"
+    assert breaker.for_key("openai:primary").state == "OPEN"
+    assert breaker.for_key("openai:backup").state == "CLOSED"
+    # Two failures opened it; the third attempt and the later runs never reached it.
+    assert [r["model"] for r in server.requests()].count("primary") == 2
