@@ -332,14 +332,26 @@ class Agent:
     def result_from(self, data: Mapping[str, Any], run_id: str) -> AgentResult:
         """An `AgentResult` from a run's stored result."""
         output = data.get("output")
-        if self._adapter is not None and data.get("agent") == self.name:
-            output = self._adapter.validate_python(output)
+        answered_by = self._reachable().get(str(data.get("agent")), self)
+        if answered_by._adapter is not None:  # after a handoff: the answering agent's type
+            output = answered_by._adapter.validate_python(output)
         return AgentResult(
             output=output, usage=Usage.from_dict(data.get("usage") or {}),
             cost_usd=float(data.get("cost_usd", 0.0)), model=str(data.get("model", "")),
             models_used=list(data.get("models_used") or []), agent=str(data.get("agent")),
             messages=messages_from(data.get("messages")), run_id=run_id,
             turns=int(data.get("turns", 0)), fallbacks=list(data.get("fallbacks") or []))
+
+    def _reachable(self) -> dict[str, Agent]:
+        """This agent and every agent it can hand the conversation to, by name."""
+        found: dict[str, Agent] = {}
+        todo = [self]
+        while todo:
+            agent = todo.pop()
+            if agent.name not in found:
+                found[agent.name] = agent
+                todo.extend(h.agent for h in agent.handoffs.values())
+        return found
 
     async def stream(self, app: Garrison, prompt: str, *, run_id: str | None = None,
                      history: Sequence[Message | Mapping[str, Any]] | None = None,
