@@ -104,36 +104,60 @@ def check_answer(framework: str, got: object, expected: str) -> None:
         raise SystemExit(f"{framework}: expected an answer containing {expected!r}, got {got!r}")
 
 
-async def time_a(run: Callable[[str], Awaitable[None]], args: argparse.Namespace
-                 ) -> dict[str, Any]:
-    """Workload A: ``run(run_id)`` does one two-call conversation; time ``args.runs`` in a
-    row per repetition, after ``A_WARMUP_RUNS`` untimed ones.
+async def time_a(run: Callable[[str], Awaitable[None]], args: argparse.Namespace,
+                 control: Callable[[str], Awaitable[None]] | None = None) -> dict[str, Any]:
+    """Workload A: ``run(run_id)`` does one two-call conversation; time ``args.runs`` of
+    them per repetition, after ``A_WARMUP_RUNS`` untimed ones.
 
-    Per repetition: wall ms and process CPU ms per model call (total over the runs
-    divided by the calls); also the median single run, less sensitive to one stall."""
+    With ``control`` (the same conversation on the raw ``openai`` client, in this process
+    and loop) each timed run alternates with one control run, which order alternating
+    too, so both see the same moment of a shared, noisy machine; ``paired_added_ms``
+    is then (median run - median control run) / model calls per run.
+
+    Per repetition: wall ms and process CPU ms per model call (totals over the runs
+    divided by the calls) and the median single run, less sensitive to one stall."""
     for i in range(A_WARMUP_RUNS):
         await run(f"warm-{i}")
-    ms_per_call: list[float] = []
-    cpu_ms_per_call: list[float] = []
-    median_run_ms: list[float] = []
+        if control is not None:
+            await control(f"warm-{i}")
+    out: dict[str, list[float]] = {k: [] for k in (
+        "samples", "cpu_ms_per_call", "median_run_ms", "control_ms_per_call",
+        "control_cpu_ms_per_call", "control_median_run_ms", "paired_added_ms",
+        "paired_cpu_added_ms")}
+    calls = args.runs * A_CALLS_PER_RUN
     for rep in range(args.repeats):
         gc.collect()
-        runs_ms: list[float] = []
-        cpu0 = time.process_time()
-        t0 = time.perf_counter()
+        wall_ms: list[float] = []
+        cpu_ms: list[float] = []
+        control_wall_ms: list[float] = []
+        control_cpu_ms: list[float] = []
         for i in range(args.runs):
-            started = time.perf_counter()
-            await run(f"r{rep}-{i}")
-            runs_ms.append((time.perf_counter() - started) * 1000)
-        wall = time.perf_counter() - t0
-        cpu = time.process_time() - cpu0
-        calls = args.runs * A_CALLS_PER_RUN
-        ms_per_call.append(round(wall * 1000 / calls, 4))
-        cpu_ms_per_call.append(round(cpu * 1000 / calls, 4))
-        median_run_ms.append(round(statistics.median(runs_ms), 3))
-    return {"unit": "ms/model call", "samples": ms_per_call,
-            "cpu_ms_per_call": cpu_ms_per_call, "median_run_ms": median_run_ms,
-            "runs": args.runs, "model_calls": args.runs * A_CALLS_PER_RUN}
+            pair = [(run, wall_ms, cpu_ms)]
+            if control is not None:
+                pair.append((control, control_wall_ms, control_cpu_ms))
+                if i % 2:
+                    pair.reverse()
+            for fn, walls, cpus in pair:
+                cpu0 = time.process_time()
+                started = time.perf_counter()
+                await fn(f"r{rep}-{i}")
+                walls.append((time.perf_counter() - started) * 1000)
+                cpus.append((time.process_time() - cpu0) * 1000)
+        out["samples"].append(round(sum(wall_ms) / calls, 4))
+        out["cpu_ms_per_call"].append(round(sum(cpu_ms) / calls, 4))
+        out["median_run_ms"].append(round(statistics.median(wall_ms), 3))
+        if control is not None:
+            out["control_ms_per_call"].append(round(sum(control_wall_ms) / calls, 4))
+            out["control_cpu_ms_per_call"].append(round(sum(control_cpu_ms) / calls, 4))
+            out["control_median_run_ms"].append(round(statistics.median(control_wall_ms), 3))
+            out["paired_added_ms"].append(round(
+                (statistics.median(wall_ms) - statistics.median(control_wall_ms))
+                / A_CALLS_PER_RUN, 4))
+            out["paired_cpu_added_ms"].append(round(
+                (sum(cpu_ms) - sum(control_cpu_ms)) / calls, 4))
+    result: dict[str, Any] = {"unit": "ms/model call", **{k: v for k, v in out.items() if v},
+                              "runs": args.runs, "model_calls": calls}
+    return result
 
 
 async def time_b(conversation: Callable[[str], Awaitable[None]], args: argparse.Namespace
@@ -164,10 +188,12 @@ async def time_b(conversation: Callable[[str], Awaitable[None]], args: argparse.
 
 async def measure(args: argparse.Namespace,
                   run_a: Callable[[str], Awaitable[None]],
-                  conversation_b: Callable[[str], Awaitable[None]]) -> dict[str, Any]:
-    """Time the workload ``args`` names; call from inside the framework's set-up."""
+                  conversation_b: Callable[[str], Awaitable[None]],
+                  control_a: Callable[[str], Awaitable[None]] | None = None) -> dict[str, Any]:
+    """Time the workload ``args`` names; call from inside the framework's set-up.
+    ``control_a``: workload A on the raw client, alternated with ``run_a``."""
     if args.workload == "a":
-        return await time_a(run_a, args)
+        return await time_a(run_a, args, control_a)
     return await time_b(conversation_b, args)
 
 

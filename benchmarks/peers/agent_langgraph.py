@@ -43,6 +43,7 @@ from _agent_common import (
     quiet_stdout,
     record,
 )
+from agent_openai_raw import RawControl
 from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
@@ -89,10 +90,11 @@ def main() -> None:
                                            checkpointer=saver)
 
             async def ask(thread_id: str, text: str, expected: str) -> None:
+                # Without a checkpointer LangGraph 1.2 fails on durability="sync".
+                durability: dict[str, Any] = {"durability": "sync"} if saver else {}
                 state = await agent.ainvoke(
                     {"messages": [{"role": "user", "content": text}]},
-                    config={"configurable": {"thread_id": thread_id}},
-                    durability="sync")
+                    config={"configurable": {"thread_id": thread_id}}, **durability)
                 check_answer("langgraph", final_text(state), expected)
 
             async def run_a(run_id: str) -> None:
@@ -112,7 +114,9 @@ def main() -> None:
                                           strict=True):
                     await ask(conv_id, text, expected)
 
-            return await measure(args, run_a, conversation_b)
+            control = RawControl(args.base_url)
+            stack.push_async_callback(control.aclose)
+            return await measure(args, run_a, conversation_b, control.run_a)
 
     result = asyncio.run(bench())
     name = "langgraph" if args.mode == "sqlite" else "langgraph-memory"

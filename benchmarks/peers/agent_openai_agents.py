@@ -36,6 +36,7 @@ from _agent_common import (
     quiet_stdout,
     record,
 )
+from agent_openai_raw import RawControl
 from agents import (
     Agent,
     OpenAIChatCompletionsModel,
@@ -77,9 +78,11 @@ def main() -> None:
                 check_answer("openai-agents", result.final_output, expected)
                 history = result.to_input_list()
 
+        control = RawControl(args.base_url)
         try:
-            return await measure(args, run_a, conversation_b)
+            return await measure(args, run_a, conversation_b, control.run_a)
         finally:
+            await control.aclose()
             await client.close()
 
     result = asyncio.run(bench())

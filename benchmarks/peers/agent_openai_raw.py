@@ -7,7 +7,8 @@ Prints one JSON line on stdout.
 One ``openai.AsyncOpenAI`` client; each turn calls ``chat.completions.create`` with the
 tool's JSON schema, runs the tool the model asked for and appends its result, until the
 model answers in text. Nothing is saved anywhere: this is the floor every framework's
-time per model call is compared with.
+time per model call is compared with. ``RawControl`` is the same loop for the other
+scripts to alternate with their own runs in workload A.
 """
 
 from __future__ import annotations
@@ -66,6 +67,22 @@ async def turn(client: openai.AsyncOpenAI, messages: list[Any]) -> str:
             result = order_status(**arguments)
             messages.append({"role": "tool", "tool_call_id": call.id,
                              "content": json.dumps(result)})
+
+
+class RawControl:
+    """Workload A on the raw client, for another framework's script to alternate with its
+    own runs (``measure(..., control_a=control.run_a)``): the in-process control."""
+
+    def __init__(self, base_url: str) -> None:
+        self.client = openai.AsyncOpenAI(base_url=base_url, api_key=API_KEY)
+
+    async def run_a(self, run_id: str) -> None:
+        messages: list[Any] = [{"role": "system", "content": INSTRUCTIONS},
+                               {"role": "user", "content": A_PROMPT}]
+        check_answer("openai (control)", await turn(self.client, messages), TOOL_ANSWER)
+
+    async def aclose(self) -> None:
+        await self.client.close()
 
 
 def main() -> None:

@@ -52,6 +52,7 @@ from _agent_common import (
     quiet_stdout,
     record,
 )
+from agent_openai_raw import RawControl
 from pydantic_ai import Agent
 from pydantic_ai.models.openai import OpenAIChatModel
 from pydantic_ai.providers.openai import OpenAIProvider
@@ -125,9 +126,11 @@ def main() -> None:
             check_answer("pydantic-ai", output, expected)
 
     async def bench() -> dict[str, Any]:
+        control = RawControl(args.base_url)
         try:
-            return await measure(args, run_a, conversation_b)
+            return await measure(args, run_a, conversation_b, control.run_a)
         finally:
+            await control.aclose()
             await client.close()
 
     if durable:
@@ -139,8 +142,10 @@ def main() -> None:
             DBOS.destroy()
     if durable:
         with sqlite3.connect(db_path) as conn:
+            # DBOS sets no synchronous pragma, so its connections have the default a fresh
+            # connection reads back (2 = FULL in this build).
             extra["sqlite"] = {"journal_mode": conn.execute("PRAGMA journal_mode").fetchone()[0],
-                               "synchronous": "2 (FULL, SQLite's default; DBOS sets none)"}
+                               "synchronous": conn.execute("PRAGMA synchronous").fetchone()[0]}
             extra["workflows"] = conn.execute(
                 "SELECT count(*) FROM workflow_status").fetchone()[0]
         extra["dbos"] = importlib.metadata.version("dbos")
