@@ -27,7 +27,9 @@ from garrison.errors import (
     MaxTurnsExceeded,
     OutputValidationError,
     ProviderError,
+    ResultTimeoutError,
     ToolCallError,
+    WorkflowCancelled,
     WorkflowFailed,
 )
 
@@ -189,7 +191,7 @@ def make_workflow(agent: Agent, app: Garrison) -> Callable[..., Coroutine[Any, A
             if message.tool_calls:
                 await _run_tool_calls(ctx, app, state, message.tool_calls)
                 continue
-            done = _final_output(state, message)
+            done = await _final_output(state, message)
             if done is not None:
                 return done
 
@@ -212,7 +214,7 @@ async def _call_models(app: Garrison, state: _State) -> _Reply:
         settings = settings.capped(state.budget.tokens_left(state.usage))
     start = state.model_floor.get(active.name, 0)
     errors: list[Exception] = []
-    for model in active.models[start:]:
+    for index, model in enumerate(active.models[start:], start):
         state.turns += 1
         try:
             out = await binding.model_step(model.name, [m.to_dict() for m in state.messages],
@@ -221,7 +223,14 @@ async def _call_models(app: Garrison, state: _State) -> _Reply:
             errors.append(exc)
             log.warning("agent.model_failed", run_id=state.run_id, agent=active.name,
                         model=model.name, kind=getattr(exc, "kind", None), error=str(exc))
-            state.fallbacks.append(model.name)
+            if index + 1 < len(active.models):
+                # The rest of this run goes to the next model: a model that failed its
+                # retries (or cannot serve at all) is not paid again on every turn.
+                state.model_floor[active.name] = index + 1
+                state.fallbacks.append(model.name)
+                # Whatever it streamed before failing is not the answer.
+                await state.publish("agent.reset", {"agent": active.name},
+                                    f"fallback:{state.turns}")
             continue
         usage = Usage.from_dict(out["usage"])
         state.usage += usage
@@ -283,8 +292,8 @@ async def _run_tool_calls(ctx: Context, app: Garrison, state: _State,
                 "approval", timeout=active.approval_timeout_s, default=None))
             if not approved:
                 await _answer(state, call, "The call was not approved"
-                              + (f": {reason}" if reason else ".") + " Do not retry it; "
-                              "tell the user.", key, error=True)
+                              + (f": {reason.rstrip('.')}." if reason else ".")
+                              + " Do not retry it; tell the user.", key, error=True)
                 continue
         state.usage += Usage(tool_calls=1)
         if isinstance(target, AgentTool):
@@ -322,9 +331,12 @@ async def _delegate(ctx: Context, app: Garrison, state: _State, target: Any,
         data = await handle.result(timeout=target.timeout_s)
     except WorkflowFailed as exc:
         return f"Error: the {child.name} agent failed: {getattr(exc, 'error_message', exc)}", True
-    except Exception as exc:  # ResultTimeoutError: the child's deadline passed
+    except ResultTimeoutError:
         await handle.cancel()
-        return f"Error: the {child.name} agent did not answer in time ({exc})", True
+        return (f"Error: the {child.name} agent did not answer within {target.timeout_s} s; "
+                "its run was cancelled"), True
+    except WorkflowCancelled:
+        return f"Error: the {child.name} agent's run was cancelled", True
     state.usage += Usage.from_dict(data.get("usage") or {})
     state.cost_usd += float(data.get("cost_usd", 0.0))
     output = data.get("output")
@@ -353,7 +365,7 @@ def _decision(value: Any) -> tuple[bool, str]:
     return bool(value), ""
 
 
-def _final_output(state: _State, message: Message) -> dict[str, Any] | None:
+async def _final_output(state: _State, message: Message) -> dict[str, Any] | None:
     """The run's result when the answer is valid; else a repair turn (None)."""
     active = state.agent
     text = message.content or ""
@@ -369,6 +381,8 @@ def _final_output(state: _State, message: Message) -> dict[str, Any] | None:
                 for e in exc.errors())
             state.output_errors[state.last_model] = problems
             state.output_repairs += 1
+            # The streamed invalid answer is taken back before the repaired one comes.
+            await state.publish("agent.reset", {"agent": active.name}, f"repair:{state.turns}")
             if state.output_repairs > active.output_retries:
                 _next_model_for_output(state)
             state.messages.append(Message.user(

@@ -149,9 +149,9 @@ async def test_primary_down_falls_back_to_the_second_model_and_records_it(
     res = await agent.run(app, "where is order 7?", run_id="r1")
     assert res.output == "Order 7 is shipped."
     assert res.model == "anthropic:backup" and res.models_used == ["anthropic:backup"]
-    assert res.fallbacks == ["openai:primary", "openai:primary"]  # one per call
+    assert res.fallbacks == ["openai:primary"]  # the rest of the run stayed on the backup
     outcomes = [(r["model"], r["outcome"]) for r in server.requests()]
-    assert outcomes.count(("primary", "status:503")) == 4  # 2 calls x 2 attempts
+    assert outcomes.count(("primary", "status:503")) == 2  # its first call's 2 attempts
 
 
 async def test_without_a_fallback_the_run_fails_with_the_classified_error(
@@ -264,3 +264,14 @@ async def test_an_open_breaker_sends_calls_straight_to_the_fallback(
     assert breaker.for_key("openai:backup").state == "CLOSED"
     # Two failures opened it; the third attempt and the later runs never reached it.
     assert [r["model"] for r in server.requests()].count("primary") == 2
+
+
+async def test_a_configured_client_is_used_as_given(app: Garrison, server: LLMServer) -> None:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=server.openai_base_url, api_key="own",
+                                max_retries=0, default_headers={"x-team": "support"})
+    agent = Agent("ownclient", model=OpenAIModel("gpt-test", client=client))
+    res = await agent.run(app, "hello", run_id="r1")
+    assert res.output.startswith("Hello from the test server")
+    assert len(server.requests()) == 1

@@ -74,11 +74,13 @@ class AnthropicModel:
         api_key: default `ANTHROPIC_API_KEY`; kept as a `SecretStr`, never journaled.
         max_tokens: the API requires one; used when the settings give none.
         timeout_s: per-call timeout.
+        client: a configured `AsyncAnthropic` to use instead; give it `max_retries=0`.
     """
 
     def __init__(self, model_name: str, *, base_url: str | None = None,
                  api_key: str | SecretStr | None = None, max_tokens: int = 1024,
-                 timeout_s: float = 60.0, provider: str = "anthropic") -> None:
+                 timeout_s: float = 60.0, provider: str = "anthropic",
+                 client: anthropic.AsyncAnthropic | None = None) -> None:
         self.model_name = model_name
         self.provider = provider
         self.name = f"{provider}:{model_name}"
@@ -87,12 +89,15 @@ class AnthropicModel:
         self._api_key = key if isinstance(key, SecretStr) or key is None else SecretStr(key)
         self.max_tokens = max_tokens
         self.timeout_s = timeout_s
+        self._own_client = client
         self._clients: dict[int, anthropic.AsyncAnthropic] = {}
 
     def __repr__(self) -> str:
         return f"AnthropicModel({self.model_name!r}, base_url={self.base_url!r})"
 
     def _client(self) -> anthropic.AsyncAnthropic:
+        if self._own_client is not None:
+            return self._own_client
         loop = id(asyncio.get_running_loop())
         client = self._clients.get(loop)
         if client is None:

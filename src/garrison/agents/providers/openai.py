@@ -59,11 +59,14 @@ class OpenAIModel:
             `output_type` (servers that do not support it ignore it or refuse it; turn
             it off for those).
         provider: the name in journals, traces and prices ("openai").
+        client: a configured `AsyncOpenAI` to use instead (your own HTTP client,
+            proxies, headers); give it `max_retries=0`: Garrison retries durably.
     """
 
     def __init__(self, model_name: str, *, base_url: str | None = None,
                  api_key: str | SecretStr | None = None, timeout_s: float = 60.0,
-                 native_output: bool = True, provider: str = "openai") -> None:
+                 native_output: bool = True, provider: str = "openai",
+                 client: openai.AsyncOpenAI | None = None) -> None:
         self.model_name = model_name
         self.provider = provider
         self.name = f"{provider}:{model_name}"
@@ -72,6 +75,7 @@ class OpenAIModel:
         self._api_key = key if isinstance(key, SecretStr) or key is None else SecretStr(key)
         self.timeout_s = timeout_s
         self.native_output = native_output
+        self._own_client = client
         self._clients: dict[int, openai.AsyncOpenAI] = {}
 
     def __repr__(self) -> str:
@@ -79,6 +83,8 @@ class OpenAIModel:
 
     def _client(self) -> openai.AsyncOpenAI:
         """One client per event loop: its connection pool belongs to the loop."""
+        if self._own_client is not None:
+            return self._own_client
         loop = id(asyncio.get_running_loop())
         client = self._clients.get(loop)
         if client is None:
