@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import garrison
+import garrison.agents
 import garrison.engine
 import garrison.store
+import garrison.testing
 
 
 def test_top_level_names_are_pinned() -> None:
@@ -24,7 +26,8 @@ def test_top_level_names_are_pinned() -> None:
 
 
 def test_every_package_exports_a_sorted_all() -> None:
-    for module in (garrison, garrison.engine, garrison.store):
+    for module in (garrison, garrison.engine, garrison.store, garrison.agents,
+                   garrison.testing):
         assert module.__all__ == sorted(module.__all__), module.__name__
 
 
@@ -41,3 +44,19 @@ def test_every_error_descends_from_garrison_error() -> None:
         obj = getattr(garrison, name)
         if isinstance(obj, type) and issubclass(obj, Exception):
             assert issubclass(obj, garrison.GarrisonError), name
+
+
+def test_agents_names_are_pinned() -> None:
+    assert garrison.agents.__all__ == [
+        "Agent", "AgentError", "AgentEvent", "AgentResult", "AgentTool", "AnthropicModel",
+        "ApprovalRequested", "Budget", "BudgetExceeded", "DEFAULT_PRICES", "FinalOutput",
+        "FunctionModel", "Handoff", "HandoffEvent", "LoopDetected", "LoopGuard",
+        "MaxTurnsExceeded", "Message", "Model", "ModelCall", "ModelResponse", "ModelSettings",
+        "OpenAIModel", "OutputValidationError", "Price", "PriceTable", "ScriptedModel",
+        "StreamReset", "TextDelta", "Tool", "ToolCall", "ToolCallError", "ToolCallEvent",
+        "ToolContext", "ToolResultEvent", "Usage", "resolve_model", "tool",
+    ]
+    for name in garrison.agents.__all__:
+        assert getattr(garrison.agents, name) is not None, name
+    for name in garrison.testing.__all__:
+        assert getattr(garrison.testing, name) is not None, name

@@ -52,7 +52,6 @@ if TYPE_CHECKING:  # imported lazily below: they need their SDKs
     from garrison.agents.providers.openai import OpenAIModel
 
 __all__ = [
-    "DEFAULT_PRICES",
     "Agent",
     "AgentError",
     "AgentEvent",
@@ -62,6 +61,7 @@ __all__ = [
     "ApprovalRequested",
     "Budget",
     "BudgetExceeded",
+    "DEFAULT_PRICES",
     "FinalOutput",
     "FunctionModel",
     "Handoff",
