@@ -46,16 +46,14 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE / "peers"))
 
-from _agent_common import (  # noqa: E402
+from benchmarks.peers._agent_common import (  # noqa: E402
     A_CALLS_PER_RUN,
     A_RUNS,
     B_CALLS_PER_CONVERSATION,
     B_CONVERSATIONS,
     SERVER_SCRIPT,
 )
-
 from benchmarks.peers._venv import ensure_venv  # noqa: E402
 
 RUN_TIMEOUT_S = 600
@@ -101,7 +99,7 @@ FRAMEWORKS: dict[str, Framework] = {f.name: f for f in (
               "DBOS on SQLite (DBOSDurability in a workflow)", fallback=_PYDANTIC_PLAIN),
     _PYDANTIC_PLAIN,
     Framework("garrison", HERE / "agents_garrison.py", args=("--mode", "full"),
-              durable="SQLite synchronous=FULL: every step journaled, recovered on start"),
+              durable="SQLite synchronous=FULL: each model and tool call journaled"),
     Framework("garrison-normal", HERE / "agents_garrison.py", args=("--mode", "normal"),
               durable="SQLite synchronous=NORMAL: survives a process crash, not power loss"),
 )}
@@ -277,7 +275,7 @@ def table_a(series: list[Series]) -> list[dict[str, Any]]:
           "the openai process's ms/call in the same round; CPU: paired, process CPU")
     print(f"  {'framework':<18}{'ms/call':<21}{'added, paired':<21}{'added vs process':<21}"
           f"{'CPU added':<20}{'/Garrison':<10}durable")
-    rows = []
+    rows: list[dict[str, Any]] = []
     for item in series:
         if not item.records:
             print(f"  {item.framework.name:<18}not measured: {item.failure}")
@@ -310,7 +308,7 @@ def table_b(series: list[Series]) -> list[dict[str, Any]]:
           f"{B_CALLS_PER_CONVERSATION} model calls (median (min-max) over rounds)")
     print(f"  {'framework':<18}{'conversations/s':<22}{'model calls/s':<22}{'CPU ms/call':<20}"
           f"{'Garrison is':<12}durable")
-    rows = []
+    rows: list[dict[str, Any]] = []
     for item in series:
         if not item.records:
             print(f"  {item.framework.name:<18}not measured: {item.failure}")
