@@ -1,15 +1,14 @@
 """The local OpenAI- and Anthropic-compatible LLM server: scripted replies, injected faults.
 
 One `Script` answers both APIs (Anthropic requests are converted to the OpenAI chat shape
-first); `Faults` decide per request whether it fails and how. Served by uvicorn (h11) on
-its own thread and event loop (`LLMServer`), or on the caller's loop (`LLMServer.serve`,
-what `garrison llm-server` runs).
+first, `_llm_wire`); `Faults` decide per request whether it fails and how. Served by
+uvicorn (h11) on its own thread and event loop (`LLMServer`), or on the caller's loop
+(`LLMServer.serve`, what `garrison llm-server` runs). The connection layer (one write per
+loop pass, TCP_NODELAY, cutting a connection for a fault) is `_llm_transport`; measured
+through `openai.AsyncOpenAI`, 300 sequential calls: see docs/llm-server.md.
 
-Latency: uvicorn writes a response's head and body in separate `transport.write` calls.
-Each accepted socket gets TCP_NODELAY (asyncio sets it too; set here so it never depends
-on that) and its transport is wrapped so every write made in one event-loop pass leaves
-in one `send`: a plain answer is one segment on loopback. Measured through
-`openai.AsyncOpenAI`, 300 sequential calls: see docs/llm-server.md.
+This module holds `LLMServer`, `create_app`, the app's handlers, the state they share with
+the owner's thread, and the responses that stall, cut or break an answer.
 """
 
 from __future__ import annotations
@@ -18,14 +17,10 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import math
-import re
 import socket
-import struct
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -36,7 +31,6 @@ try:
     from starlette.responses import Response
     from starlette.routing import Route
     from starlette.types import Receive, Scope, Send
-    from uvicorn.protocols.http.h11_impl import H11Protocol
 except ImportError as exc:  # pragma: no cover - exercised without the extra installed
     raise ImportError("garrison.testing.LLMServer needs starlette and uvicorn: "
                       "pip install 'garrison[llm-server]'") from exc
@@ -44,19 +38,21 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra ins
 from garrison._log import get_logger
 from garrison.errors import ConfigurationError
 from garrison.testing._faults import TERMINAL_KINDS, Fault, Faults
-from garrison.testing._script import (
-    Script,
-    ScriptedReply,
-    ScriptedToolCall,
-    fingerprint,
-    flatten_text,
+from garrison.testing._llm_transport import Connections, UvicornServer, protocol_class
+from garrison.testing._llm_wire import (
+    AnthropicWire,
+    BadRequest,
+    Call,
+    OpenAIWire,
+    Wire,
+    break_arguments,
 )
+from garrison.testing._script import Script, ScriptedReply
 
 __all__ = ["LLMServer", "create_app"]
 
 log = get_logger(__name__)
 
-# Linux caps this at net.core.somaxconn (4096 here); 100 simultaneous connects must queue.
 _BACKLOG = 2048
 _DEFAULT_MODEL = "garrison-test"
 _JSON = b"application/json"
@@ -253,10 +249,10 @@ class LLMServer:
 
     async def _serve(self, sock: socket.socket, stop: asyncio.Event,
                      ready: Callable[[str], None]) -> None:
-        connections = _Connections(tracked=True)
+        connections = Connections(tracked=True)
         app = _build_app(self._state, connections)
         config = uvicorn.Config(
-            app, http=_protocol_class(connections), lifespan="off", log_config=None,
+            app, http=protocol_class(connections), lifespan="off", log_config=None,
             access_log=False, proxy_headers=False, server_header=False, date_header=False,
             backlog=_BACKLOG)
 
@@ -264,7 +260,7 @@ class LLMServer:
             self._state.stopping.set()
             connections.abort_all()
 
-        server = _UvicornServer(config, stop=stop, ready=lambda: ready(self.url),
+        server = UvicornServer(config, stop=stop, ready=lambda: ready(self.url),
                                 stopping=stopping)
         try:
             await server.serve(sockets=[sock])
@@ -279,180 +275,7 @@ def create_app(script: Script, faults: Faults) -> Starlette:
     fault and a `truncate` cut raise `ConnectionAbortedError` inside the app instead, which
     the ASGI server turns into a dropped connection.
     """
-    return _build_app(_State(script, faults, 0), _Connections(tracked=False))
-
-
-# -- connections: one write per loop pass, and a way for a fault to cut the TCP connection
-
-
-class _BatchingTransport(asyncio.Transport):
-    """Gathers the writes made during one event-loop pass into one `send`.
-
-    uvicorn writes the status line and headers, then the body, then the end of message;
-    three small segments invite the peer's delayed ACK (≈ 40 ms) when Nagle is on.
-    """
-
-    def __init__(self, inner: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__()
-        self._inner = inner
-        self._loop = loop
-        self._pending: list[bytes] = []
-        self._closed = False
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._closed or not data:
-            return
-        if not self._pending:
-            self._loop.call_soon(self._flush)
-        self._pending.append(bytes(data))
-
-    def writelines(self, list_of_data: Any) -> None:
-        for data in list_of_data:
-            self.write(data)
-
-    def _flush(self) -> None:
-        if self._pending and not self._closed:
-            data = b"".join(self._pending)
-            self._pending.clear()
-            self._inner.write(data)
-
-    def close(self) -> None:
-        if not self._closed:
-            self._flush()
-            self._closed = True
-            self._inner.close()
-
-    def abort(self) -> None:
-        self._closed = True
-        self._pending.clear()
-        self._inner.abort()
-
-    def is_closing(self) -> bool:
-        return self._closed or self._inner.is_closing()
-
-    def write_eof(self) -> None:
-        self._flush()
-        self._inner.write_eof()
-
-    def can_write_eof(self) -> bool:
-        return self._inner.can_write_eof()
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self._inner.get_extra_info(name, default)
-
-    def pause_reading(self) -> None:
-        self._inner.pause_reading()
-
-    def resume_reading(self) -> None:
-        self._inner.resume_reading()
-
-    def is_reading(self) -> bool:
-        return self._inner.is_reading()
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        self._inner.set_write_buffer_limits(high, low)
-
-    def get_write_buffer_size(self) -> int:
-        return self._inner.get_write_buffer_size() + sum(len(d) for d in self._pending)
-
-    def get_write_buffer_limits(self) -> tuple[int, int]:
-        return self._inner.get_write_buffer_limits()
-
-    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        self._inner.set_protocol(protocol)
-
-    def get_protocol(self) -> asyncio.BaseProtocol:
-        return self._inner.get_protocol()
-
-
-@dataclass(slots=True)
-class _Connection:
-    transport: _BatchingTransport
-    closed: asyncio.Event
-
-    async def cut(self, *, reset: bool) -> None:
-        """Close the connection now: gracefully (FIN after what was written) or with a RST."""
-        if reset:
-            sock = self.transport.get_extra_info("socket")
-            if sock is not None:
-                # Linger 0: close() sends a RST instead of a FIN.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            self.transport.abort()
-        else:
-            self.transport.close()
-        # Wait for the protocol to see it, so the ASGI server does not answer after us.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(5.0):
-                await self.closed.wait()
-
-
-class _Connections:
-    """Open connections by peer address (the ASGI scope's `client`)."""
-
-    def __init__(self, *, tracked: bool) -> None:
-        # False when the app runs under another ASGI server: no connection is ever known.
-        self.tracked = tracked
-        self._by_peer: dict[tuple[str, int], _Connection] = {}
-
-    def add(self, peer: tuple[str, int], transport: _BatchingTransport) -> None:
-        self._by_peer[peer] = _Connection(transport, asyncio.Event())
-
-    def discard(self, peer: tuple[str, int]) -> None:
-        connection = self._by_peer.pop(peer, None)
-        if connection is not None:
-            connection.closed.set()
-
-    def get(self, scope: Scope) -> _Connection | None:
-        client = scope.get("client")
-        return self._by_peer.get((str(client[0]), int(client[1]))) if client else None
-
-    def abort_all(self) -> None:
-        for connection in list(self._by_peer.values()):
-            connection.transport.abort()
-
-
-def _protocol_class(connections: _Connections) -> type[H11Protocol]:
-    class _Protocol(H11Protocol):
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # uvicorn's own signature
-            sock = transport.get_extra_info("socket")
-            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            batching = _BatchingTransport(transport, self.loop)
-            super().connection_made(batching)
-            if self.client is not None:
-                connections.add(self.client, batching)
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self.client is not None:
-                connections.discard(self.client)
-            super().connection_lost(exc)
-
-    return _Protocol
-
-
-class _UvicornServer(uvicorn.Server):
-    """uvicorn's server, stopped by an event instead of its 100 ms polling loop."""
-
-    def __init__(self, config: uvicorn.Config, *, stop: asyncio.Event,
-                 ready: Callable[[], None], stopping: Callable[[], None]) -> None:
-        super().__init__(config)
-        self._stop_event = stop
-        self._ready = ready
-        self._stopping = stopping
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        # The owner handles signals: the CLI through its loop; a thread cannot have any.
-        yield
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets=sockets)
-        if self.started:
-            self._ready()
-
-    async def main_loop(self) -> None:
-        await self._stop_event.wait()
-        self._stopping()
+    return _build_app(_State(script, faults, 0), Connections(tracked=False))
 
 
 # -- state shared by the app's handlers and the owner's thread
@@ -468,7 +291,7 @@ class _State:
         self._log: list[dict[str, Any]] = []
         self._lock = threading.Lock()
 
-    def record(self, call: _Call, outcome: str, fired: list[str]) -> int:
+    def record(self, call: Call, outcome: str, fired: list[str]) -> int:
         with self._lock:
             n = len(self._log) + 1
             self._log.append({
@@ -488,312 +311,6 @@ class _State:
         self.script.reset()
 
 
-@dataclass(frozen=True, slots=True)
-class _Call:
-    """One chat request, in the neutral (OpenAI chat) shape the script reads."""
-
-    api: str
-    model: str
-    messages: list[dict[str, Any]]
-    tools: list[dict[str, Any]]
-    stream: bool
-    include_usage: bool
-    fingerprint: str
-    last_user: str
-
-    @classmethod
-    def of(cls, api: str, model: str, messages: list[dict[str, Any]],
-           tools: list[dict[str, Any]], *, stream: bool, include_usage: bool) -> _Call:
-        last_user = next((flatten_text(m.get("content")) for m in reversed(messages)
-                          if m.get("role") == "user"), "")
-        return cls(api, model, messages, tools, stream, include_usage,
-                   fingerprint(model, messages), last_user)
-
-
-class _BadRequest(Exception):
-    """The request body is not a chat request; the message says what is wrong."""
-
-
-# -- the two wire formats
-
-
-class _OpenAIWire:
-    api = "openai"
-
-    @staticmethod
-    def parse(body: Any) -> _Call:
-        if not isinstance(body, dict):
-            raise _BadRequest("the body must be a JSON object")
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise _BadRequest("'model' must be a non-empty string")
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m
-                                                     for m in messages):
-            raise _BadRequest("'messages' must be a list of message objects with a 'role'")
-        tools = body.get("tools") or []
-        if not isinstance(tools, list):
-            raise _BadRequest("'tools' must be a list")
-        options = body.get("stream_options")
-        return _Call.of("openai", model, messages, [t for t in tools if isinstance(t, dict)],
-                        stream=bool(body.get("stream")),
-                        include_usage=isinstance(options, dict)
-                        and bool(options.get("include_usage")))
-
-    @staticmethod
-    def response_id(fingerprint: str, n: int) -> str:
-        return f"chatcmpl-{fingerprint[:16]}{n:04d}"
-
-    @staticmethod
-    def completion(reply: ScriptedReply, call: _Call, rid: str) -> dict[str, Any]:
-        message: dict[str, Any] = {"role": "assistant", "content": reply.content,
-                                   "refusal": None}
-        if reply.tool_calls:
-            message["tool_calls"] = [
-                {"id": c.id, "type": "function",
-                 "function": {"name": c.name, "arguments": c.arguments}}
-                for c in reply.tool_calls]
-        return {
-            "id": rid, "object": "chat.completion", "created": int(time.time()),
-            "model": call.model, "system_fingerprint": "garrison-llm-server",
-            "choices": [{"index": 0, "message": message, "logprobs": None,
-                         "finish_reason": reply.finish_reason}],
-            "usage": _openai_usage(reply),
-        }
-
-    @staticmethod
-    def stream_events(reply: ScriptedReply, call: _Call, rid: str) -> list[bytes]:
-        created = int(time.time())
-
-        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
-            data: dict[str, Any] = {
-                "id": rid, "object": "chat.completion.chunk", "created": created,
-                "model": call.model, "system_fingerprint": "garrison-llm-server",
-                "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                             "finish_reason": finish}]}
-            if call.include_usage:
-                data["usage"] = None
-            return _data_line(data)
-
-        events = [chunk({"role": "assistant", "content": "", "refusal": None})]
-        events += [chunk({"content": piece}) for piece in _pieces(reply.content or "")]
-        for index, tool_call in enumerate(reply.tool_calls):
-            events.append(chunk({"tool_calls": [{
-                "index": index, "id": tool_call.id, "type": "function",
-                "function": {"name": tool_call.name, "arguments": ""}}]}))
-            events += [chunk({"tool_calls": [{"index": index, "function": {"arguments": p}}]})
-                       for p in _pieces(tool_call.arguments, words=False)]
-        events.append(chunk({}, reply.finish_reason))
-        if call.include_usage:
-            events.append(_data_line({
-                "id": rid, "object": "chat.completion.chunk", "created": created,
-                "model": call.model, "system_fingerprint": "garrison-llm-server",
-                "choices": [], "usage": _openai_usage(reply)}))
-        events.append(b"data: [DONE]\n\n")
-        return events
-
-    @staticmethod
-    def broken_event() -> bytes:
-        return b'data: {"id": "chatcmpl-broken", "choices": [{"delta": {"content": \n\n'
-
-    @staticmethod
-    def error(status: int, message: str, code: str | None) -> dict[str, Any]:
-        kind, default_code = _OPENAI_ERRORS.get(status, (
-            "server_error" if status >= 500 else "invalid_request_error", None))
-        return {"error": {"message": message, "type": kind, "param": None,
-                          "code": code or default_code}}
-
-
-class _AnthropicWire:
-    api = "anthropic"
-
-    @staticmethod
-    def parse(body: Any) -> _Call:
-        if not isinstance(body, dict):
-            raise _BadRequest("the body must be a JSON object")
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise _BadRequest("model: Field required (a non-empty string)")
-        raw = body.get("messages")
-        if not isinstance(raw, list) or not all(isinstance(m, dict) and "role" in m
-                                                for m in raw):
-            raise _BadRequest("messages: must be a list of {role, content} objects")
-        messages: list[dict[str, Any]] = []
-        system = body.get("system")
-        if system:
-            messages.append({"role": "system", "content": flatten_text(system)})
-        for message in raw:
-            messages += _anthropic_message(message)
-        tools = body.get("tools") or []
-        if not isinstance(tools, list):
-            raise _BadRequest("tools: must be a list")
-        neutral_tools = [{"type": "function", "function": {
-            "name": str(t.get("name", "")), "description": t.get("description", ""),
-            "parameters": t.get("input_schema", {})}} for t in tools if isinstance(t, dict)]
-        return _Call.of("anthropic", model, messages, neutral_tools,
-                        stream=bool(body.get("stream")), include_usage=False)
-
-    @staticmethod
-    def response_id(fingerprint: str, n: int) -> str:
-        return f"msg_{fingerprint[:16]}{n:04d}"
-
-    @staticmethod
-    def completion(reply: ScriptedReply, call: _Call, rid: str) -> dict[str, Any]:
-        content: list[dict[str, Any]] = []
-        if reply.content or not reply.tool_calls:
-            content.append({"type": "text", "text": reply.content or ""})
-        content += [{"type": "tool_use", "id": c.id, "name": c.name,
-                     "input": _tool_input(c.arguments)} for c in reply.tool_calls]
-        return {"id": rid, "type": "message", "role": "assistant", "model": call.model,
-                "content": content, "stop_reason": _STOP_REASONS[reply.finish_reason],
-                "stop_sequence": None,
-                "usage": {"input_tokens": reply.input_tokens,
-                          "output_tokens": reply.output_tokens}}
-
-    @staticmethod
-    def stream_events(reply: ScriptedReply, call: _Call, rid: str) -> list[bytes]:
-        events = [_event("message_start", {"type": "message_start", "message": {
-            "id": rid, "type": "message", "role": "assistant", "model": call.model,
-            "content": [], "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": reply.input_tokens, "output_tokens": 1}}}),
-            _event("ping", {"type": "ping"})]
-        index = 0
-        if reply.content or not reply.tool_calls:
-            events.append(_event("content_block_start", {
-                "type": "content_block_start", "index": index,
-                "content_block": {"type": "text", "text": ""}}))
-            events += [_event("content_block_delta", {
-                "type": "content_block_delta", "index": index,
-                "delta": {"type": "text_delta", "text": piece}})
-                for piece in _pieces(reply.content or "")]
-            events.append(_event("content_block_stop",
-                                 {"type": "content_block_stop", "index": index}))
-            index += 1
-        for tool_call in reply.tool_calls:
-            events.append(_event("content_block_start", {
-                "type": "content_block_start", "index": index,
-                "content_block": {"type": "tool_use", "id": tool_call.id,
-                                  "name": tool_call.name, "input": {}}}))
-            events += [_event("content_block_delta", {
-                "type": "content_block_delta", "index": index,
-                "delta": {"type": "input_json_delta", "partial_json": piece}})
-                for piece in _pieces(tool_call.arguments, words=False)]
-            events.append(_event("content_block_stop",
-                                 {"type": "content_block_stop", "index": index}))
-            index += 1
-        events.append(_event("message_delta", {
-            "type": "message_delta",
-            "delta": {"stop_reason": _STOP_REASONS[reply.finish_reason], "stop_sequence": None},
-            "usage": {"output_tokens": reply.output_tokens}}))
-        events.append(_event("message_stop", {"type": "message_stop"}))
-        return events
-
-    @staticmethod
-    def broken_event() -> bytes:
-        return (b'event: content_block_delta\n'
-                b'data: {"type": "content_block_delta", "index": 0, "delta": {\n\n')
-
-    @staticmethod
-    def error(status: int, message: str, code: str | None) -> dict[str, Any]:
-        kind = _ANTHROPIC_ERRORS.get(status, "api_error" if status >= 500
-                                     else "invalid_request_error")
-        return {"type": "error", "error": {"type": kind, "message": message}}
-
-
-_Wire = type[_OpenAIWire] | type[_AnthropicWire]
-
-_OPENAI_ERRORS: dict[int, tuple[str, str | None]] = {
-    400: ("invalid_request_error", None),
-    401: ("invalid_request_error", "invalid_api_key"),
-    403: ("invalid_request_error", "unsupported_country_region_territory"),
-    404: ("invalid_request_error", "model_not_found"),
-    429: ("requests", "rate_limit_exceeded"),
-    500: ("server_error", None),
-    502: ("server_error", "bad_gateway"),
-    503: ("server_error", "service_unavailable"),
-}
-_ANTHROPIC_ERRORS = {400: "invalid_request_error", 401: "authentication_error",
-                     403: "permission_error", 404: "not_found_error",
-                     413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
-                     503: "overloaded_error", 529: "overloaded_error"}
-_STOP_REASONS = {"stop": "end_turn", "tool_calls": "tool_use", "length": "max_tokens",
-                 "content_filter": "refusal"}
-
-
-def _anthropic_message(message: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """One Anthropic message as OpenAI-shaped messages (tool results become tool messages)."""
-    role = str(message.get("role"))
-    content = message.get("content")
-    if not isinstance(content, list):
-        return [{"role": role, "content": flatten_text(content)}]
-    texts: list[str] = []
-    calls: list[dict[str, Any]] = []
-    results: list[dict[str, Any]] = []
-    for block in content:
-        if not isinstance(block, Mapping):
-            continue
-        kind = block.get("type")
-        if kind == "text":
-            texts.append(str(block.get("text", "")))
-        elif kind == "tool_use":
-            calls.append({"id": str(block.get("id", "")), "type": "function", "function": {
-                "name": str(block.get("name", "")),
-                "arguments": json.dumps(block.get("input", {}))}})
-        elif kind == "tool_result":
-            results.append({"role": "tool", "tool_call_id": str(block.get("tool_use_id", "")),
-                            "content": flatten_text(block.get("content"))})
-    if role == "assistant":
-        entry: dict[str, Any] = {"role": "assistant", "content": "\n".join(texts) or None}
-        if calls:
-            entry["tool_calls"] = calls
-        return [entry]
-    return results + ([{"role": role, "content": "\n".join(texts)}] if texts else [])
-
-
-def _tool_input(arguments: str) -> Any:
-    # Anthropic sends tool input as an object; text that is not JSON is sent as a string.
-    try:
-        return json.loads(arguments)
-    except json.JSONDecodeError:
-        return arguments
-
-
-def _openai_usage(reply: ScriptedReply) -> dict[str, int]:
-    return {"prompt_tokens": reply.input_tokens, "completion_tokens": reply.output_tokens,
-            "total_tokens": reply.input_tokens + reply.output_tokens}
-
-
-def _data_line(data: Any) -> bytes:
-    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
-
-
-def _event(name: str, data: Any) -> bytes:
-    return (f"event: {name}\ndata: ".encode() + json.dumps(data, separators=(",", ":")).encode()
-            + b"\n\n")
-
-
-def _pieces(text: str, *, words: bool = True, minimum: int = 4) -> list[str]:
-    """Split text for streaming: by words when there are enough, else in `minimum` slices."""
-    if not text:
-        return []
-    if words:
-        parts = [p for p in re.findall(r"\S*\s*", text) if p]
-        if len(parts) >= minimum:
-            return parts
-    size = max(1, math.ceil(len(text) / minimum))
-    return [text[i:i + size] for i in range(0, len(text), size)]
-
-
-def _break_arguments(reply: ScriptedReply) -> ScriptedReply:
-    """Tool call arguments cut in half and ended by an invalid escape: invalid JSON for
-    `json.loads` and for partial parsers (Anthropic's SDK reads tool input leniently)."""
-    def broken(call: ScriptedToolCall) -> ScriptedToolCall:
-        half = call.arguments[: len(call.arguments) // 2].rstrip("\\")
-        return dataclasses.replace(call, arguments=half + "\\x")
-
-    return dataclasses.replace(reply, tool_calls=tuple(broken(c) for c in reply.tool_calls))
-
-
 # -- the app
 
 
@@ -806,7 +323,7 @@ def _json_response(data: Any, status: int = 200, headers: Mapping[str, str] | No
 class _Cut(Response):
     """Ends the connection instead of answering: a RST (`reset=True`) or a FIN."""
 
-    def __init__(self, connections: _Connections, *, reset: bool) -> None:
+    def __init__(self, connections: Connections, *, reset: bool) -> None:
         super().__init__()
         self._connections = connections
         self._reset = reset
@@ -824,7 +341,7 @@ class _Cut(Response):
 class _PartialBody(Response):
     """Declares the whole body's length, sends its first half, closes the connection."""
 
-    def __init__(self, connections: _Connections, body: bytes) -> None:
+    def __init__(self, connections: Connections, body: bytes) -> None:
         super().__init__()
         self._connections = connections
         self._whole = body
@@ -840,7 +357,7 @@ class _PartialBody(Response):
 class _EventStream(Response):
     """Server-sent events, each in its own write; a stall, cut or broken event midway."""
 
-    def __init__(self, state: _State, connections: _Connections, events: list[bytes],
+    def __init__(self, state: _State, connections: Connections, events: list[bytes],
                  fault: Fault | None, broken_event: bytes) -> None:
         super().__init__()
         self._state = state
@@ -884,12 +401,12 @@ async def _pause(state: _State, seconds: float) -> bool:
     return False
 
 
-def _build_app(state: _State, connections: _Connections) -> Starlette:
-    async def answer(request: Request, wire: _Wire) -> Response:
+def _build_app(state: _State, connections: Connections) -> Starlette:
+    async def answer(request: Request, wire: Wire) -> Response:
         try:
             call = wire.parse(json.loads(await request.body()))
-        except (_BadRequest, json.JSONDecodeError, UnicodeDecodeError) as exc:
-            bad = _Call.of(wire.api, "", [], [], stream=False, include_usage=False)
+        except (BadRequest, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            bad = Call.of(wire.api, "", [], [], stream=False, include_usage=False)
             state.record(bad, "status:400", [])
             message = f"garrison llm-server: not a chat request: {exc}"
             return _json_response(wire.error(400, message, None), 400)
@@ -929,7 +446,7 @@ def _build_app(state: _State, connections: _Connections) -> Starlette:
                                            consume=not await request.is_disconnected())
         assert reply is not None  # every path without a reply has returned
         if breaks_args and reply.tool_calls:
-            reply = _break_arguments(reply)
+            reply = break_arguments(reply)
         rid = wire.response_id(call.fingerprint, n)
         headers = {"x-request-id": f"req_{n}", "request-id": f"req_{n}"}
         if call.stream:
@@ -945,10 +462,10 @@ def _build_app(state: _State, connections: _Connections) -> Starlette:
         return Response(body, headers=headers, media_type="application/json")
 
     async def chat_completions(request: Request) -> Response:
-        return await answer(request, _OpenAIWire)
+        return await answer(request, OpenAIWire)
 
     async def messages(request: Request) -> Response:
-        return await answer(request, _AnthropicWire)
+        return await answer(request, AnthropicWire)
 
     async def models(request: Request) -> Response:
         names = [*state.script.models, _DEFAULT_MODEL]
@@ -1003,9 +520,9 @@ def _build_app(state: _State, connections: _Connections) -> Starlette:
     return Starlette(routes=routes)
 
 
-def _status_response(wire: _Wire, fault: Fault, call: _Call, n: int) -> Response:
+def _status_response(wire: Wire, fault: Fault, call: Call, n: int) -> Response:
     code = fault.error_code
-    if code == "context_length_exceeded" and wire is _AnthropicWire:
+    if code == "context_length_exceeded" and wire is AnthropicWire:
         message = "prompt is too long (injected by garrison llm-server: context_length_exceeded)"
     else:
         message = (f"garrison llm-server: injected fault: HTTP {fault.status} for model "
@@ -1043,4 +560,3 @@ def _as_faults(faults: FaultsLike, seed: int) -> Faults:
     if isinstance(faults, str):
         return Faults.parse(faults, seed=seed)
     return Faults(faults, seed=seed)
-
