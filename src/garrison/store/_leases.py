@@ -29,6 +29,13 @@ class LeaseBook:
         self.lease_ttl_s = 10.0
         self._held: dict[str, int] = {}  # run id -> the fence this worker claimed it with
 
+    def _let_go(self, run_id: str, held: int | None) -> None:
+        """Forget the hold on a run this worker parked or ended, unless it claimed the run
+        again meanwhile (a due claim in the same batch as the park: a short retry wait).
+        Forgetting that new claim would refuse the resumed run's writes as a lost lease."""
+        if self._held.get(run_id) == held:
+            self._held.pop(run_id, None)
+
     async def register_worker(self, worker_id: str, *, lease_ttl_s: float = 10.0) -> None:
         if lease_ttl_s <= 0:
             raise StoreError(f"register_worker(lease_ttl_s={lease_ttl_s}): must be > 0")

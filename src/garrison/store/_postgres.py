@@ -842,8 +842,9 @@ class PostgresStore(LeaseBook):
             await conn.execute(_sql(PARK_RUN), (wake, at, run_id))
             await verify()
 
+        held = self._held.get(run_id)
         await self._write(op)
-        self._held.pop(run_id, None)
+        self._let_go(run_id, held)
 
     async def finish_run(
         self, run_id: str, status: RunStatus, *, result: str | None, error: str | None,
@@ -875,8 +876,9 @@ class PostgresStore(LeaseBook):
             await verify()
             return changed
 
+        held = self._held.get(run_id)
         changed = await self._write(op)
-        self._held.pop(run_id, None)
+        self._let_go(run_id, held)
         return changed
 
     async def request_cancel(self, run_id: str, *, now: float | None = None) -> RunRecord:

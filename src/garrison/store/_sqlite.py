@@ -620,8 +620,9 @@ class SQLiteStore(LeaseBook):
             # A parked run is nobody's: whoever is alive wakes it.
             conn.execute(PARK_RUN, (wake, now, run_id))
 
+        held = self._held.get(run_id)
         await self._write(op)
-        self._held.pop(run_id, None)
+        self._let_go(run_id, held)
 
     async def finish_run(
         self, run_id: str, status: RunStatus, *, result: str | None, error: str | None,
@@ -643,8 +644,9 @@ class SQLiteStore(LeaseBook):
                 conn.execute(CANCEL_CHILDREN, (completed_at, DUE_NOW, run_id)).fetchall()
             return changed
 
+        held = self._held.get(run_id)
         changed = await self._write(op)
-        self._held.pop(run_id, None)
+        self._let_go(run_id, held)
         return changed
 
     async def request_cancel(self, run_id: str, *, now: float | None = None) -> RunRecord:
