@@ -104,7 +104,7 @@ async def main() -> None:
                          args.point)
     agent = Agent("support", model=model, tools=[lookup_order, refund],
                   instructions="Look orders up before refunding them.")
-    app = Garrison(args.url)
+    app = Garrison(args.url, lease_ttl_s=1.0)  # a killed worker's runs free up in 1 s
     app.add_agent(agent)
     async with app:
         for run_id, prompt in PROMPTS.items():  # one after the other: one call in flight

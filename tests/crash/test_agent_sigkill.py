@@ -24,6 +24,7 @@ import pytest
 
 from garrison import Garrison
 from garrison.testing import LLMServer
+from tests.pg import drop_schemas, fresh_postgres_url
 
 pytestmark = pytest.mark.crash  # a skip of these is a failure under CI=true
 
@@ -42,16 +43,26 @@ ANSWER = ("Your refund is done: refunded 1299 cents on order 42. Thank you for y
           "patience.")
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/g.db"
+    else:
+        yield fresh_postgres_url()
+        drop_schemas()
+
+
 @pytest.fixture
 def server() -> Iterator[LLMServer]:
     with LLMServer(SCRIPT) as running:
         yield running
 
 
-def run(tmp_path: Path, server: LLMServer, *flags: str) -> subprocess.CompletedProcess[str]:
+def run(tmp_path: Path, db_url: str, server: LLMServer,
+        *flags: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
     return subprocess.run(
-        [sys.executable, str(WORKLOAD), "--url", f"sqlite:///{tmp_path}/g.db",
+        [sys.executable, str(WORKLOAD), "--url", db_url,
          "--base-url", server.openai_base_url, "--effects", str(tmp_path / "effects.log"),
          *flags], capture_output=True, text=True, timeout=60, env=env)
 
@@ -66,12 +77,12 @@ def effects(tmp_path: Path) -> Counter[str]:
     return Counter((tmp_path / "effects.log").read_text().splitlines())
 
 
-def kill_then_resume(tmp_path: Path, server: LLMServer, point: str,
+def kill_then_resume(tmp_path: Path, db_url: str, server: LLMServer, point: str,
                      *flags: str) -> list[dict[str, Any]]:
-    killed = run(tmp_path, server, "--point", point, *flags)
+    killed = run(tmp_path, db_url, server, "--point", point, *flags)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert [json.loads(line)["run_id"] for line in killed.stdout.splitlines()] == ["conv-1"]
-    resumed = run(tmp_path, server, *flags)
+    resumed = run(tmp_path, db_url, server, *flags)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     results = [json.loads(line) for line in resumed.stdout.splitlines()]
     assert results == [{"run_id": "conv-1", "answer": ANSWER},
@@ -80,8 +91,8 @@ def kill_then_resume(tmp_path: Path, server: LLMServer, point: str,
 
 
 def test_model_call_answered_but_not_journaled_is_the_only_one_sent_again(
-        tmp_path: Path, server: LLMServer) -> None:
-    kill_then_resume(tmp_path, server, "model")
+        tmp_path: Path, db_url: str, server: LLMServer) -> None:
+    kill_then_resume(tmp_path, db_url, server, "model")
     calls = answered(server)
     first, second = "Customer 1: please refund order 42", "Customer 2: please refund order 42"
     # conv-1 finished before the kill: each of its three calls was answered once.
@@ -95,8 +106,8 @@ def test_model_call_answered_but_not_journaled_is_the_only_one_sent_again(
 
 
 def test_refund_interrupted_by_sigkill_runs_again_with_the_same_idempotency_key(
-        tmp_path: Path, server: LLMServer) -> None:
-    kill_then_resume(tmp_path, server, "tool")
+        tmp_path: Path, db_url: str, server: LLMServer) -> None:
+    kill_then_resume(tmp_path, db_url, server, "tool")
     lines = effects(tmp_path)
     refunds = {line: n for line, n in lines.items() if line.startswith("refund")}
     assert sorted(refunds.values()) == [1, 2]  # conv-2's refund: at-least-once, same key
@@ -109,14 +120,14 @@ def test_refund_interrupted_by_sigkill_runs_again_with_the_same_idempotency_key(
 
 
 def test_stream_killed_mid_answer_resumes_without_repeating_text(
-        tmp_path: Path, server: LLMServer) -> None:
-    kill_then_resume(tmp_path, server, "stream", "--stream")
+        tmp_path: Path, db_url: str, server: LLMServer) -> None:
+    kill_then_resume(tmp_path, db_url, server, "stream", "--stream")
     calls = answered(server)
     second = "Customer 2: please refund order 42"
     assert calls[(second, 6)] == 2  # the streamed call in flight went out again
 
     async def read_stream() -> list[tuple[str, str]]:
-        app = Garrison(f"sqlite:///{tmp_path}/g.db", worker=False)
+        app = Garrison(db_url, worker=False)
         async with app:
             return [(r.kind, r.data) async for r in app.stream("conv-2")]
 

@@ -275,3 +275,19 @@ async def test_a_configured_client_is_used_as_given(app: Garrison, server: LLMSe
     res = await agent.run(app, "hello", run_id="r1")
     assert res.output.startswith("Hello from the test server")
     assert len(server.requests()) == 1
+
+
+async def test_a_429_storm_over_many_conversations_loses_none(
+        app: Garrison, server: LLMServer) -> None:
+    server.set_faults("429:0.4@0.01,latency:1-5ms")
+    agent = Agent("crowd", model=openai_model(server, "primary"),
+                  fallback_models=[openai_model(server, "backup")], tools=[lookup_order],
+                  retry=Retry(max_attempts=6, base=0.01, cap=0.05,
+                              retry_on=lambda e: bool(getattr(e, "retryable", False))))
+    handles = [await agent.start(app, f"where is order 7? ({n})", run_id=f"c{n}")
+               for n in range(30)]
+    results = [await agent.result(h) for h in handles]
+    assert all(r.output == "Order 7 is shipped." for r in results)
+    outcomes = [r["outcome"] for r in server.requests()]
+    assert outcomes.count("status:429") > 10  # it was a storm
+    assert outcomes.count("ok") == 60  # two answered calls per conversation, none twice
