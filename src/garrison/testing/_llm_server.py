@@ -16,18 +16,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
 try:
     import uvicorn
     from starlette.applications import Starlette
-    from starlette.requests import Request
+    from starlette.requests import ClientDisconnect, Request
     from starlette.responses import Response
     from starlette.routing import Route
     from starlette.types import Receive, Scope, Send
@@ -57,6 +58,8 @@ _BACKLOG = 2048
 _DEFAULT_MODEL = "garrison-test"
 _JSON = b"application/json"
 _SSE = b"text/event-stream; charset=utf-8"
+
+_Handler = Callable[[Request], Awaitable[Response]]
 
 FaultsLike = Faults | str | Sequence[Fault | Mapping[str, Any]] | None
 ScriptLike = Script | Mapping[str, Any] | None
@@ -272,8 +275,10 @@ def create_app(script: Script, faults: Faults) -> Starlette:
     """The server's Starlette app, to embed in your own ASGI server or test transport.
 
     Served elsewhere than `LLMServer`, the app cannot reach the TCP connection: a `reset`
-    fault and a `truncate` cut raise `ConnectionAbortedError` inside the app instead, which
-    the ASGI server turns into a dropped connection.
+    fault and a `truncate` cut raise `ConnectionAbortedError` inside the app instead. The
+    ASGI server logs it as an application error and ends the exchange its own way (uvicorn
+    answers 500 if nothing was sent yet, else drops the connection); `LLMServer` cuts the
+    socket itself and logs nothing.
     """
     return _build_app(_State(script, faults, 0), Connections(tracked=False))
 
@@ -336,6 +341,13 @@ class _Cut(Response):
             raise ConnectionAbortedError("garrison llm-server: injected connection cut (the "
                                          "app runs outside LLMServer, which owns the sockets)")
         # Else the connection is already gone (the client left, or the server is stopping).
+
+
+class _NoAnswer(Response):
+    """Sends nothing: the client is gone, there is no one to answer."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        return
 
 
 class _PartialBody(Response):
@@ -508,16 +520,36 @@ def _build_app(state: _State, connections: Connections) -> Starlette:
         return _json_response({"reset": True})
 
     routes = [
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/chat/completions", chat_completions, methods=["POST"]),
-        Route("/v1/messages", messages, methods=["POST"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/_garrison/requests", control_requests, methods=["GET"]),
-        Route("/_garrison/faults", control_faults, methods=["POST"]),
-        Route("/_garrison/script", control_script, methods=["POST"]),
-        Route("/_garrison/reset", control_reset, methods=["POST"]),
-    ]
+        Route(path, _unless_gone(handler), methods=[method]) for path, handler, method in [
+            ("/v1/chat/completions", chat_completions, "POST"),
+            ("/chat/completions", chat_completions, "POST"),
+            ("/v1/messages", messages, "POST"),
+            ("/v1/models", models, "GET"),
+            ("/_garrison/requests", control_requests, "GET"),
+            ("/_garrison/faults", control_faults, "POST"),
+            ("/_garrison/script", control_script, "POST"),
+            ("/_garrison/reset", control_reset, "POST"),
+        ]]
     return Starlette(routes=routes)
+
+
+def _unless_gone(handler: _Handler) -> _Handler:
+    """`handler`, answering nothing when the client left before its request arrived whole.
+
+    starlette raises `ClientDisconnect` from `request.body()` then (a client killed or
+    timed out mid-upload). That is the client's doing, not a bug of the server's, so it
+    does not reach uvicorn, which would log it with a traceback as an application error;
+    any other exception still does.
+    """
+    @functools.wraps(handler)
+    async def handle(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except ClientDisconnect:
+            log.debug("llm_server.client_gone", path=request.url.path)
+            return _NoAnswer()
+
+    return handle
 
 
 def _status_response(wire: Wire, fault: Fault, call: Call, n: int) -> Response:
