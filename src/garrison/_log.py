@@ -29,8 +29,10 @@ class _LazyLogger:
         return self._logger
 
     def debug(self, event: str, **fields: Any) -> None:
-        structlog = sys.modules.get("structlog")
-        if structlog is not None and structlog.is_configured():
+        # Another thread may be importing structlog right now: a partly initialised
+        # module has no `is_configured` yet (seen with the LLM server's thread).
+        is_configured = getattr(sys.modules.get("structlog"), "is_configured", None)
+        if is_configured is not None and is_configured():
             self._bound().debug(event, **fields)
 
     def info(self, event: str, **fields: Any) -> None:
