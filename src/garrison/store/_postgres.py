@@ -778,6 +778,22 @@ class PostgresStore(LeaseBook):
         self._created(run, created)
         return stored, created
 
+    async def create_run_with_journal(self, run: RunRecord, steps: Sequence[StepRecord]
+                                      ) -> tuple[RunRecord, bool]:
+        run = self._leased(run)
+        rows = [step_values(step) for step in steps]
+
+        async def op(conn: Any) -> tuple[RunRecord, bool]:
+            stored, created = await self._insert_run(conn, run)
+            if created and rows:
+                async with conn.cursor() as cursor:
+                    await cursor.executemany(_UPSERT_STEP, rows)
+            return stored, created
+
+        stored, created = await self._write(op)
+        self._created(run, created)
+        return stored, created
+
     async def get_run(self, run_id: str) -> RunRecord | None:
         rows = await self._read(_SELECT_RUN, (run_id,))
         return run_from_row(rows[0]) if rows else None

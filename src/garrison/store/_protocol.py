@@ -121,6 +121,12 @@ class Store(Protocol):
     async def create_child_run(self, run: RunRecord, step: StepRecord) -> tuple[RunRecord, bool]:
         """Insert a child run and its parent's journal entry in one transaction."""
 
+    async def create_run_with_journal(self, run: RunRecord, steps: Sequence[StepRecord]
+                                      ) -> tuple[RunRecord, bool]:
+        """Insert `run` with journal entries already in place (a fork), in one transaction;
+        the entries are written only if the run is new. Returns the stored run and whether
+        it was new."""
+
     async def get_run(self, run_id: str) -> RunRecord | None:
         """The run, or None."""
 

@@ -86,6 +86,8 @@ class RunRecord:
     fence: int = 0
     lease_until: float | None = None
     started_at: float | None = None
+    forked_from: str | None = None  # `app.fork`: the run whose journal this one reuses
+    forked_at: int | None = None  # ... up to this top-level position (its `at_step`)
 
 
 @dataclass(frozen=True, slots=True)

@@ -136,15 +136,24 @@ CREATE TABLE IF NOT EXISTS streams (
 CREATE INDEX IF NOT EXISTS streams_run ON streams (run_id, seq);
 """
 
+# Forks (`app.fork`): the run a fork was made from and the top-level position up to
+# which it reuses that run's journal (docs/decisions/0011-replay-and-fork.md).
+_V5 = """
+ALTER TABLE runs ADD COLUMN forked_from TEXT;
+ALTER TABLE runs ADD COLUMN forked_at INTEGER;
+CREATE INDEX IF NOT EXISTS runs_forked_from ON runs (forked_from) WHERE forked_from IS NOT NULL;
+"""
+
 _DIALECTS = {
     "sqlite": {"seq": "INTEGER PRIMARY KEY AUTOINCREMENT", "steps_options": " WITHOUT ROWID"},
     "postgres": {"seq": "BIGSERIAL PRIMARY KEY", "steps_options": ""},
 }
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 def migrations(dialect: str) -> dict[int, str]:
     """The DDL of each schema version for `dialect` ("sqlite" or "postgres")."""
     dialect_terms = _DIALECTS[dialect]
-    return {1: _V1.format(**dialect_terms), 2: _V2, 3: _V3, 4: _V4.format(**dialect_terms)}
+    return {1: _V1.format(**dialect_terms), 2: _V2, 3: _V3, 4: _V4.format(**dialect_terms),
+            5: _V5}

@@ -555,6 +555,21 @@ class SQLiteStore(LeaseBook):
         self._created(run, created)
         return stored, created
 
+    async def create_run_with_journal(self, run: RunRecord, steps: Sequence[StepRecord]
+                                      ) -> tuple[RunRecord, bool]:
+        run = self._leased(run)
+        rows = [step_values(step) for step in steps]
+
+        def op(conn: sqlite3.Connection) -> tuple[RunRecord, bool]:
+            stored, created = self._insert_run(conn, run)
+            if created:
+                conn.executemany(UPSERT_STEP, rows)
+            return stored, created
+
+        stored, created = await self._write(op)
+        self._created(run, created)
+        return stored, created
+
     async def get_run(self, run_id: str) -> RunRecord | None:
         rows = self._read(f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,))
         return run_from_row(rows[0]) if rows else None
