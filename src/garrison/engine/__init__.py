@@ -9,6 +9,7 @@ from garrison.engine._handle import RunHandle
 from garrison.engine._hooks import EngineHooks
 from garrison.engine._queues import Queue
 from garrison.engine._registry import RetryPolicy, StepDef, WorkflowDef
+from garrison.engine._replay import ReplayReport
 from garrison.engine._stream import publish
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "EngineHooks",
     "Garrison",
     "Queue",
+    "ReplayReport",
     "RetryPolicy",
     "RunHandle",
     "StepDef",

@@ -21,6 +21,7 @@ from garrison.engine._handle import RunHandle
 from garrison.engine._hooks import EngineHooks
 from garrison.engine._queues import DEFAULT_QUEUE, Queue, StartOptions
 from garrison.engine._registry import Guard, Registry, RetryPolicy, StepDef, WorkflowDef
+from garrison.engine._replay import ReplayReport, fork_run, replay_run
 from garrison.engine._stream import StreamSignals, follow_stream
 from garrison.engine._worker import Worker
 from garrison.errors import (
@@ -621,6 +622,66 @@ class Garrison:
         if self.worker is not None:
             self.worker.poke()
         return RunHandle(self, run_id)
+
+    async def replay(self, run_id: str, *, version: str | None = None) -> ReplayReport:
+        """Re-run a run's workflow code against its journal, with no side effects.
+
+        Every journaled operation must be found at its position (same kind, name and
+        arity); no step body runs, no child starts, nothing waits, nothing is written
+        (works on runs other workers own, and with `worker=False`). An unfinished run
+        replays up to the end of its journal ("consistent so far"); an ended run must
+        also come to the same result (or the same error).
+
+        Args:
+            version: the code version to replay with. Default: the run's own version if
+                registered here, else the version of its workflow registered last, so a
+                CI gate can replay old journals against new code.
+
+        Raises:
+            NonDeterminismError: the code diverges from the journal (its `position`,
+                `journal` and `code` say where and how; position None: the outcome).
+            RunNotFoundError: no such run.
+            ConfigurationError: the run's workflow (or `version`) is not registered here.
+        """
+        self._require_open("replay")
+        self._refuse_in_workflow("replay")
+        return await replay_run(self, run_id, version=version)
+
+    async def fork(self, from_run_id: str, /, at_step: int, *, args: Any = None,
+                   run_id: str | None = None, version: str | None = None) -> RunHandle[Any]:
+        """Start a new run that reuses a run's journal up to `at_step`, then goes live.
+
+        The fork's journal starts with the finished entries of `from_run_id` whose
+        top-level position is <= `at_step` (every journaled operation of the workflow
+        body counts: steps, sleeps, waits, child starts and results, now/uuid/random;
+        a fan-out's entries belong to the position it fans out from); those replay
+        without running, everything after runs live. `at_step=0` is a fresh run with the
+        same inputs. The fork records where it came from (`RunRecord.forked_from`,
+        `forked_at`); reused child starts point at the original run's children.
+
+        Args:
+            args: new inputs instead of the original ones: a list of positional
+                arguments, or `{"args": [...], "kwargs": {...}}`.
+            run_id: the fork's id (default: a new one); idempotent like `start`.
+            version: the code version (default: as `replay` chooses).
+
+        Raises:
+            RunNotFoundError: no such run.
+            ConfigurationError: `at_step` < 0, bad `args`, or the workflow (version) is
+                not registered here.
+            WorkflowConflictError: `run_id` belongs to another run.
+        """
+        self._require_open("fork")
+        self._refuse_in_workflow("fork")
+        return await fork_run(self, from_run_id, at_step, args=args,
+                              run_id=run_id or new_run_id(), version=version)
+
+    def _refuse_in_workflow(self, what: str) -> None:
+        branch = current_branch()
+        if branch is not None:
+            raise WorkflowError(
+                f"run {branch.execution.run_id}: app.{what}() inside a workflow is not "
+                "journaled; call it from a client or a step", run_id=branch.execution.run_id)
 
     async def list_runs(self, *, statuses: Sequence[RunStatus] | None = None,
                         limit: int = 100) -> list[RunRecord]:

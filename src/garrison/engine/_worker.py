@@ -242,7 +242,10 @@ class Worker:
         if run.cancel_requested and run.run_id not in self.live:
             self._spawn(self._cancel_claimed(run), name=f"garrison-cancel:{run.run_id}")
             return
-        self.launch(run, definition, () if fresh and run.fence == 1 else None)
+        # A fresh claim has no journal to load, unless the run is a fork (app.fork):
+        # it was created with the entries it reuses.
+        empty = fresh and run.fence == 1 and run.forked_from is None
+        self.launch(run, definition, () if empty else None)
 
     async def _cancel_claimed(self, run: RunRecord) -> None:
         try:

@@ -1,0 +1,379 @@
+"""`app.replay` and `app.fork` on every backend (`db_url`: SQLite and PostgreSQL).
+
+Each test builds the code it needs with `build(url, variant)`: the same workflow name
+with the code of one version, and a counter of the step bodies that ran in that app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from garrison import (
+    ConfigurationError,
+    Context,
+    Garrison,
+    NonDeterminismError,
+    RunNotFoundError,
+    RunStatus,
+)
+from garrison.store import StepStatus
+
+
+def build(url: str, variant: str = "same", *, worker: bool = True
+          ) -> tuple[Garrison, Counter[str]]:
+    app = Garrison(url, worker=worker, poll_interval_s=0.005, claim_interval_s=0.05)
+    calls: Counter[str] = Counter()
+
+    @app.step(name="reserve")
+    async def reserve(sku: str) -> str:
+        calls["reserve"] += 1
+        return f"res-{sku}"
+
+    @app.step(name="hold")
+    async def hold(sku: str) -> str:
+        calls["hold"] += 1
+        return f"hold-{sku}"
+
+    @app.step(name="charge")
+    async def charge(cents: int) -> int:
+        calls["charge"] += 1
+        return cents
+
+    @app.step(name="ship")
+    async def ship(sku: str) -> str:
+        calls["ship"] += 1
+        return f"shipped-{sku}"
+
+    @app.step(name="part")
+    async def part(n: int) -> int:
+        calls["part"] += 1
+        return n * 10
+
+    @app.workflow(name="order")
+    async def order(ctx: Context, sku: str, cents: int) -> dict[str, Any]:
+        first = await (hold(sku) if variant == "renamed" else reserve(sku))
+        if variant == "removed":
+            return {"r": first, "c": cents}
+        paid = await charge(cents)
+        if variant == "added":
+            await ship(sku)
+        return {"r": first, "c": paid + (1 if variant == "result" else 0)}
+
+    @app.workflow(name="approval")
+    async def approval(ctx: Context, sku: str) -> str:
+        await reserve(sku)
+        if variant == "sleep":
+            await ctx.sleep(3600)
+            return "slept"
+        return str(await ctx.wait_for("approved"))
+
+    @app.workflow(name="fanout")
+    async def fanout(ctx: Context, n: int) -> int:
+        parts = await asyncio.gather(*(part(n + i) for i in range(3)))
+        return sum(parts) + await charge(n)
+
+    return app, calls
+
+
+async def _completed(url: str, workflow: str, *args: Any) -> str:
+    app, _ = build(url)
+    async with app:
+        handle = await app.start(workflow, *args)
+        await handle.result(timeout=10)
+    return handle.run_id
+
+
+async def _status(app: Garrison, run_id: str, status: RunStatus) -> None:
+    async with asyncio.timeout(10):
+        while await app.handle(run_id).status() is not status:  # noqa: ASYNC110  # the store
+            await asyncio.sleep(0.01)
+
+
+# -- replay --------------------------------------------------------------------------
+
+
+async def test_replay_of_a_completed_run_with_the_same_code_runs_no_step(db_url: str) -> None:
+    run_id = await _completed(db_url, "order", "a", 250)
+    app, calls = build(db_url)
+    async with app:
+        report = await app.replay(run_id)
+
+    assert report.finished and report.entries == 2 and report.stopped_at == ()
+    assert (report.run_status, report.workflow_version) == (RunStatus.COMPLETED, "1")
+    assert calls == Counter()
+
+
+@pytest.mark.parametrize(("variant", "position", "words"), [
+    ("renamed", "1", ["journal has step 'reserve'", "code called step 'hold'"]),
+    ("added", "3", ["code called step 'ship'", "ended COMPLETED without it"]),
+    ("removed", "2", ["journal has step 'charge'", "never reached"]),
+    ("result", None, ["COMPLETED with", "the code returns"]),
+])
+async def test_replay_detects_a_changed_workflow(db_url: str, variant: str,
+                                                 position: str | None,
+                                                 words: list[str]) -> None:
+    run_id = await _completed(db_url, "order", "a", 250)
+    app, calls = build(db_url, variant, worker=False)
+    async with app:
+        with pytest.raises(NonDeterminismError) as caught:
+            await app.replay(run_id)
+
+    error = caught.value
+    assert error.position == position  # type: ignore[attr-defined]
+    assert error.run_id == run_id  # type: ignore[attr-defined]
+    for word in words:
+        assert word in str(error), str(error)
+    assert calls == Counter()
+
+
+@pytest.mark.parametrize("variant", ["wait", "sleep"])
+async def test_replay_of_a_parked_run_is_consistent_so_far(db_url: str, variant: str) -> None:
+    owner, _ = build(db_url, variant)
+    async with owner:
+        handle = await owner.start("approval", "a")
+        await _status(owner, handle.run_id, RunStatus.WAITING)
+        # Another app (no worker) replays a run this worker parked, while it is open.
+        client, calls = build(db_url, variant, worker=False)
+        async with client:
+            report = await client.replay(handle.run_id)
+        also = await owner.replay(handle.run_id)  # and the owner's own app may too
+
+    assert not report.finished and report.stopped_at == ("2",) and report.entries == 2
+    assert report.run_status is RunStatus.WAITING and also == report
+    assert calls == Counter()
+
+
+async def test_replay_of_a_parked_run_with_a_changed_step_diverges(db_url: str) -> None:
+    owner, _ = build(db_url, "wait")
+    async with owner:
+        handle = await owner.start("approval", "a")
+        await _status(owner, handle.run_id, RunStatus.WAITING)
+    app, _ = build(db_url, "wait", worker=False)
+    app.registry.workflows.clear()
+
+    @app.workflow(name="approval")
+    async def approval(ctx: Context, sku: str) -> str:
+        await ctx.sleep(1)  # the journal has a step here
+        return "x"
+
+    async with app:
+        with pytest.raises(NonDeterminismError, match="position 1: journal has step"):
+            await app.replay(handle.run_id)
+
+
+def _rows(url: str) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table, sorted: the store's whole content."""
+    if url.startswith("sqlite"):
+        conn = sqlite3.connect(url.removeprefix("sqlite:///"))
+        try:
+            tables = [r[0] for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+            return {t: sorted(conn.execute(f"SELECT * FROM {t}").fetchall(), key=repr)
+                    for t in tables}
+        finally:
+            conn.close()
+    import psycopg
+
+    from garrison.store._postgres import parse_postgres_url
+
+    libpq, schema, _ = parse_postgres_url(url)
+    with psycopg.connect(libpq) as pg:
+        tables = [r[0] for r in pg.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = %s "
+            "ORDER BY table_name", (schema,))]
+        return {t: sorted(pg.execute(f"SELECT * FROM {schema}.{t}").fetchall(), key=repr)
+                for t in tables}
+
+
+def _files(url: str) -> dict[str, bytes]:
+    if not url.startswith("sqlite"):
+        return {}
+    db = Path(url.removeprefix("sqlite:///"))
+    return {p.name: p.read_bytes() for p in db.parent.glob(db.name + "*")
+            if not p.name.endswith(("-shm", ".worker.lock"))}
+
+
+async def test_replay_leaves_the_store_unchanged(db_url: str) -> None:
+    completed = await _completed(db_url, "order", "a", 250)
+    owner, _ = build(db_url, "wait")
+    async with owner:
+        parked = (await owner.start("approval", "b")).run_id
+        await _status(owner, parked, RunStatus.WAITING)
+    rows, files = _rows(db_url), _files(db_url)
+
+    app, _ = build(db_url, worker=False)
+    async with app:
+        await app.replay(completed)
+        await app.replay(parked)
+    changed, _ = build(db_url, "added", worker=False)
+    async with changed:
+        with pytest.raises(NonDeterminismError):
+            await changed.replay(completed)
+
+    assert _rows(db_url) == rows
+    assert _files(db_url) == files  # SQLite: byte for byte
+
+
+async def test_replay_of_a_run_another_worker_is_executing_stops_at_its_step(
+        db_url: str) -> None:
+    owner = Garrison(db_url, poll_interval_s=0.005)
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    @owner.step(name="reserve")
+    async def slow(sku: str) -> str:
+        entered.set()
+        await release.wait()
+        return sku
+
+    @owner.workflow(name="approval")
+    async def approval(ctx: Context, sku: str) -> str:
+        await slow(sku)
+        return "done"
+
+    async with owner:
+        handle = await owner.start(approval, "a")
+        await entered.wait()  # RUNNING, owned by this worker, step 1 in flight
+        client, calls = build(db_url, "wait", worker=False)
+        async with client:
+            report = await client.replay(handle.run_id)
+        release.set()
+        assert await handle.result(timeout=10) == "done"
+
+    assert not report.finished and report.stopped_at == ("1",) and report.entries == 0
+    assert calls == Counter()
+
+
+async def test_replay_errors_name_what_is_wrong(db_url: str) -> None:
+    run_id = await _completed(db_url, "order", "a", 250)
+    other = Garrison(db_url, worker=False)
+    async with other:
+        with pytest.raises(RunNotFoundError):
+            await other.replay("no-such-run")
+        with pytest.raises(ConfigurationError, match=r"'order' is not registered.*--app"):
+            await other.replay(run_id)
+        with pytest.raises(ConfigurationError, match=r"'order' is not registered.*--app"):
+            await other.fork(run_id, at_step=1)
+    app, _ = build(db_url, worker=False)
+    async with app:
+        with pytest.raises(ConfigurationError, match="version '9' is not registered"):
+            await app.replay(run_id, version="9")
+        with pytest.raises(ConfigurationError, match="at_step=-1"):
+            await app.fork(run_id, at_step=-1)
+        with pytest.raises(RunNotFoundError):
+            await app.fork("no-such-run", at_step=1)
+        with pytest.raises(ConfigurationError, match="args="):
+            await app.fork(run_id, at_step=1, args="abc")
+
+
+async def test_replay_picks_the_newest_version_when_the_runs_is_not_registered(
+        db_url: str) -> None:
+    run_id = await _completed(db_url, "order", "a", 250)
+    app = Garrison(db_url, worker=False, version="2")
+    calls: Counter[str] = Counter()
+
+    @app.step(name="reserve")
+    async def reserve(sku: str) -> str:
+        calls["reserve"] += 1
+        return ""
+
+    @app.step(name="charge")
+    async def charge(cents: int) -> int:
+        calls["charge"] += 1
+        return 0
+
+    @app.workflow(name="order")
+    async def order(ctx: Context, sku: str, cents: int) -> dict[str, Any]:
+        return {"r": await reserve(sku), "c": await charge(cents)}
+
+    async with app:
+        report = await app.replay(run_id)
+    assert (report.workflow_version, report.run_version) == ("2", "1") and calls == Counter()
+
+
+# -- fork ----------------------------------------------------------------------------
+
+
+async def test_fork_reuses_the_journal_up_to_the_step_and_runs_the_rest_live(
+        db_url: str) -> None:
+    run_id = await _completed(db_url, "order", "a", 250)
+    app, calls = build(db_url)
+    async with app:
+        fork = await app.fork(run_id, at_step=1, args=["b", 999])
+        result = await fork.result(timeout=10)
+        record = await fork.record()
+        journal = await app.store.load_journal(fork.run_id)
+        again = await app.replay(fork.run_id)
+
+    assert result == {"r": "res-a", "c": 999}  # step 1 from the journal, step 2 live
+    assert calls == Counter(charge=1)
+    assert (record.forked_from, record.forked_at) == (run_id, 1)
+    assert record.inputs == '{"args":["b",999],"kwargs":{}}'
+    assert sorted(e.position for e in journal) == ["1", "2"]
+    assert again.finished
+
+
+async def test_fork_at_step_zero_is_a_fresh_run_with_the_same_inputs(db_url: str) -> None:
+    run_id = await _completed(db_url, "order", "a", 250)
+    app, calls = build(db_url)
+    async with app:
+        fork = await app.fork(run_id, at_step=0, run_id="fresh")
+        result = await fork.result(timeout=10)
+
+    assert fork.run_id == "fresh" and result == {"r": "res-a", "c": 250}
+    assert calls == Counter(reserve=1, charge=1)
+
+
+async def test_fork_past_the_end_reproduces_the_run_without_running_a_step(
+        db_url: str) -> None:
+    run_id = await _completed(db_url, "order", "a", 250)
+    app, calls = build(db_url)
+    async with app:
+        fork = await app.fork(run_id, at_step=99, args={"args": ["z"], "kwargs": {"cents": 1}})
+        assert await fork.result(timeout=10) == {"r": "res-a", "c": 250}
+    assert calls == Counter()
+
+
+async def test_fork_of_a_fan_out_keeps_the_branches_at_or_before_the_step(
+        db_url: str) -> None:
+    run_id = await _completed(db_url, "fanout", 1)
+    app, calls = build(db_url)
+    async with app:
+        fork = await app.fork(run_id, at_step=2, args=[5])
+        result = await fork.result(timeout=10)
+
+    # Branches 1 and 2 (entries 1.1, 2.1) are reused: 10 + 20; branch 3 runs live: 70.
+    assert result == 10 + 20 + 70 + 5
+    assert calls == Counter(part=1, charge=1)
+
+
+async def test_fork_made_without_a_worker_is_resumed_from_its_journal_by_one(
+        db_url: str) -> None:
+    run_id = await _completed(db_url, "order", "a", 250)
+    client, _ = build(db_url, worker=False)
+    async with client:
+        fork = await client.fork(run_id, at_step=1, args=["b", 7])
+        assert await fork.status() is RunStatus.PENDING
+    worker, calls = build(db_url)
+    async with worker:
+        assert await worker.handle(fork.run_id).result(timeout=10) == {"r": "res-a", "c": 7}
+    assert calls == Counter(charge=1)
+
+
+async def test_fork_of_a_parked_run_drops_the_pending_wait(db_url: str) -> None:
+    owner, _ = build(db_url, "wait")
+    async with owner:
+        parked = (await owner.start("approval", "a")).run_id
+        await _status(owner, parked, RunStatus.WAITING)
+        journal = await owner.store.load_journal(parked)
+        assert {e.position: e.status for e in journal}["2"] is StepStatus.PENDING
+        fork = await owner.fork(parked, at_step=2)
+        await _status(owner, fork.run_id, RunStatus.WAITING)
+        await owner.send(fork.run_id, "approved", "yes")
+        assert await fork.result(timeout=10) == "yes"
+        assert await owner.handle(parked).status() is RunStatus.WAITING
