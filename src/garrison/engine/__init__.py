@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from garrison.engine._annotate import annotate
 from garrison.engine._app import Garrison, new_run_id
 from garrison.engine._clock import Clock, SystemClock
 from garrison.engine._context import Context, StepInfo, current_step, remaining
@@ -25,6 +26,7 @@ __all__ = [
     "StepInfo",
     "SystemClock",
     "WorkflowDef",
+    "annotate",
     "current_step",
     "new_run_id",
     "publish",

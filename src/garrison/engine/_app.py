@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import os
 import secrets
@@ -450,7 +451,7 @@ class Garrison:
         deadline = now + definition.timeout if definition.timeout is not None else None
         if deadline_at is not None:
             deadline = min(deadline, deadline_at) if deadline is not None else deadline_at
-        return RunRecord(
+        record = RunRecord(
             deadline_at=deadline,
             run_id=run_id, workflow_name=definition.name, workflow_version=definition.version,
             status=RunStatus.RUNNING if local else RunStatus.PENDING, inputs=inputs,
@@ -461,6 +462,20 @@ class Garrison:
             queue=options.queue.name, priority=options.priority,
             partition_key=options.partition_key, dedup_id=options.dedup_id,
         )
+        for hook in self.hooks:  # observability: the starter's trace goes on in the run
+            trace_context = hook.trace_context(record)
+            if trace_context is not None:
+                return dataclasses.replace(record, trace_context=trace_context)
+        return record
+
+    def add_hook(self, hook: EngineHooks) -> None:
+        """Attach `hook` to this app (and to its running worker, if open): every run
+        event from now on reaches it too (`garrison.observability.instrument` uses this)."""
+        if hook in self.hooks:
+            return
+        self.hooks.append(hook)
+        if self.worker is not None:
+            self.worker.hooks = (*self.worker.hooks, hook)
 
     async def start(self, workflow: Callable[..., Awaitable[R]], *args: Any,
                     run_id: str | None = None, queue: str | Queue | None = None,

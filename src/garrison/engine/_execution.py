@@ -569,8 +569,9 @@ class RunExecution:
                 self._emit("step_committed", info)
                 # What the workflow sees now is what a replay will see: the journaled error.
                 raise error_from_data(data) from exc
-            except BaseException:
+            except BaseException as exc:
                 leave_step(tokens)  # cancelled (timeout, run cancel): the branch goes on
+                self._emit("step_interrupted", info, exc)
                 raise
             leave_step(tokens)
             self._emit("step_completed", info, time.perf_counter() - began)

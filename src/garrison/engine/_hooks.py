@@ -7,7 +7,8 @@ hook propagates into the engine at that point (tests use this to simulate crashe
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from garrison.engine._context import StepInfo
@@ -42,3 +43,25 @@ class EngineHooks:
 
     def step_failed(self, step: StepInfo, error: BaseException, will_retry: bool) -> None:
         """A step's body raised."""
+
+    def step_interrupted(self, step: StepInfo, error: BaseException) -> None:
+        """A step's attempt was cancelled (run cancelled or parked, a deadline, worker
+        shutdown): nothing is journaled for it; it runs again if the run resumes."""
+
+    def step_annotated(self, step: StepInfo, attributes: Mapping[str, Any]) -> None:
+        """The step's body described itself with `garrison.engine.annotate(...)`. Called
+        from the body's own thread (a synchronous step runs in the step thread pool)."""
+
+    def run_detached(self, run_id: str) -> None:
+        """This process stopped executing the run: it finished, parked, was handed back,
+        lost its lease or hit a store failure. Once per `run_started`/`run_resumed`, in
+        the same task (context variables set by those are still visible)."""
+
+    def lease_lost(self, run_id: str) -> None:
+        """Another worker took the run over (this worker's lease ran out): dropped here."""
+
+    def trace_context(self, run: RunRecord) -> str | None:
+        """The trace context to record with a new run (`app.start`, `ctx.start_child`),
+        called in the starting code's context: a W3C `traceparent`, optionally followed by
+        one space and a `tracestate`. The first hook returning a value wins."""
+        return None

@@ -204,20 +204,27 @@ class Worker:
 
     async def _execute(self, execution: RunExecution, load: bool) -> None:
         run = execution.run
+        announced = False
         try:
             if load:
                 entries = await self.store.load_journal(run.run_id)
                 execution.journal = {e.position: e for e in entries}
+                announced = True
                 for hook in self.hooks:
                     hook.run_resumed(run, len(entries))
                 log.debug("run.resumed", run_id=run.run_id, workflow=run.workflow_name,
                          journal_entries=len(entries), fence=run.fence)
             else:
+                announced = True
                 for hook in self.hooks:
                     hook.run_started(run)
             await execution.drive()
         except StoreError as exc:
             self.store_failed(run.run_id, exc)
+        finally:
+            if announced:
+                for hook in self.hooks:
+                    hook.run_detached(run.run_id)
         # The run leaves `live` in the task's done callback (`_forget_live`), however the
         # task ended.
 
@@ -226,6 +233,8 @@ class Worker:
         now (drop it); otherwise retry after a backoff."""
         if isinstance(error, LeaseLostError):
             log.warning("run.lease_lost", run_id=run_id, error=str(error))
+            for hook in self.hooks:
+                hook.lease_lost(run_id)
             self.live.pop(run_id, None)
             self.store.forget(run_id)
             return
@@ -461,6 +470,8 @@ class Worker:
                 self._retry_at.pop(run_id, None)
                 if execution is not None:
                     log.warning("run.lease_lost", run_id=run_id)
+                    for hook in self.hooks:
+                        hook.lease_lost(run_id)
                     execution.abandon()
 
     # -- run ends ------------------------------------------------------------------
