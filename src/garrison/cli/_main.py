@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from garrison.cli._replay import runs_fork, runs_replay
 from garrison.errors import GarrisonError
 from garrison.store import RunRecord, RunStatus, StepRecord, open_store
 
@@ -284,6 +285,10 @@ def runs_redrive(
         raise _fail(exc) from exc
     for run_id in done:
         console.print(f"redriven {run_id}: PENDING in its queue; a worker continues it")
+
+
+runs_app.command("replay")(runs_replay)
+runs_app.command("fork")(runs_fork)
 
 
 @app.command("llm-server")

@@ -1,0 +1,24 @@
+"""An application for the `garrison runs replay/fork --app` tests: its store and code
+variant come from the environment (each CLI call is its own process)."""
+
+from __future__ import annotations
+
+import os
+
+from garrison import Context, Garrison
+
+app = Garrison(os.environ.get("GARRISON_TEST_REPLAY_DB", "sqlite:///garrison.db"))
+VARIANT = os.environ.get("GARRISON_TEST_REPLAY_VARIANT", "same")
+
+
+@app.step(name="double")
+async def double(x: int) -> int:
+    return x * 2
+
+
+@app.workflow(name="twice")
+async def twice(ctx: Context, x: int) -> int:
+    doubled = await double(x)
+    if VARIANT == "changed":
+        doubled = await double(doubled)  # a step the recorded runs never took
+    return doubled

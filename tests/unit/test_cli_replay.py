@@ -1,0 +1,94 @@
+"""`garrison runs replay` and `garrison runs fork`, run as real processes over `--app`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from garrison import Context, Garrison
+
+ROOT = Path(__file__).parents[2]
+APP = "tests.unit._replay_cli_app:app"
+
+
+async def _seed(url: str) -> list[str]:
+    app = Garrison(url)
+
+    @app.step(name="double")
+    async def double(x: int) -> int:
+        return x * 2
+
+    @app.workflow(name="twice")
+    async def twice(ctx: Context, x: int) -> int:
+        return await double(x)
+
+    async with app:
+        handles = [await app.start(twice, x, run_id=f"run-{x}") for x in (1, 2)]
+        for handle in handles:
+            await handle.result(timeout=10)
+    return [h.run_id for h in handles]
+
+
+def _garrison(url: str, variant: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "GARRISON_TEST_REPLAY_DB": url, "GARRISON_TEST_REPLAY_VARIANT": variant,
+           "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "garrison", "runs", *args, "--app", APP],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
+async def test_runs_replay_exits_0_when_the_code_agrees_and_1_when_it_diverges(
+        tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/g.db"
+    ids = await _seed(url)
+
+    same = _garrison(url, "same", "replay", *ids)
+    assert same.returncode == 0, same.stdout + same.stderr
+    assert same.stdout.splitlines() == [
+        f"ok {run_id}: 1 entries, finished (twice v1)" for run_id in ids]
+
+    changed = _garrison(url, "changed", "replay", *ids, "--json")
+    assert changed.returncode == 1, changed.stdout + changed.stderr
+    lines = json.loads(changed.stdout)
+    assert [(line["run_id"], line["status"], line["position"]) for line in lines] == [
+        (run_id, "diverged", "2") for run_id in ids]
+    assert "code called step 'double'" in lines[0]["message"]
+
+    plain = _garrison(url, "changed", "replay", ids[0])
+    assert plain.returncode == 1
+    assert plain.stdout.startswith(f"diverged {ids[0]} at position 2: run {ids[0]} position 2")
+
+    missing = _garrison(url, "same", "replay", "nope")
+    assert missing.returncode == 2 and "error nope: no run 'nope'" in missing.stdout
+
+
+async def test_runs_fork_prints_the_new_run_which_a_worker_continues(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/g.db"
+    [first, _] = await _seed(url)
+
+    forked = _garrison(url, "same", "fork", first, "--at", "0", "--args", "[21]",
+                       "--run-id", "the-fork")
+    assert forked.returncode == 0, forked.stdout + forked.stderr
+    assert forked.stdout.strip() == "the-fork"
+
+    worker = Garrison(url)
+
+    @worker.step(name="double")
+    async def double(x: int) -> int:
+        return x * 2
+
+    @worker.workflow(name="twice")
+    async def twice(ctx: Context, x: int) -> int:
+        return await double(x)
+
+    async with worker:
+        assert await worker.handle("the-fork").result(timeout=10) == 42
+        record = await worker.handle("the-fork").record()
+    assert (record.forked_from, record.forked_at) == (first, 0)
+
+    bad = _garrison(url, "same", "fork", first, "--at", "-1")
+    assert bad.returncode == 2 and "at_step=-1" in bad.stdout
+    not_json = _garrison(url, "same", "fork", first, "--at", "1", "--args", "[oops")
+    assert not_json.returncode == 2 and "not JSON" in not_json.stdout
