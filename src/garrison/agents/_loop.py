@@ -20,7 +20,7 @@ from garrison._log import get_logger
 from garrison.agents._budget import Budget, call_signature
 from garrison.agents._messages import Message, ModelSettings, ToolCall, Usage
 from garrison.agents._tools import result_text
-from garrison.engine import Context, current_step, publish
+from garrison.engine import Context, annotate, current_step, publish
 from garrison.errors import (
     CircuitOpenError,
     DeadlineExceeded,
@@ -119,6 +119,12 @@ def make_model_step(agent: Agent, app: Garrison) -> Callable[..., Coroutine[Any,
         request = (chosen.request if agent.breaker is None
                    else functools.partial(agent.breaker.for_key(chosen.name).call,
                                           chosen.request))
+        annotate(**{  # for observers (OpenTelemetry GenAI conventions); content is
+            # recorded only if they were told to capture it
+            "gen_ai.operation.name": "chat", "gen_ai.provider.name": chosen.provider,
+            "gen_ai.request.model": chosen.model_name, "gen_ai.agent.name": agent.name,
+            "garrison.span.name": f"chat {chosen.model_name}",
+            "gen_ai.input.messages": conversation})
         response = await request(
             conversation, tools=tools, settings=ModelSettings.from_dict(settings),
             output_schema=agent.output_schema,
@@ -131,6 +137,12 @@ def make_model_step(agent: Agent, app: Garrison) -> Callable[..., Coroutine[Any,
                                                   "arguments": call.arguments},
                               key=f"{writer.prefix}call{i}")
         cost = agent.prices.cost_usd(chosen.model_name, response.usage)
+        annotate(**{"gen_ai.response.model": response.model,
+                    "gen_ai.usage.input_tokens": response.usage.input_tokens,
+                    "gen_ai.usage.output_tokens": response.usage.output_tokens,
+                    "gen_ai.response.finish_reasons": (response.finish_reason,),
+                    "garrison.gen_ai.cost_usd": cost,
+                    "gen_ai.output.messages": [response.message]})
         return {"message": response.message.to_dict(), "usage": response.usage.to_dict(),
                 "model": response.model, "served_by": chosen.name,
                 "finish_reason": response.finish_reason, "cost_usd": cost}

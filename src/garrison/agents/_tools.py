@@ -18,7 +18,7 @@ from typing import Any, get_type_hints, overload
 import pydantic
 import pydantic_core
 
-from garrison.engine import current_step
+from garrison.engine import annotate, current_step
 from garrison.errors import ConfigurationError
 
 __all__ = ["Tool", "ToolContext", "tool"]
@@ -169,6 +169,9 @@ class Tool:
 
     def _make_step_fn(self) -> Callable[..., Any]:
         def prepare(tool_call_id: str, arguments: Mapping[str, Any]) -> dict[str, Any]:
+            annotate(**{"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": self.name,
+                        "gen_ai.tool.call.id": tool_call_id, "gen_ai.tool.type": "function",
+                        "garrison.span.name": f"execute_tool {self.name}"})
             values = dict(self.arguments_model.model_validate(dict(arguments)))
             if self._context_param is not None:
                 step = current_step()

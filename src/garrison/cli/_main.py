@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import os
 import signal
@@ -29,6 +30,17 @@ DbOption = Annotated[str | None, typer.Option(
     help="Store URL (default: the --app's store, else sqlite:///garrison.db).")]
 AppOption = Annotated[str | None, typer.Option(
     "--app", help="Your application as 'module:attribute'.")]
+
+
+class LogFormat(enum.StrEnum):
+    """`garrison worker --log-format`."""
+
+    AUTO = "auto"
+    JSON = "json"
+    CONSOLE = "console"
+
+
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 def _fail(error: Exception) -> typer.Exit:
@@ -60,6 +72,9 @@ def demo(
     is SIGKILLed midway and restarted; then a report: nothing lost, nothing repeated."""
     if runs is not None and runs < 1:
         raise _fail(ValueError(f"--runs {runs}: run at least one"))
+    from garrison.observability import configure_logging
+
+    configure_logging(level="warning")  # the report is the output; only trouble is logged
     if workflows:
         from garrison.demo._driver import run_demo
 
@@ -87,9 +102,27 @@ def worker(
     grace: Annotated[float, typer.Option(
         help="On SIGTERM/SIGINT: seconds for in-flight runs to finish or park before they "
              "are handed back to the fleet.")] = 10.0,
+    metrics_port: Annotated[int | None, typer.Option(
+        help="Serve Prometheus metrics on this port (/metrics) and trace with the global "
+             "OpenTelemetry providers; needs garrison[observability].")] = None,
+    log_format: Annotated[LogFormat, typer.Option(
+        "--log-format", help="Log lines on stderr: json, console, or auto (JSON unless "
+                             "stderr is a terminal).")] = LogFormat.AUTO,
+    log_level: Annotated[str, typer.Option(
+        "--log-level", help="The lowest level logged: debug, info, warning, error.")
+    ] = "info",
 ) -> None:
     """Run a worker for an application until SIGINT/SIGTERM; resumes unfinished runs."""
+    import structlog
+
     from garrison.cli._load import load_app
+    from garrison.observability import configure_logging
+
+    if log_level.lower() not in _LOG_LEVELS:
+        raise _fail(ValueError(f"--log-level {log_level}: use one of "
+                               + ", ".join(_LOG_LEVELS)))
+    configure_logging(json={LogFormat.JSON: True, LogFormat.CONSOLE: False}.get(log_format),
+                      level=log_level)
 
     try:
         application = load_app(app_spec)
@@ -98,8 +131,27 @@ def worker(
             concurrency=concurrency, shutdown_grace_s=grace)
     except GarrisonError as exc:
         raise _fail(exc) from exc
+    metrics_server = None
+    if metrics_port is not None:
+        try:
+            from prometheus_client import start_http_server
+
+            from garrison.observability import instrument
+        except ImportError as exc:
+            raise _fail(ImportError(
+                f"--metrics-port needs the observability extra: {exc}. "
+                "Install it with: pip install 'garrison[observability]'")) from exc
+        instrumentation = instrument(application)
+        try:
+            metrics_server, _ = start_http_server(metrics_port,
+                                                  registry=instrumentation.registry)
+        except OSError as exc:
+            raise _fail(OSError(f"--metrics-port {metrics_port}: {exc}")) from exc
+        console.print(f"metrics on http://0.0.0.0:{metrics_port}/metrics", soft_wrap=True)
 
     async def serve() -> None:
+        # Every line of this worker names it, inside runs and out (tasks copy the context).
+        structlog.contextvars.bind_contextvars(worker=application.worker_id)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -122,6 +174,9 @@ def worker(
         asyncio.run(serve())
     except GarrisonError as exc:
         raise _fail(exc) from exc
+    finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
 
 
 @runs_app.command("list")

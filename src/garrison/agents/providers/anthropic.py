@@ -17,6 +17,7 @@ from pydantic import SecretStr
 from garrison.agents._messages import Message, ModelResponse, ModelSettings, ToolCall, Usage
 from garrison.agents._model import DeltaHandler
 from garrison.agents.providers._errors import classify, provider_error
+from garrison.agents.providers._trace import trace_headers
 from garrison.errors import ContentFiltered, MalformedResponse, ProviderError
 
 try:
@@ -153,6 +154,9 @@ class AnthropicModel:
                       on_delta: DeltaHandler | None = None) -> ModelResponse:
         """One Messages-API call (streamed when `on_delta` is given)."""
         params = self._params(messages, tools, settings or ModelSettings(), output_schema)
+        headers = trace_headers()  # the step's span, so the provider call joins the trace
+        if headers is not None:
+            params["extra_headers"] = {**params.get("extra_headers", {}), **headers}
         try:
             if on_delta is not None:
                 return await self._stream(params, on_delta)

@@ -1,0 +1,249 @@
+"""Spans from engine hooks: one per run segment, one per live step, one per model call.
+
+A run *segment* is one stretch of execution in one process: from the run's start or
+resumption to its end, park or hand-back. Each segment's parent is the trace context
+recorded with the run when it was started, so every segment of a run, in any worker and
+after any number of crashes, is in the same trace; a resumed segment also links to that
+context and says how many journal entries it replayed. Replayed steps get no span: their
+work happened in an earlier segment, which has their spans.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer
+
+from garrison.engine import EngineHooks, StepInfo
+from garrison.observability._content import CONTENT_ATTRIBUTES, Redactor, content_json
+from garrison.observability._propagation import context_text, parent_context
+from garrison.store import RunRecord, RunStatus
+
+__all__ = ["TracingHooks"]
+
+# GenAI operations that are calls to a model: their span is a CLIENT span of its own.
+_CLIENT_OPERATIONS = frozenset({"chat", "text_completion", "generate_content", "embeddings"})
+_SPAN_NAME = "garrison.span.name"
+_ERROR_STATUSES = frozenset({RunStatus.FAILED, RunStatus.QUARANTINED})
+
+
+@dataclass(slots=True)
+class _Segment:
+    span: Span
+    token: object
+    outcome: str = "released"  # until the run finishes or parks here
+
+
+@dataclass(slots=True)
+class _StepSpans:
+    span: Span
+    token: object
+    task: asyncio.Task[Any] | None
+    client: Span | None = None
+    client_token: object | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _attribute(value: Any) -> Any:
+    """A value OpenTelemetry takes as an attribute, or None."""
+    if isinstance(value, str | bool | int | float):
+        return value
+    if isinstance(value, Sequence) and not isinstance(value, bytes):
+        items = tuple(value)
+        if all(isinstance(v, str) for v in items) or all(
+                isinstance(v, bool | int | float) for v in items):
+            return items
+    return None
+
+
+def _current_task() -> asyncio.Task[Any] | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # a synchronous step's thread
+        return None
+
+
+class TracingHooks(EngineHooks):
+    """Engine hooks that emit OpenTelemetry spans (see the module docstring)."""
+
+    def __init__(self, tracer: Tracer, *, worker_id: str, capture_content: bool,
+                 redact: Redactor) -> None:
+        self.tracer = tracer
+        self.worker_id = worker_id
+        self.capture_content = capture_content
+        self.redact = redact
+        self._segments: dict[str, _Segment] = {}
+        self._steps: dict[tuple[str, str], _StepSpans] = {}
+
+    # -- runs ----------------------------------------------------------------------
+
+    def trace_context(self, run: RunRecord) -> str | None:
+        if run.parent_run_id is not None:  # ctx.start_child: the parent segment's span
+            return context_text()
+        # app.start: a short span marks the enqueue (under the caller's span, if any);
+        # every segment of the run is its child.
+        with self.tracer.start_as_current_span(
+                f"start_workflow {run.workflow_name}", kind=SpanKind.PRODUCER,
+                attributes={"garrison.run_id": run.run_id,
+                            "garrison.workflow.name": run.workflow_name,
+                            "garrison.workflow.version": run.workflow_version,
+                            "garrison.queue": run.queue}):
+            return context_text()
+
+    def run_started(self, run: RunRecord) -> None:
+        self._begin(run, None)
+
+    def run_resumed(self, run: RunRecord, replayed_entries: int) -> None:
+        self._begin(run, replayed_entries)
+
+    def _begin(self, run: RunRecord, replayed: int | None) -> None:
+        parent = parent_context(run.trace_context)
+        attributes: dict[str, Any] = {
+            "garrison.run_id": run.run_id, "garrison.workflow.name": run.workflow_name,
+            "garrison.workflow.version": run.workflow_version,
+            "garrison.worker": self.worker_id, "garrison.queue": run.queue,
+            "garrison.run.fence": run.fence, "garrison.run.resumed": replayed is not None,
+        }
+        if run.parent_run_id is not None:
+            attributes["garrison.run.parent_id"] = run.parent_run_id
+        name = f"invoke_workflow {run.workflow_name}"
+        if run.workflow_name.startswith("agent:"):
+            agent = run.workflow_name.removeprefix("agent:")
+            name = f"invoke_agent {agent}"
+            attributes["gen_ai.operation.name"] = "invoke_agent"
+            attributes["gen_ai.agent.name"] = agent
+        links: list[Link] = []
+        if replayed is not None:
+            attributes["garrison.run.replayed_entries"] = replayed
+            if parent is not None:
+                links.append(Link(trace.get_current_span(parent).get_span_context(),
+                                  {"garrison.link": "run_started_from"}))
+        # An explicit context, never the caller's: a malformed or missing stored context
+        # starts a new trace rather than joining whatever task happens to be current.
+        span = self.tracer.start_span(name, context=parent or otel_context.Context(),
+                                      kind=SpanKind.INTERNAL, attributes=attributes,
+                                      links=links)
+        if replayed is not None:
+            span.add_event("garrison.run.resumed", {"garrison.run.replayed_entries": replayed})
+        token = otel_context.attach(trace.set_span_in_context(span))
+        self._segments[run.run_id] = _Segment(span, token)
+
+    def run_parked(self, run_id: str, wake_at: float | None) -> None:
+        segment = self._segments.get(run_id)
+        if segment is not None:
+            segment.outcome = "parked"
+            segment.span.add_event("garrison.run.parked", {} if wake_at is None
+                                   else {"garrison.run.wake_at": wake_at})
+
+    def run_finished(self, run_id: str, status: RunStatus) -> None:
+        segment = self._segments.get(run_id)
+        if segment is None:  # ended without executing here (a cancel of a queued run)
+            return
+        segment.outcome = status.value.lower()
+        segment.span.set_attribute("garrison.run.status", status.value)
+        if status in _ERROR_STATUSES:
+            segment.span.set_status(Status(StatusCode.ERROR, f"run {status.value}"))
+
+    def lease_lost(self, run_id: str) -> None:
+        segment = self._segments.get(run_id)
+        if segment is not None:
+            segment.outcome = "lease_lost"
+            segment.span.add_event("garrison.run.lease_lost")
+
+    def run_detached(self, run_id: str) -> None:
+        segment = self._segments.pop(run_id, None)
+        if segment is None:
+            return
+        segment.span.set_attribute("garrison.run.outcome", segment.outcome)
+        segment.span.end()
+        otel_context.detach(segment.token)  # type: ignore[arg-type]  # attach()'s token
+
+    # -- steps ---------------------------------------------------------------------
+
+    def step_started(self, step: StepInfo) -> None:
+        span = self.tracer.start_span(f"step {step.step_name}", kind=SpanKind.INTERNAL,
+                                      attributes={"garrison.run_id": step.run_id,
+                                                  "garrison.step.name": step.step_name,
+                                                  "garrison.step.position": step.position,
+                                                  "garrison.step.attempt": step.attempt})
+        token = otel_context.attach(trace.set_span_in_context(span))
+        self._steps[(step.run_id, step.position)] = _StepSpans(span, token, _current_task())
+
+    def step_annotated(self, step: StepInfo, attributes: Mapping[str, Any]) -> None:
+        spans = self._steps.get((step.run_id, step.position))
+        if spans is None:
+            return
+        values: dict[str, Any] = {}
+        for key, value in attributes.items():
+            if key in CONTENT_ATTRIBUTES:
+                if self.capture_content:
+                    values[key] = content_json(value, self.redact)
+            elif key != _SPAN_NAME:
+                converted = _attribute(value)
+                if converted is not None:
+                    values[key] = converted
+        hint = attributes.get(_SPAN_NAME)
+        operation = attributes.get("gen_ai.operation.name")
+        if spans.client is None and operation in _CLIENT_OPERATIONS:
+            name = str(hint or f"{operation} {attributes.get('gen_ai.request.model', '')}")
+            spans.client = self.tracer.start_span(
+                name.strip(), kind=SpanKind.CLIENT, attributes=values,
+                context=trace.set_span_in_context(spans.span))
+            if spans.task is not None and spans.task is _current_task():
+                # the provider's HTTP request carries this span's traceparent
+                spans.client_token = otel_context.attach(
+                    trace.set_span_in_context(spans.client))
+            return
+        target = spans.client or spans.span
+        if hint and spans.client is None:
+            target.update_name(str(hint))
+        target.set_attributes(values)
+
+    def step_completed(self, step: StepInfo, duration_s: float) -> None:
+        spans = self._steps.pop((step.run_id, step.position), None)
+        if spans is not None:
+            self._end(spans)
+
+    def step_failed(self, step: StepInfo, error: BaseException, will_retry: bool) -> None:
+        spans = self._steps.pop((step.run_id, step.position), None)
+        if spans is None:
+            return
+        error_type = type(error).__qualname__
+        for span in (spans.client, spans.span):
+            if span is None:
+                continue
+            span.record_exception(error)
+            span.set_status(Status(StatusCode.ERROR, f"{error_type}: {error}"))
+            span.set_attribute("error.type", error_type)
+        spans.span.set_attribute("garrison.step.will_retry", will_retry)
+        breaker = getattr(error, "breaker", None)
+        if breaker is not None:  # CircuitOpenError: refused without a call
+            spans.span.add_event("garrison.breaker.rejected",
+                                 {"garrison.breaker.name": str(breaker),
+                                  "garrison.breaker.state": str(getattr(error, "state", ""))})
+        segment = self._segments.get(step.run_id)
+        if will_retry and segment is not None:
+            segment.span.add_event("garrison.step.retry_scheduled", {
+                "garrison.step.name": step.step_name, "garrison.step.position": step.position,
+                "garrison.step.attempt": step.attempt, "error.type": error_type})
+        self._end(spans)
+
+    def step_interrupted(self, step: StepInfo, error: BaseException) -> None:
+        spans = self._steps.pop((step.run_id, step.position), None)
+        if spans is not None:
+            spans.span.add_event("garrison.step.interrupted",
+                                 {"garrison.reason": str(error) or type(error).__name__})
+            self._end(spans)
+
+    def _end(self, spans: _StepSpans) -> None:
+        if spans.client is not None:
+            spans.client.end()
+            if spans.client_token is not None:
+                otel_context.detach(spans.client_token)  # type: ignore[arg-type]  # attach()'s
+        spans.span.end()
+        otel_context.detach(spans.token)  # type: ignore[arg-type]  # attach()'s token

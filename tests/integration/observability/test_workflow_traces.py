@@ -1,0 +1,208 @@
+"""Spans of plain workflows: run segments, live steps, retries, children, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+from typing import Any
+
+from opentelemetry.trace import SpanKind, StatusCode
+
+from garrison import Context, EngineHooks, Garrison, RunRecord, RunStatus
+from garrison.engine import annotate
+from garrison.resilience import Retry
+from tests.integration.observability.conftest import Telemetry
+
+
+async def test_a_run_is_a_segment_span_with_a_span_per_live_step(tmp_path: Path,
+                                                                 telemetry: Telemetry) -> None:
+    app = Garrison(f"sqlite:///{tmp_path}/g.db", worker_id="w-1")
+    attempts = {"flaky": 0}
+
+    @app.step(name="flaky", retry=Retry(max_attempts=3, base=0.0, cap=0.0))
+    async def flaky() -> str:
+        attempts["flaky"] += 1
+        annotate(**{"shop.attempt": attempts["flaky"]})
+        if attempts["flaky"] < 2:
+            raise ConnectionError("reset by peer")
+        return "ok"
+
+    @app.step(name="broken")
+    async def broken() -> None:
+        raise ValueError("bad input")
+
+    @app.workflow(name="order", version="7")
+    async def order(ctx: Context) -> str:
+        first = await flaky()
+        with contextlib.suppress(Exception):
+            await broken()
+        return first
+
+    telemetry.attach(app)
+    async with app:
+        assert await (await app.start(order, run_id="o-1")).result(timeout=10) == "ok"
+
+    start = telemetry.one("start_workflow order")
+    run = telemetry.one("invoke_workflow order")
+    assert start.kind is SpanKind.PRODUCER and run.kind is SpanKind.INTERNAL
+    assert run.parent is not None and run.parent.span_id == start.context.span_id
+    assert run.context.trace_id == start.context.trace_id
+    attrs = dict(run.attributes or {})
+    assert attrs["garrison.run_id"] == "o-1" and attrs["garrison.workflow.version"] == "7"
+    assert attrs["garrison.worker"] == "w-1" and attrs["garrison.run.resumed"] is False
+    assert attrs["garrison.run.outcome"] == "completed"
+    assert run.status.status_code is StatusCode.UNSET
+
+    tries = telemetry.named("step flaky")
+    assert [dict(s.attributes or {})["garrison.step.attempt"] for s in tries] == [1, 2]
+    assert all(s.parent is not None and s.parent.span_id == run.context.span_id for s in tries)
+    assert tries[0].status.status_code is StatusCode.ERROR
+    assert dict(tries[0].attributes or {})["garrison.step.will_retry"] is True
+    assert [e.name for e in tries[0].events] == ["exception"]
+    assert dict(tries[1].attributes or {})["shop.attempt"] == 2
+    assert tries[1].status.status_code is StatusCode.UNSET
+    retry_events = [e for e in run.events if e.name == "garrison.step.retry_scheduled"]
+    assert [dict(e.attributes or {})["error.type"] for e in retry_events] == ["ConnectionError"]
+    failed = telemetry.one("step broken")
+    assert failed.status.status_code is StatusCode.ERROR
+    assert "bad input" in (failed.status.description or "")
+    assert dict(failed.attributes or {})["garrison.step.will_retry"] is False
+
+
+async def test_child_workflows_are_children_in_one_trace(tmp_path: Path,
+                                                         telemetry: Telemetry) -> None:
+    app = Garrison(f"sqlite:///{tmp_path}/g.db")
+
+    @app.step(name="leaf_work")
+    async def leaf_work(n: int) -> int:
+        return n * 2
+
+    @app.workflow(name="leaf")
+    async def leaf(ctx: Context, n: int) -> int:
+        return await leaf_work(n)
+
+    @app.workflow(name="middle")
+    async def middle(ctx: Context) -> int:
+        handles = [await ctx.start_child(leaf, n) for n in (1, 2)]
+        return sum([await h.result() for h in handles])
+
+    @app.workflow(name="root")
+    async def root(ctx: Context) -> int:
+        child = await ctx.start_child(middle)
+        return int(await child.result())
+
+    telemetry.attach(app)
+    async with app:
+        assert await (await app.start(root, run_id="r")).result(timeout=10) == 6
+
+    spans = telemetry.spans()
+    assert len({s.context.trace_id for s in spans}) == 1
+    by_id = {s.context.span_id: s for s in spans}
+
+    def parent(span: Any) -> Any:
+        assert span.parent is not None
+        return by_id[span.parent.span_id]
+
+    # A parent waiting on its children parks; each wake-up is a segment of its own.
+    roots = telemetry.named("invoke_workflow root")
+    middles = telemetry.named("invoke_workflow middle")
+    leaves = telemetry.named("invoke_workflow leaf")
+    assert len(leaves) == 2 and roots and middles
+    assert {dict(s.attributes or {})["garrison.run.outcome"] for s in roots} <= {
+        "parked", "completed"}
+    assert all(parent(m) in roots for m in middles)
+    assert all(parent(leaf) in middles for leaf in leaves)
+    assert {dict(leaf.attributes or {})["garrison.run.parent_id"] for leaf in leaves} == {"r/1"}
+    for step in telemetry.named("step leaf_work"):
+        assert parent(step) in leaves
+    assert len(telemetry.named("start_workflow root")) == 1
+    assert not telemetry.named("start_workflow leaf")  # children start inside the parent span
+
+
+async def test_a_run_resumed_by_another_app_continues_the_same_trace(
+        db_url: str, telemetry: Telemetry) -> None:
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    def make_app(worker_id: str) -> Garrison:
+        app = Garrison(db_url, worker_id=worker_id)
+
+        @app.step(name="prepare")
+        async def prepare() -> str:
+            return "prepared"
+
+        @app.step(name="slow")
+        async def slow() -> str:
+            entered.set()
+            await release.wait()
+            return "done"
+
+        @app.workflow(name="long")
+        async def long(ctx: Context) -> str:
+            await prepare()
+            return await slow()
+
+        telemetry.attach(app)
+        return app
+
+    first = make_app("w-first")
+    async with first:
+        handle = await first.start("long", run_id="l-1")
+        await asyncio.wait_for(entered.wait(), 10)
+    # closed mid-step: the run is handed back, RUNNING, its step interrupted
+    release.set()
+    second = make_app("w-second")
+    async with second:
+        assert await second.handle(handle.run_id).result(timeout=20) == "done"
+
+    segments = telemetry.named("invoke_workflow long")
+    assert len(segments) == 2
+    before, after = sorted(segments, key=lambda s: s.start_time or 0)
+    start = telemetry.one("start_workflow long")
+    assert {s.context.trace_id for s in telemetry.spans()} == {start.context.trace_id}
+    for segment in (before, after):
+        assert segment.parent is not None and segment.parent.span_id == start.context.span_id
+    b, a = dict(before.attributes or {}), dict(after.attributes or {})
+    assert b["garrison.worker"] == "w-first" and b["garrison.run.outcome"] == "released"
+    assert a["garrison.worker"] == "w-second" and a["garrison.run.resumed"] is True
+    assert a["garrison.run.replayed_entries"] >= 1 and a["garrison.run.outcome"] == "completed"
+    assert [link.context.span_id for link in after.links] == [start.context.span_id]
+    assert [e.name for e in after.events][:1] == ["garrison.run.resumed"]
+    # prepare ran once (in the first segment); slow twice: interrupted, then completed
+    assert len(telemetry.named("step prepare")) == 1
+    slow = sorted(telemetry.named("step slow"), key=lambda s: s.start_time or 0)
+    assert [s.parent.span_id for s in slow if s.parent] == [before.context.span_id,
+                                                            after.context.span_id]
+    assert [e.name for e in slow[0].events] == ["garrison.step.interrupted"]
+
+
+class _GarbageTraceContext(EngineHooks):
+    def trace_context(self, run: RunRecord) -> str | None:
+        return "00-not-a-trace-01 junk=1"
+
+
+async def test_a_malformed_stored_traceparent_starts_a_new_trace(tmp_path: Path,
+                                                                 telemetry: Telemetry) -> None:
+    app = Garrison(f"sqlite:///{tmp_path}/g.db", hooks=[_GarbageTraceContext()])
+
+    @app.step(name="work")
+    async def work() -> int:
+        return 1
+
+    @app.workflow(name="plain")
+    async def plain(ctx: Context) -> int:
+        return await work()
+
+    telemetry.attach(app)
+    async with app:
+        handle = await app.start(plain, run_id="p")
+        assert await handle.result(timeout=10) == 1
+        stored = await app.store.get_run("p")
+        assert stored is not None and stored.trace_context == "00-not-a-trace-01 junk=1"
+        assert stored.status is RunStatus.COMPLETED
+
+    run = telemetry.one("invoke_workflow plain")
+    assert run.parent is None  # a root of its own trace
+    step = telemetry.one("step work")
+    assert step.context.trace_id == run.context.trace_id
+    assert not telemetry.named("start_workflow plain")  # the first hook's context won
