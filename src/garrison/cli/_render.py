@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from dataclasses import dataclass
 from typing import Any
 
+from rich import box
+from rich.markup import escape
 from rich.table import Table
 
 from garrison.store import RunRecord, StepRecord, position_key
@@ -48,17 +51,128 @@ def runs_table(runs: list[RunRecord], title: str = "runs") -> Table:
     return table
 
 
-def timeline_table(run: RunRecord, steps: list[StepRecord]) -> Table:
-    table = Table(title=f"run {run.run_id}: {run.workflow_name} v{run.workflow_version} "
-                        f"[{_STATUS_STYLE.get(run.status.value, 'white')}]{run.status.value}[/]")
-    for column in ("pos", "kind", "name", "status", "attempts", "started (UTC)", "duration",
-                   "worker", "error"):
-        table.add_column(column)
+@dataclass(frozen=True, slots=True)
+class _ModelCall:
+    """What an agent's model step journaled: usage, cost and who served it."""
+
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float
+    served_by: str | None
+    model: str | None
+
+
+def _model_call(step: StepRecord) -> _ModelCall | None:
+    """The usage of a completed `agent.NAME.model` step, from its journaled output."""
+    if not (step.name.startswith("agent.") and step.name.endswith(".model")) or not step.output:
+        return None
+    try:
+        out = json.loads(step.output)
+    except ValueError:
+        return None
+    if not isinstance(out, dict):
+        return None
+    usage = out.get("usage")
+    if not isinstance(usage, dict):
+        usage = {}
+    served_by, model = out.get("served_by"), out.get("model")
+    return _ModelCall(int(usage.get("input_tokens") or 0), int(usage.get("output_tokens") or 0),
+                      float(out.get("cost_usd") or 0.0),
+                      str(served_by) if served_by is not None else None,
+                      str(model) if model is not None else None)
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    step: StepRecord
+    call: _ModelCall | None
+    resumed_on: str | None  # this step ran on another worker than the step before it
+
+
+def _timeline(steps: list[StepRecord]) -> list[_Row]:
+    rows: list[_Row] = []
+    previous: str | None = None
     for step in sorted(steps, key=lambda s: position_key(s.position)):
-        table.add_row(step.position, step.kind.value, step.name, step.status.value,
-                      str(step.attempts), _when(step.started_at),
-                      _duration(step.started_at, step.completed_at), step.worker or "-",
-                      _error_line(step.error))
+        resumed = step.worker if (step.worker and previous and step.worker != previous) else None
+        rows.append(_Row(step, _model_call(step), resumed))
+        previous = step.worker or previous
+    return rows
+
+
+def _totals(rows: list[_Row]) -> dict[str, Any]:
+    calls = [r.call for r in rows if r.call is not None]
+    return {"steps": len(rows), "attempts": sum(r.step.attempts for r in rows),
+            "model_calls": len(calls),
+            "input_tokens": sum(c.input_tokens for c in calls),
+            "output_tokens": sum(c.output_tokens for c in calls),
+            "cost_usd": sum(c.cost_usd for c in calls),
+            "resumes": sum(1 for r in rows if r.resumed_on is not None),
+            "workers": list(dict.fromkeys(r.step.worker for r in rows if r.step.worker))}
+
+
+def _cost(usd: float) -> str:
+    return f"${usd:.4f}" if usd < 100 else f"${usd:,.2f}"
+
+
+def timeline_table(run: RunRecord, steps: list[StepRecord]) -> Table:
+    """The step timeline: one row per journal entry in position order, a "resumed on"
+    row where another worker took over, and totals. Workers are labelled w1, w2, ... in
+    the caption, and the token, cost, model and error columns appear only when some step
+    has them, so the table fits 100 columns."""
+    rows = _timeline(steps)
+    totals = _totals(rows)
+    labels = {worker: f"w{i}" for i, worker in enumerate(totals["workers"], 1)}
+    agentic = totals["model_calls"] > 0
+    errors = any(r.step.error for r in rows)
+    took = _duration(run.created_at, run.completed_at)
+    table = Table(title=f"run {run.run_id}: {run.workflow_name} v{run.workflow_version} "
+                        f"[{_STATUS_STYLE.get(run.status.value, 'white')}]{run.status.value}[/]"
+                        f" ({took})", title_justify="left", box=box.SIMPLE_HEAD,
+                  padding=(0, 1), collapse_padding=True, pad_edge=False)
+    table.add_column("pos", no_wrap=True)
+    table.add_column("step", overflow="fold", min_width=16)
+    table.add_column("status", no_wrap=True)
+    table.add_column("att", justify="right", no_wrap=True)
+    table.add_column("took", justify="right", no_wrap=True)
+    table.add_column("wkr", no_wrap=True)
+    if agentic:
+        table.add_column("tokens", justify="right", no_wrap=True)  # in/out
+        table.add_column("cost", justify="right", no_wrap=True)
+        table.add_column("model", overflow="fold")
+    if errors:
+        table.add_column("error", overflow="fold", min_width=16)
+    blank = [""] * (3 * agentic + errors)
+    for row in rows:
+        step, call = row.step, row.call
+        if row.resumed_on is not None:
+            table.add_row("", f"[yellow]resumed on {labels[row.resumed_on]}[/]", "", "", "",
+                          "", *blank)
+        name = step.name if step.kind.value == "step" else f"{step.kind.value} {step.name}"
+        status_style = {"completed": "green", "failed": "red"}.get(step.status.value, "")
+        cells = [step.position, escape(name),
+                 f"[{status_style}]{step.status.value}[/]" if status_style
+                 else step.status.value,
+                 str(step.attempts), _duration(step.started_at, step.completed_at),
+                 labels.get(step.worker or "", "-")]
+        if agentic:
+            cells += ([f"{call.input_tokens:,}/{call.output_tokens:,}", _cost(call.cost_usd),
+                       escape(call.served_by or call.model or "")] if call else ["", "", ""])
+        if errors:
+            cells.append(escape(_error_line(step.error)))
+        table.add_row(*cells)
+    table.add_section()
+    total = ["total", f"{totals['steps']} steps", "", str(totals["attempts"]), took,
+             str(len(labels))]
+    if agentic:
+        total += [f"{totals['input_tokens']:,}/{totals['output_tokens']:,}",
+                  _cost(totals["cost_usd"]), f"{totals['model_calls']} calls"]
+    table.add_row(*total, *([""] * errors), style="bold")
+    if labels:
+        resumes = totals["resumes"]
+        workers = ", ".join(f"{label} = {escape(worker)}" for worker, label in labels.items())
+        table.caption = (("tokens: in/out; " if agentic else "") + f"workers: {workers}"
+                         + (f"; resumed {resumes}x" if resumes else ""))
+        table.caption_justify = "left"
     return table
 
 
@@ -74,12 +188,20 @@ def run_json(run: RunRecord, steps: list[StepRecord] | None = None) -> dict[str,
         "error": json.loads(run.error) if run.error else None,
     }
     if steps is not None:
+        rows = _timeline(steps)
         body["steps"] = [
             {"position": s.position, "kind": s.kind.value, "name": s.name,
              "status": s.status.value, "attempts": s.attempts, "started_at": s.started_at,
              "completed_at": s.completed_at, "worker": s.worker,
+             "resumed": row.resumed_on is not None,
+             "input_tokens": row.call.input_tokens if row.call else None,
+             "output_tokens": row.call.output_tokens if row.call else None,
+             "cost_usd": row.call.cost_usd if row.call else None,
+             "served_by": row.call.served_by if row.call else None,
+             "model": row.call.model if row.call else None,
              "output": json.loads(s.output) if s.output else None,
              "error": json.loads(s.error) if s.error else None}
-            for s in sorted(steps, key=lambda s: position_key(s.position))
+            for row in rows for s in (row.step,)
         ]
+        body["totals"] = _totals(rows)
     return body

@@ -1,0 +1,162 @@
+"""`garrison runs show`: tokens, cost, serving model and worker per step, where a run
+resumed on another worker, and totals (real agent runs on a tmp SQLite file)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+from typer.testing import CliRunner
+
+from garrison import Context, Garrison, RunStatus
+from garrison.agents import Agent, AgentResult, Price, PriceTable, ScriptedModel, tool
+from garrison.cli import app as cli
+from garrison.engine import EngineHooks
+
+from ._agents_support import response
+from ._support import ParkWatch
+
+runner = CliRunner()
+PRICES = PriceTable({"priced": Price(2.0, 8.0)}, defaults=False)
+
+
+def lookup_agent() -> Agent:
+    @tool
+    def lookup_order(order_id: str) -> str:
+        """Look an order up."""
+        return f"order {order_id} shipped"
+
+    model = ScriptedModel([
+        response(calls=[("c1", "lookup_order", {"order_id": "7"})], input_tokens=1200,
+                 output_tokens=30),
+        response("Order 7 has shipped.", input_tokens=1500, output_tokens=12),
+    ], name="priced")
+    return Agent("support", model=model, tools=[lookup_order], prices=PRICES)
+
+
+def approval_agent(replies: list[Any]) -> Agent:
+    @tool(requires_approval=True, side_effects=True)
+    def refund_order(amount_cents: int) -> str:
+        """Refund."""
+        return f"refunded {amount_cents}"
+
+    return Agent("refunds", model=ScriptedModel(replies, name="priced"),
+                 tools=[refund_order], prices=PRICES)
+
+
+def agent_app(db_url: str, agent: Agent, *, worker_id: str,
+              hooks: list[EngineHooks] | None = None) -> Garrison:
+    app = Garrison(db_url, worker_id=worker_id, hooks=hooks or [])
+    app.add_agent(agent)
+    return app
+
+
+def show(db: Path, run_id: str, *extra: str, columns: int = 100) -> str:
+    result = runner.invoke(cli, ["runs", "show", run_id, "--db", f"sqlite:///{db}", *extra],
+                           env={"COLUMNS": str(columns)})
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_agent_run_timeline_shows_tokens_cost_model_worker_and_totals(tmp_path: Path) -> None:
+    db = tmp_path / "g.db"
+    agent = lookup_agent()
+
+    async def run() -> AgentResult:
+        async with agent_app(f"sqlite:///{db}", agent, worker_id="host-a:1:aa") as app:
+            return await agent.run(app, "where is order 7?", run_id="conv")
+
+    result = asyncio.run(run())
+
+    body = json.loads(show(db, "conv", "--json"))
+    models = [s for s in body["steps"] if s["name"] == "agent.support.model"]
+    assert [(s["input_tokens"], s["output_tokens"]) for s in models] == [(1200, 30), (1500, 12)]
+    assert all(s["served_by"] == agent.models[0].name and s["model"] == "priced"
+               for s in models)
+    assert sum(s["cost_usd"] for s in models) == result.cost_usd > 0
+    tool_step = next(s for s in body["steps"] if s["name"] == "tool.lookup_order")
+    assert tool_step["input_tokens"] is None and tool_step["cost_usd"] is None
+    assert {s["worker"] for s in body["steps"]} == {"host-a:1:aa"}
+    assert not any(s["resumed"] for s in body["steps"])
+    totals = body["totals"]
+    assert totals["input_tokens"] == result.usage.input_tokens == 2700
+    assert totals["output_tokens"] == result.usage.output_tokens == 42
+    assert totals["cost_usd"] == result.cost_usd
+    assert totals["model_calls"] == 2 and totals["steps"] == len(body["steps"])
+    assert totals["attempts"] == sum(s["attempts"] for s in body["steps"])
+    assert totals["workers"] == ["host-a:1:aa"] and totals["resumes"] == 0
+
+    table = show(db, "conv")
+    assert max(len(line) for line in table.splitlines()) <= 100
+    assert "1,200/30" in table and "1,500/12" in table and "2,700/42" in table
+    assert f"${result.cost_usd:.4f}" in table
+    assert "w1 = host-a:1:aa" in table and "resumed" not in table
+
+
+def test_run_resumed_by_a_second_app_is_marked_in_the_timeline(tmp_path: Path) -> None:
+    db = tmp_path / "g.db"
+    first_call = response(calls=[("c1", "refund_order", {"amount_cents": 500})],
+                          input_tokens=800, output_tokens=20)
+    done = response("Refunded.", input_tokens=900, output_tokens=5)
+
+    async def park_on_first() -> None:
+        watch = ParkWatch()
+        agent = approval_agent([first_call])
+        async with agent_app(f"sqlite:///{db}", agent, hooks=[watch],
+                             worker_id="first") as app:
+            handle = await agent.start(app, "refund me", run_id="ap")
+            await watch.parked("ap")
+            assert await handle.status() is RunStatus.WAITING
+
+    async def finish_on_second() -> AgentResult:
+        agent = approval_agent([done])
+        async with agent_app(f"sqlite:///{db}", agent, worker_id="second") as app:
+            await app.send("ap", "approval", True)
+            return await agent.result(app.handle("ap"))
+
+    asyncio.run(park_on_first())
+    result = asyncio.run(finish_on_second())
+    assert result.output == "Refunded."
+
+    body = json.loads(show(db, "ap", "--json"))
+    steps = body["steps"]
+    assert steps[0]["worker"] == "first" and not steps[0]["resumed"]
+    resumed = [s for s in steps if s["resumed"]]
+    assert len(resumed) == 1 and resumed[0]["worker"] == "second"
+    after = steps[steps.index(resumed[0]):]
+    assert all(s["worker"] == "second" for s in after)
+    assert body["totals"]["workers"] == ["first", "second"]
+    assert body["totals"]["resumes"] == 1
+    assert (body["totals"]["input_tokens"], body["totals"]["output_tokens"]) == (1700, 25)
+
+    table = show(db, "ap")
+    assert max(len(line) for line in table.splitlines()) <= 100
+    assert "resumed on w2" in table and "resumed 1x" in table
+    assert "w1 = first" in table and "w2 = second" in table
+
+
+def test_timeline_escapes_markup_in_step_names_and_errors(tmp_path: Path) -> None:
+    db = tmp_path / "g.db"
+
+    async def seed() -> None:
+        app = Garrison(f"sqlite:///{db}")
+
+        @app.step(name="fetch[red]")
+        async def fetch() -> None:
+            raise ValueError("bad [bold]input[/bold]")
+
+        @app.workflow(name="wf")
+        async def wf(ctx: Context) -> None:
+            await fetch()
+
+        async with app:
+            handle = await app.start(wf, run_id="m")
+            with contextlib.suppress(Exception):
+                await handle.result(timeout=5)
+
+    asyncio.run(seed())
+    table = show(db, "m", columns=200)
+    assert "fetch[red]" in table and "bad [bold]input[/bold]" in table
