@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from garrison.engine._execution import RunExecution
     from garrison.engine._handle import RunHandle
 
-__all__ = ["Branch", "Context", "StepInfo", "current_step", "install_task_factory"]
+__all__ = ["Branch", "Context", "StepInfo", "current_step", "install_task_factory",
+           "log_fields"]
 
 
 class Branch:
@@ -119,6 +120,26 @@ _step_call: contextvars.ContextVar[StepCall | None] = contextvars.ContextVar(
 def current_step_call() -> StepCall | None:
     """The step attempt whose body is running now, or None."""
     return _step_call.get()
+
+
+def log_fields() -> dict[str, str | int]:
+    """What a log line should say about the code running now: `run_id` and `worker`
+    (in workflow code and step bodies), `step`, `position` and `attempt` (in step
+    bodies); empty outside runs. For `garrison.observability.configure_logging`."""
+    call = _step_call.get()
+    if call is not None:
+        info = call.info
+        return {"run_id": info.run_id, "step": info.step_name, "position": info.position,
+                "attempt": info.attempt, "worker": call.execution.worker.worker_id}
+    bare = _step.get()
+    if bare is not None:  # a step body entered without its execution
+        return {"run_id": bare.run_id, "step": bare.step_name, "position": bare.position,
+                "attempt": bare.attempt}
+    branch = _branch.get()
+    if branch is not None:
+        execution = branch.execution
+        return {"run_id": execution.run.run_id, "worker": execution.worker.worker_id}
+    return {}
 
 
 # Inside a step body: the run's deadline and the engine's clock, for `remaining()`.

@@ -1,7 +1,8 @@
-"""Observability: OpenTelemetry traces and metrics, Prometheus.
+"""Observability: structured logs, OpenTelemetry traces and metrics, Prometheus.
 
-Attached by composition. `instrument(app)` adds engine hooks
-(`garrison.engine.EngineHooks`) that emit spans and metrics; it needs the `observability` extra (`pip install 'garrison[observability]'`),
+Attached by composition. `configure_logging` needs nothing beyond structlog.
+`instrument(app)` adds engine hooks (`garrison.engine.EngineHooks`) that emit spans and
+metrics; it needs the `observability` extra (`pip install 'garrison[observability]'`),
 imported only when `instrument` is first used. The engine never imports OpenTelemetry,
 and nothing leaves the process unless the application configures an exporter or serves
 the Prometheus registry (`garrison worker --metrics-port`). See docs/observability.md.
@@ -12,14 +13,32 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from garrison.observability._content import Redactor, no_redaction
+from garrison.observability._logging import (
+    MASK,
+    SECRET_KEY_PARTS,
+    ControlCharEscaper,
+    add_run_context,
+    add_trace_context,
+    configure_logging,
+    is_secret_key,
+    mask_secrets,
+)
 
 if TYPE_CHECKING:
     from garrison.observability._instrument import Instrumentation, instrument
 
 __all__ = [
+    "ControlCharEscaper",
     "Instrumentation",
+    "MASK",
     "Redactor",
+    "SECRET_KEY_PARTS",
+    "add_run_context",
+    "add_trace_context",
+    "configure_logging",
     "instrument",
+    "is_secret_key",
+    "mask_secrets",
     "no_redaction",
 ]
 

@@ -1,0 +1,267 @@
+"""Structured logs for applications and the CLI: `configure_logging` and its processors.
+
+The library never configures structlog (STYLE.md); an application calls
+`configure_logging()` once at start-up, and `garrison worker` / `garrison demo` do.
+Each processor is a small callable, usable on its own in a custom chain.
+
+Cost. With the level at info, a debug call from the engine goes through structlog's
+filtering bound logger, whose debug method does nothing: ≈ 3 µs a call here, against
+≈ 0.5 ms for unconfigured structlog's console line. Loggers are not cached on first
+use, so a second `configure_logging` (a test, a CLI command run in-process) takes
+effect for the engine's module-level loggers too; caching would save ≈ 1.6 µs a call.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import sys
+from collections.abc import Callable, Mapping, MutableMapping
+from typing import IO, Any
+
+from garrison.engine._context import log_fields
+
+__all__ = [
+    "ControlCharEscaper",
+    "MASK",
+    "SECRET_KEY_PARTS",
+    "add_run_context",
+    "add_trace_context",
+    "configure_logging",
+    "is_secret_key",
+    "mask_secrets",
+]
+
+EventDict = MutableMapping[str, Any]
+
+MASK = "***"
+"""What a secret-looking field's value is replaced with."""
+
+SECRET_KEY_PARTS = ("api_key", "apikey", "authorization", "password", "passwd", "secret",
+                    "cookie", "token")
+"""A field is masked when its key, lower-cased with `-` read as `_`, contains one of
+these; `token` only when not followed by `s`, so counts such as `input_tokens`,
+`output_tokens`, `max_tokens` and `tokens_left` are kept."""
+
+_SECRET = re.compile("|".join(
+    re.escape(part) + ("(?!s)" if part == "token" else "") for part in SECRET_KEY_PARTS))
+
+# CSI/OSC escape sequences as a whole (so JSON mode drops "\x1b[31m", not just the ESC),
+# then any other character that is not printable: C0/C1 controls, DEL, line and
+# paragraph separators, zero-width and bidi controls.
+_ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?)")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_MAX_DEPTH = 4
+_STRUCTLOG_KEYS = frozenset({"exc_info", "stack_info"})  # structlog's own, not user text
+
+
+@functools.lru_cache(maxsize=4096)
+def is_secret_key(key: str) -> bool:
+    """Whether a field named `key` is masked (see `SECRET_KEY_PARTS`)."""
+    return _SECRET.search(key.lower().replace("-", "_")) is not None
+
+
+def _mask(value: Any, depth: int) -> Any:
+    if depth > _MAX_DEPTH:
+        return value
+    if isinstance(value, Mapping):
+        return {k: (MASK if isinstance(k, str) and is_secret_key(k) and v is not None
+                    else _mask(v, depth + 1)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_mask(v, depth + 1) for v in value]
+    return value
+
+
+def mask_secrets(logger: Any, method: str, event_dict: EventDict) -> EventDict:
+    """Replace the value of every secret-looking field with `MASK`, in nested
+    dicts and lists too (a `headers={"Authorization": ...}` field)."""
+    for key, value in event_dict.items():
+        if value is None or key in _STRUCTLOG_KEYS:
+            continue
+        if is_secret_key(key):
+            event_dict[key] = MASK
+        elif isinstance(value, Mapping | list | tuple):
+            event_dict[key] = _mask(value, 1)
+    return event_dict
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    char = match.group()
+    named = _NAMED.get(char)
+    if named is not None:
+        return named
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def _escape_text(text: str) -> str:
+    return text if text.isprintable() else _CONTROL.sub(_escape_char, text)
+
+
+def _strip_text(text: str) -> str:
+    # JSON mode: the encoder escapes \n, \r and \t (a traceback keeps its lines); every
+    # other control character and escape sequence goes.
+    if text.isprintable():
+        return text
+    return _CONTROL.sub(lambda m: m.group() if m.group() in _NAMED else "",
+                        _ANSI.sub("", text))
+
+
+def _clean(value: Any, fix: Callable[[str], str], depth: int) -> Any:
+    if isinstance(value, str):
+        return fix(value)
+    if depth > _MAX_DEPTH:
+        return value
+    if isinstance(value, Mapping):
+        return {_clean(k, fix, depth + 1): _clean(v, fix, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v, fix, depth + 1) for v in value]
+    return value
+
+
+class _Escaped:
+    """A string value shown by its `repr` (quoted, control characters escaped): the
+    console renderer prints some strings raw but every other object by its repr."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return repr(self.text)
+
+    def __str__(self) -> str:
+        return repr(self.text)
+
+
+class ControlCharEscaper:
+    """Escape what a user controls against log injection: newlines, ANSI escape sequences
+    and other control characters in string keys and values.
+
+    Console mode (`strip=False`): a string value with such characters is shown quoted
+    and escaped, `'a\\nb\\x1b[31m'` (it becomes an object whose `repr` is that, since
+    the console renderer shows objects by `repr`, which also escapes nested strings);
+    the event name and keys are escaped in place. So a value can neither start a fake
+    line nor recolour the terminal. JSON mode (`strip=True`): the encoder already quotes
+    and escapes; ANSI sequences and control characters other than newline, CR and tab
+    are removed from strings at any depth, so `jq -r` or a log viewer cannot be steered.
+    """
+
+    __slots__ = ("_strip",)
+
+    def __init__(self, *, strip: bool = False) -> None:
+        self._strip = strip
+
+    def __call__(self, logger: Any, method: str, event_dict: EventDict) -> EventDict:
+        strip = self._strip
+        dirty = None
+        for key, value in event_dict.items():
+            if isinstance(value, str):
+                if not value.isprintable():
+                    if strip:
+                        event_dict[key] = _strip_text(value)
+                    else:
+                        event_dict[key] = (_escape_text(value) if key == "event"
+                                           else _Escaped(value))
+            elif strip and isinstance(value, Mapping | list | tuple) \
+                    and key not in _STRUCTLOG_KEYS:
+                event_dict[key] = _clean(value, _strip_text, 1)
+            if not key.isprintable():
+                dirty = [*(dirty or ()), key]
+        fix = _strip_text if strip else _escape_text
+        for key in dirty or ():
+            event_dict[fix(key)] = event_dict.pop(key)
+        return event_dict
+
+
+def add_run_context(logger: Any, method: str, event_dict: EventDict) -> EventDict:
+    """Add `run_id`, `step`, `position`, `attempt` and `worker` from Garrison's context
+    (the run and step running now); fields the call passed win."""
+    for key, value in log_fields().items():
+        event_dict.setdefault(key, value)
+    return event_dict
+
+
+def add_trace_context(logger: Any, method: str, event_dict: EventDict) -> EventDict:
+    """Add `trace_id` and `span_id` (hex) of the current OpenTelemetry span when one is
+    recording. OpenTelemetry is never imported here: if the application has not
+    imported it, no span can be active."""
+    trace = sys.modules.get("opentelemetry.trace")
+    get_current_span = getattr(trace, "get_current_span", None)
+    if get_current_span is None:
+        return event_dict
+    span = get_current_span()
+    if span.is_recording():
+        context = span.get_span_context()
+        if context.is_valid:
+            event_dict.setdefault("trace_id", format(context.trace_id, "032x"))
+            event_dict.setdefault("span_id", format(context.span_id, "016x"))
+    return event_dict
+
+
+class _Sink:
+    """A file for structlog's `WriteLogger`: `sys.stderr` as it is at each write (so a
+    replaced or closed stderr, as under a test runner, is never written to later)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def configure_logging(*, json: bool | None = None, level: str = "info",
+                      file: IO[str] | None = None) -> None:
+    """Configure structlog for an application: JSON lines in production, pretty lines in
+    a terminal, each carrying the run context, trace ids, escaped and without secrets.
+
+    Args:
+        json: JSON lines (True), console lines (False), or by the output: JSON unless it
+            is a terminal (None).
+        level: the lowest level logged (`debug`, `info`, `warning`, `error`); lower
+            calls cost a no-op method.
+        file: where lines go (default: `sys.stderr`, looked up at each write).
+
+    The library never calls this; call it once at start-up (calling it again replaces
+    the configuration, for every logger).
+    """
+    import structlog
+
+    target: Any = file if file is not None else _Sink()
+    if json is None:
+        stream = file if file is not None else sys.stderr
+        isatty = getattr(stream, "isatty", None)
+        json = not (callable(isatty) and isatty())
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        add_run_context,
+        add_trace_context,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        mask_secrets,
+    ]
+    if json:
+        processors += [
+            structlog.processors.format_exc_info,
+            ControlCharEscaper(strip=True),
+            structlog.processors.JSONRenderer(default=str),
+        ]
+    else:
+        processors += [
+            ControlCharEscaper(),
+            structlog.dev.ConsoleRenderer(colors=_colors(target)),
+        ]
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(level.lower()),
+        logger_factory=structlog.WriteLoggerFactory(target),
+        cache_logger_on_first_use=False,
+    )
+
+
+def _colors(target: Any) -> bool:
+    stream = sys.stderr if isinstance(target, _Sink) else target
+    isatty = getattr(stream, "isatty", None)
+    return callable(isatty) and bool(isatty())
