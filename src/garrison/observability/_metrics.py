@@ -95,6 +95,7 @@ class MetricsHooks(EngineHooks):
         self._workflows: dict[str, str] = {}
         self._steps: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}
         self._lock = threading.Lock()
+        self._step_series: dict[tuple[str, str], tuple[dict[str, str], Any]] = {}
         # OpenTelemetry
         self._o_started = meter.create_counter(
             "garrison.runs.started", unit="{run}", description="Runs started")
@@ -232,9 +233,14 @@ class MetricsHooks(EngineHooks):
         began, annotations = entry
         if duration_s is None:
             duration_s = time.perf_counter() - began
-        self._o_step.record(duration_s, {"garrison.step.name": step.step_name,
-                                         "garrison.step.status": status})
-        self._p_step.labels(step.step_name, status).observe(duration_s)
+        key = (step.step_name, status)
+        bound = self._step_series.get(key)
+        if bound is None:  # a few step names and statuses: made once, reused per step
+            bound = ({"garrison.step.name": step.step_name, "garrison.step.status": status},
+                     self._p_step.labels(step.step_name, status))
+            self._step_series[key] = bound
+        self._o_step.record(duration_s, bound[0])
+        bound[1].observe(duration_s)
         operation = annotations.get("gen_ai.operation.name")
         if operation is not None and operation != "execute_tool" and status != "interrupted":
             self._model_call(annotations, str(operation), duration_s, error_type)

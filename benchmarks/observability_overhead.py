@@ -1,0 +1,159 @@
+"""The cost of telemetry: W1 and W2 with tracing and metrics on, off, and instrumented
+with no-op providers, alternated round after round in one process.
+
+    python benchmarks/observability_overhead.py [--rounds 7] [--json]
+
+- W1: one workflow of 500 sequential no-op steps (ms/step, lower is better).
+- W2: 200 workflows x 10 steps of `asyncio.sleep(0.005)`, started at once (steps/s).
+
+Modes: `off` (no `instrument`: the engine's hook-less path), `noop` (`instrument` with
+OpenTelemetry's no-op tracer and meter providers: Garrison's hooks and the Prometheus
+registry still run), `on` (SDK providers: spans to an in-memory exporter through a
+BatchSpanProcessor, as in production; metrics to an in-memory reader) and `on-simple`
+(the same through a SimpleSpanProcessor: each span exported as it ends, as in tests).
+Each mode has its own app and SQLite file (the hooks are per app); the apps stay open
+for the whole run, so their idle workers cost all modes alike.
+Targets (issue 8): on <= 10 %, off <= 1 %.
+
+"off" has nothing left to compare with in one process: its cost is the hook-less path
+itself, an empty loop per run start and, in the agents, `annotate()` returning at once,
+timed here per call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import statistics
+import tempfile
+import time
+import timeit
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import opentelemetry.sdk
+from opentelemetry.metrics import NoOpMeterProvider
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import NoOpTracerProvider
+
+from garrison import Context, Garrison, __version__
+from garrison.engine import annotate
+from garrison.observability import instrument
+
+W1_STEPS = 500
+W2_RUNS, W2_STEPS = 200, 10
+MODES = ("off", "noop", "on", "on-simple")
+
+Flow = Callable[..., Coroutine[Any, Any, Any]]
+
+
+def build(url: str) -> tuple[Garrison, Flow, Flow]:
+    app = Garrison(url)
+
+    @app.step(name="noop")
+    async def noop(i: int) -> int:
+        return i
+
+    @app.step(name="nap")
+    async def nap(i: int) -> int:
+        await asyncio.sleep(0.005)
+        return i
+
+    @app.workflow(name="w1")
+    async def w1(ctx: Context) -> None:
+        for i in range(W1_STEPS):
+            await noop(i)
+
+    @app.workflow(name="w2")
+    async def w2(ctx: Context) -> None:
+        for i in range(W2_STEPS):
+            await nap(i)
+
+    return app, w1, w2
+
+
+async def measure(rounds: int, folder: str) -> tuple[dict[str, list[float]], int]:
+    apps: dict[str, tuple[Garrison, Flow, Flow]] = {}
+    exporter = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
+    simple_provider = TracerProvider()
+    simple_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    for mode in MODES:
+        apps[mode] = build(f"sqlite:///{folder}/{mode}.db")
+    instrument(apps["noop"][0], tracer_provider=NoOpTracerProvider(),
+               meter_provider=NoOpMeterProvider())
+    instrument(apps["on"][0], tracer_provider=tracer_provider, meter_provider=meter_provider)
+    instrument(apps["on-simple"][0], tracer_provider=simple_provider,
+               meter_provider=meter_provider)
+    samples: dict[str, list[float]] = {f"{w}_{m}": [] for w in ("w1", "w2") for m in MODES}
+    spans = 0
+    for app, _, _ in apps.values():
+        await app.open()
+    try:
+        for app, w1, _ in apps.values():  # warm up: WAL, caches, imports
+            await (await app.start(w1)).result()
+        for round_ in range(rounds):
+            order = MODES if round_ % 2 == 0 else tuple(reversed(MODES))
+            for mode in order:
+                app, w1, w2 = apps[mode]
+                began = time.perf_counter()
+                await (await app.start(w1)).result()
+                samples[f"w1_{mode}"].append((time.perf_counter() - began) * 1000 / W1_STEPS)
+                began = time.perf_counter()
+                handles = [await app.start(w2) for _ in range(W2_RUNS)]
+                for handle in handles:
+                    await handle.result()
+                samples[f"w2_{mode}"].append(W2_RUNS * W2_STEPS
+                                             / (time.perf_counter() - began))
+            tracer_provider.force_flush()
+            spans += len(exporter.get_finished_spans())
+            exporter.clear()  # memory stays flat; the exporter's work is the same
+    finally:
+        for app, _, _ in apps.values():
+            await app.close()
+        tracer_provider.shutdown()
+        simple_provider.shutdown()
+        meter_provider.shutdown()
+    return samples, spans
+
+
+def summary(values: list[float]) -> str:
+    return f"{statistics.median(values):8.3f}  ({min(values):.3f}-{max(values):.3f})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--json", action="store_true", help="print the samples as JSON")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        samples, spans = asyncio.run(measure(args.rounds, folder))
+    annotate_ns = min(timeit.repeat(lambda: annotate(x=1), number=100_000, repeat=5)) * 1e4
+    if args.json:
+        print(json.dumps({"samples": samples, "spans": spans, "annotate_ns": annotate_ns}))
+        return
+    print(f"garrison {__version__}, opentelemetry-sdk {opentelemetry.sdk.version.__version__}, "
+          f"Python {platform.python_version()}, {platform.machine()}, {args.rounds} rounds")
+    print(f"{'':28}{'median':>8}  (min-max)          overhead vs off (medians)")
+    for workload, unit, higher_better in (("w1", "ms/step", False), ("w2", "steps/s", True)):
+        base = statistics.median(samples[f"{workload}_off"])
+        for mode in MODES:
+            values = samples[f"{workload}_{mode}"]
+            median = statistics.median(values)
+            overhead = (base / median - 1) if higher_better else (median / base - 1)
+            note = "" if mode == "off" else f"{overhead * 100:+6.1f} %"
+            print(f"{workload.upper()} {unit:8} {mode:9}    {summary(values)}   {note}")
+    print(f"spans exported with telemetry on: {spans}")
+    print(f"annotate() outside a step / without hooks: {annotate_ns:.0f} ns a call")
+
+
+if __name__ == "__main__":
+    main()
