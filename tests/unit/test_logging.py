@@ -175,3 +175,15 @@ def test_auto_mode_picks_json_for_a_non_terminal() -> None:
     configure_logging(file=out)
     log.info("auto")
     assert lines(out)[0]["event"] == "auto"
+
+
+def test_worker_refuses_an_unknown_log_level_and_offers_the_formats() -> None:
+    from typer.testing import CliRunner
+
+    from garrison.cli import app as cli
+
+    runner = CliRunner()
+    refused = runner.invoke(cli, ["worker", "--app", "shop:app", "--log-level", "loud"])
+    assert refused.exit_code == 2 and "--log-level loud" in refused.output
+    bad_format = runner.invoke(cli, ["worker", "--app", "shop:app", "--log-format", "xml"])
+    assert bad_format.exit_code == 2

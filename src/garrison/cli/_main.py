@@ -229,7 +229,9 @@ def runs_show(
     app_spec: AppOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Show one run and its step timeline: position, name, status, attempts, duration, error."""
+    """Show one run and its step timeline: position, name, status, attempts, duration,
+    worker (and where the run resumed on another), tokens, cost and serving model of
+    model calls, errors, totals."""
     from garrison.cli._render import run_json, timeline_table
     from garrison.errors import RunNotFoundError
 
