@@ -11,7 +11,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from garrison import Context, EngineHooks, Garrison, RunRecord, RunStatus
 from garrison.engine import annotate
-from garrison.resilience import Retry
+from garrison.resilience import CircuitBreaker, Retry
 from tests.integration.observability.conftest import Telemetry
 
 
@@ -206,3 +206,40 @@ async def test_a_malformed_stored_traceparent_starts_a_new_trace(tmp_path: Path,
     step = telemetry.one("step work")
     assert step.context.trace_id == run.context.trace_id
     assert not telemetry.named("start_workflow plain")  # the first hook's context won
+
+
+async def test_breaker_transitions_and_rejections_are_span_events_and_a_gauge(
+        tmp_path: Path, telemetry: Telemetry) -> None:
+    app = Garrison(f"sqlite:///{tmp_path}/g.db")
+    breaker = CircuitBreaker("payments", window=2, min_calls=2, wait_open=600)
+
+    @app.step(name="charge", breaker=breaker)
+    async def charge() -> None:
+        raise ConnectionError("payments down")
+
+    @app.workflow(name="checkout")
+    async def checkout(ctx: Context) -> list[str]:
+        seen = []
+        for _ in range(3):
+            try:
+                await charge()
+            except Exception as exc:
+                seen.append(type(exc).__name__)
+        return seen
+
+    instrumentation = telemetry.attach(app)
+    async with app:
+        result = await (await app.start(checkout, run_id="c")).result(timeout=10)
+    assert result == ["ConnectionError", "ConnectionError", "CircuitOpenError"]
+
+    charges = sorted(telemetry.named("step charge"), key=lambda s: s.start_time or 0)
+    changes = [dict(e.attributes or {}) for e in charges[1].events
+               if e.name == "garrison.breaker.state_change"]
+    assert changes == [{"garrison.breaker.name": "payments", "garrison.breaker.from": "CLOSED",
+                        "garrison.breaker.to": "OPEN"}]
+    rejected = [dict(e.attributes or {}) for e in charges[2].events
+                if e.name == "garrison.breaker.rejected"]
+    assert rejected == [{"garrison.breaker.name": "payments", "garrison.breaker.state": "OPEN"}]
+    gauge = instrumentation.registry.get_sample_value("garrison_breaker_state",
+                                                      {"breaker": "payments"})
+    assert gauge == 2  # open
