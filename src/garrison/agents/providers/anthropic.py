@@ -6,9 +6,7 @@ classification in `_errors.py`.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,9 +14,10 @@ from pydantic import SecretStr
 
 from garrison.agents._messages import Message, ModelResponse, ModelSettings, ToolCall, Usage
 from garrison.agents._model import DeltaHandler
-from garrison.agents.providers._errors import classify, provider_error
+from garrison.agents.providers._base import SDKModel
+from garrison.agents.providers._errors import provider_error
 from garrison.agents.providers._trace import trace_headers
-from garrison.errors import ContentFiltered, MalformedResponse, ProviderError
+from garrison.errors import ContentFiltered, ProviderError
 
 try:
     import anthropic
@@ -66,7 +65,7 @@ def to_anthropic_messages(messages: Sequence[Message]
     return system, out
 
 
-class AnthropicModel:
+class AnthropicModel(SDKModel[anthropic.AsyncAnthropic]):
     """An Anthropic Messages-API model.
 
     Args:
@@ -78,47 +77,22 @@ class AnthropicModel:
         client: a configured `AsyncAnthropic` to use instead; give it `max_retries=0`.
     """
 
+    base_url_env = "ANTHROPIC_BASE_URL"
+    api_key_env = "ANTHROPIC_API_KEY"
+    sdk_errors = (anthropic.APIStatusError, anthropic.APITimeoutError,
+                  anthropic.APIConnectionError, anthropic.APIResponseValidationError)
+
     def __init__(self, model_name: str, *, base_url: str | None = None,
                  api_key: str | SecretStr | None = None, max_tokens: int = 1024,
                  timeout_s: float = 60.0, provider: str = "anthropic",
                  client: anthropic.AsyncAnthropic | None = None) -> None:
-        self.model_name = model_name
-        self.provider = provider
-        self.name = f"{provider}:{model_name}"
-        self.base_url = base_url or os.environ.get("ANTHROPIC_BASE_URL")
-        key = api_key if api_key is not None else os.environ.get("ANTHROPIC_API_KEY")
-        self._api_key = key if isinstance(key, SecretStr) or key is None else SecretStr(key)
+        super().__init__(model_name, provider=provider, base_url=base_url, api_key=api_key,
+                         timeout_s=timeout_s, client=client)
         self.max_tokens = max_tokens
-        self.timeout_s = timeout_s
-        self._own_client = client
-        self._clients: dict[int, anthropic.AsyncAnthropic] = {}
 
-    def __repr__(self) -> str:
-        return f"AnthropicModel({self.model_name!r}, base_url={self.base_url!r})"
-
-    def _client(self) -> anthropic.AsyncAnthropic:
-        if self._own_client is not None:
-            return self._own_client
-        loop = id(asyncio.get_running_loop())
-        client = self._clients.get(loop)
-        if client is None:
-            key = self._api_key.get_secret_value() if self._api_key is not None else None
-            client = anthropic.AsyncAnthropic(api_key=key or "unset", base_url=self.base_url,
-                                              max_retries=0, timeout=self.timeout_s)
-            self._clients[loop] = client
-        return client
-
-    def _error(self, exc: BaseException) -> Exception:
-        return classify(exc, provider=self.provider, model=self.model_name,
-                        status_error=anthropic.APIStatusError,
-                        timeout_error=anthropic.APITimeoutError,
-                        connection_error=anthropic.APIConnectionError,
-                        response_error=anthropic.APIResponseValidationError)
-
-    def _malformed(self, what: str) -> Exception:
-        return provider_error(MalformedResponse, f"{self.provider} model {self.model_name!r}: "
-                              f"{what}", provider=self.provider, model=self.model_name,
-                              kind="malformed", retryable=True)
+    def _new_client(self, api_key: str) -> anthropic.AsyncAnthropic:
+        return anthropic.AsyncAnthropic(api_key=api_key, base_url=self.base_url,
+                                        max_retries=0, timeout=self.timeout_s)
 
     def _params(self, messages: Sequence[Message], tools: Sequence[Mapping[str, Any]],
                 settings: ModelSettings, output_schema: Mapping[str, Any] | None

@@ -7,8 +7,6 @@ retries durably, per step, with the classification in `_errors.py`.
 
 from __future__ import annotations
 
-import asyncio
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,9 +14,10 @@ from pydantic import SecretStr
 
 from garrison.agents._messages import Message, ModelResponse, ModelSettings, ToolCall, Usage
 from garrison.agents._model import DeltaHandler
-from garrison.agents.providers._errors import classify, provider_error
+from garrison.agents.providers._base import SDKModel
+from garrison.agents.providers._errors import provider_error
 from garrison.agents.providers._trace import trace_headers
-from garrison.errors import ContentFiltered, MalformedResponse, ProviderError
+from garrison.errors import ContentFiltered, ProviderError
 
 try:
     import openai
@@ -47,7 +46,7 @@ def to_openai_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
     return out
 
 
-class OpenAIModel:
+class OpenAIModel(SDKModel[openai.AsyncOpenAI]):
     """An OpenAI chat-completions model.
 
     Args:
@@ -64,43 +63,22 @@ class OpenAIModel:
             proxies, headers); give it `max_retries=0`: Garrison retries durably.
     """
 
+    base_url_env = "OPENAI_BASE_URL"
+    api_key_env = "OPENAI_API_KEY"
+    sdk_errors = (openai.APIStatusError, openai.APITimeoutError, openai.APIConnectionError,
+                  openai.APIResponseValidationError)
+
     def __init__(self, model_name: str, *, base_url: str | None = None,
                  api_key: str | SecretStr | None = None, timeout_s: float = 60.0,
                  native_output: bool = True, provider: str = "openai",
                  client: openai.AsyncOpenAI | None = None) -> None:
-        self.model_name = model_name
-        self.provider = provider
-        self.name = f"{provider}:{model_name}"
-        self.base_url = base_url or os.environ.get("OPENAI_BASE_URL")
-        key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
-        self._api_key = key if isinstance(key, SecretStr) or key is None else SecretStr(key)
-        self.timeout_s = timeout_s
+        super().__init__(model_name, provider=provider, base_url=base_url, api_key=api_key,
+                         timeout_s=timeout_s, client=client)
         self.native_output = native_output
-        self._own_client = client
-        self._clients: dict[int, openai.AsyncOpenAI] = {}
 
-    def __repr__(self) -> str:
-        return f"OpenAIModel({self.model_name!r}, base_url={self.base_url!r})"
-
-    def _client(self) -> openai.AsyncOpenAI:
-        """One client per event loop: its connection pool belongs to the loop."""
-        if self._own_client is not None:
-            return self._own_client
-        loop = id(asyncio.get_running_loop())
-        client = self._clients.get(loop)
-        if client is None:
-            key = self._api_key.get_secret_value() if self._api_key is not None else None
-            client = openai.AsyncOpenAI(api_key=key or "unset", base_url=self.base_url,
-                                        max_retries=0, timeout=self.timeout_s)
-            self._clients[loop] = client
-        return client
-
-    def _error(self, exc: BaseException) -> Exception:
-        return classify(exc, provider=self.provider, model=self.model_name,
-                        status_error=openai.APIStatusError,
-                        timeout_error=openai.APITimeoutError,
-                        connection_error=openai.APIConnectionError,
-                        response_error=openai.APIResponseValidationError)
+    def _new_client(self, api_key: str) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(api_key=api_key, base_url=self.base_url, max_retries=0,
+                                  timeout=self.timeout_s)
 
     def _params(self, messages: Sequence[Message], tools: Sequence[Mapping[str, Any]],
                 settings: ModelSettings, output_schema: Mapping[str, Any] | None
@@ -156,11 +134,6 @@ class OpenAIModel:
                               usage.prompt_tokens if usage else 0,
                               usage.completion_tokens if usage else 0,
                               completion.model or self.model_name)
-
-    def _malformed(self, what: str) -> Exception:
-        return provider_error(MalformedResponse, f"{self.provider} model {self.model_name!r}: "
-                              f"{what}", provider=self.provider, model=self.model_name,
-                              kind="malformed", retryable=True)
 
     def _response(self, content: str | None, calls: tuple[ToolCall, ...],
                   finish_reason: str | None, input_tokens: int, output_tokens: int,
