@@ -60,3 +60,15 @@ def test_agents_names_are_pinned() -> None:
         assert getattr(garrison.agents, name) is not None, name
     for name in garrison.testing.__all__:
         assert getattr(garrison.testing, name) is not None, name
+
+
+def test_observability_names_are_pinned() -> None:
+    import garrison.observability
+
+    assert garrison.observability.__all__ == [
+        "ControlCharEscaper", "Instrumentation", "MASK", "Redactor", "SECRET_KEY_PARTS",
+        "add_run_context", "add_trace_context", "configure_logging", "instrument",
+        "is_secret_key", "mask_secrets", "no_redaction",
+    ]
+    for name in garrison.observability.__all__:
+        assert getattr(garrison.observability, name) is not None, name
