@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import ClassVar, Generic, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import SecretStr
 
+from garrison.agents._messages import Message, ModelResponse, ModelSettings
+from garrison.agents._model import DeltaHandler
 from garrison.agents.providers._errors import classify, provider_error
-from garrison.errors import MalformedResponse
+from garrison.agents.providers._trace import trace_headers
+from garrison.errors import MalformedResponse, ProviderError
 
 __all__ = ["SDKModel"]
 
@@ -19,13 +23,15 @@ C = TypeVar("C")
 
 class SDKModel(Generic[C]):
     """Base of `OpenAIModel` and `AnthropicModel`. Subclasses name their environment
-    variables and SDK exception types, and build a client in `_new_client`."""
+    variables and SDK exception types, build a client in `_new_client`, the request in
+    `_params`, and make the call in `_complete` / `_stream`."""
 
     base_url_env: ClassVar[str]
     api_key_env: ClassVar[str]
     # The SDK's exception types, for `classify`: status, timeout, connection, response.
     sdk_errors: ClassVar[tuple[type[BaseException], type[BaseException],
                                type[BaseException], type[BaseException] | None]]
+    sdk_root_error: ClassVar[type[BaseException]]  # every error the SDK raises
 
     def __init__(self, model_name: str, *, provider: str, base_url: str | None,
                  api_key: str | SecretStr | None, timeout_s: float, client: C | None) -> None:
@@ -44,6 +50,41 @@ class SDKModel(Generic[C]):
 
     def _new_client(self, api_key: str) -> C:
         raise NotImplementedError
+
+    def _params(self, messages: Sequence[Message], tools: Sequence[Mapping[str, Any]],
+                settings: ModelSettings, output_schema: Mapping[str, Any] | None
+                ) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def _complete(self, params: dict[str, Any]) -> ModelResponse:
+        raise NotImplementedError
+
+    async def _stream(self, params: dict[str, Any], on_delta: DeltaHandler) -> ModelResponse:
+        raise NotImplementedError
+
+    async def request(self, messages: Sequence[Message], *,
+                      tools: Sequence[Mapping[str, Any]] = (),
+                      settings: ModelSettings | None = None,
+                      output_schema: Mapping[str, Any] | None = None,
+                      on_delta: DeltaHandler | None = None) -> ModelResponse:
+        """One call (streamed when `on_delta` is given); every failure is a
+        `ProviderError` subclass that says whether to retry."""
+        params = self._params(messages, tools, settings or ModelSettings(), output_schema)
+        headers = trace_headers()  # the step's span, so the provider call joins the trace
+        if headers is not None:
+            params["extra_headers"] = {**params.get("extra_headers", {}), **headers}
+        try:
+            if on_delta is not None:
+                return await self._stream(params, on_delta)
+            return await self._complete(params)
+        except ProviderError:
+            raise
+        except self.sdk_root_error as exc:
+            raise self._error(exc) from exc
+        except (ValueError, KeyError) as exc:  # a body the SDK could not decode
+            raise self._malformed(f"unreadable answer ({exc})") from exc
+        except Exception as exc:  # a transport error the SDK let through (a cut stream)
+            raise self._malformed(f"{type(exc).__name__}: {exc}") from exc
 
     def _client(self) -> C:
         """The client given, else one per event loop: its connection pool belongs to it."""

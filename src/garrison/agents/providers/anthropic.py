@@ -16,8 +16,7 @@ from garrison.agents._messages import Message, ModelResponse, ModelSettings, Too
 from garrison.agents._model import DeltaHandler
 from garrison.agents.providers._base import SDKModel
 from garrison.agents.providers._errors import provider_error
-from garrison.agents.providers._trace import trace_headers
-from garrison.errors import ContentFiltered, ProviderError
+from garrison.errors import ContentFiltered
 
 try:
     import anthropic
@@ -79,6 +78,7 @@ class AnthropicModel(SDKModel[anthropic.AsyncAnthropic]):
 
     base_url_env = "ANTHROPIC_BASE_URL"
     api_key_env = "ANTHROPIC_API_KEY"
+    sdk_root_error = anthropic.AnthropicError
     sdk_errors = (anthropic.APIStatusError, anthropic.APITimeoutError,
                   anthropic.APIConnectionError, anthropic.APIResponseValidationError)
 
@@ -121,28 +121,8 @@ class AnthropicModel(SDKModel[anthropic.AsyncAnthropic]):
         params.update(settings.extra)
         return params
 
-    async def request(self, messages: Sequence[Message], *,
-                      tools: Sequence[Mapping[str, Any]] = (),
-                      settings: ModelSettings | None = None,
-                      output_schema: Mapping[str, Any] | None = None,
-                      on_delta: DeltaHandler | None = None) -> ModelResponse:
-        """One Messages-API call (streamed when `on_delta` is given)."""
-        params = self._params(messages, tools, settings or ModelSettings(), output_schema)
-        headers = trace_headers()  # the step's span, so the provider call joins the trace
-        if headers is not None:
-            params["extra_headers"] = {**params.get("extra_headers", {}), **headers}
-        try:
-            if on_delta is not None:
-                return await self._stream(params, on_delta)
-            message = await self._client().messages.create(**params)
-        except ProviderError:
-            raise
-        except anthropic.AnthropicError as exc:
-            raise self._error(exc) from exc
-        except (ValueError, KeyError) as exc:
-            raise self._malformed(f"unreadable answer ({exc})") from exc
-        except Exception as exc:  # a transport error the SDK let through (a cut stream)
-            raise self._malformed(f"{type(exc).__name__}: {exc}") from exc
+    async def _complete(self, params: dict[str, Any]) -> ModelResponse:
+        message = await self._client().messages.create(**params)
         text: list[str] = []
         calls: list[ToolCall] = []
         for block in message.content or ():

@@ -16,8 +16,7 @@ from garrison.agents._messages import Message, ModelResponse, ModelSettings, Too
 from garrison.agents._model import DeltaHandler
 from garrison.agents.providers._base import SDKModel
 from garrison.agents.providers._errors import provider_error
-from garrison.agents.providers._trace import trace_headers
-from garrison.errors import ContentFiltered, ProviderError
+from garrison.errors import ContentFiltered
 
 try:
     import openai
@@ -65,6 +64,7 @@ class OpenAIModel(SDKModel[openai.AsyncOpenAI]):
 
     base_url_env = "OPENAI_BASE_URL"
     api_key_env = "OPENAI_API_KEY"
+    sdk_root_error = openai.OpenAIError
     sdk_errors = (openai.APIStatusError, openai.APITimeoutError, openai.APIConnectionError,
                   openai.APIResponseValidationError)
 
@@ -101,28 +101,8 @@ class OpenAIModel(SDKModel[openai.AsyncOpenAI]):
         params.update(settings.extra)
         return params
 
-    async def request(self, messages: Sequence[Message], *,
-                      tools: Sequence[Mapping[str, Any]] = (),
-                      settings: ModelSettings | None = None,
-                      output_schema: Mapping[str, Any] | None = None,
-                      on_delta: DeltaHandler | None = None) -> ModelResponse:
-        """One chat completion (streamed when `on_delta` is given)."""
-        params = self._params(messages, tools, settings or ModelSettings(), output_schema)
-        headers = trace_headers()  # the step's span, so the provider call joins the trace
-        if headers is not None:
-            params["extra_headers"] = {**params.get("extra_headers", {}), **headers}
-        try:
-            if on_delta is not None:
-                return await self._stream(params, on_delta)
-            completion = await self._client().chat.completions.create(**params)
-        except ProviderError:
-            raise
-        except openai.OpenAIError as exc:
-            raise self._error(exc) from exc
-        except (ValueError, KeyError) as exc:  # a body the SDK could not decode
-            raise self._malformed(f"unreadable answer ({exc})") from exc
-        except Exception as exc:  # a transport error the SDK let through (a cut stream)
-            raise self._malformed(f"{type(exc).__name__}: {exc}") from exc
+    async def _complete(self, params: dict[str, Any]) -> ModelResponse:
+        completion = await self._client().chat.completions.create(**params)
         if not getattr(completion, "choices", None):
             raise self._malformed("an answer without choices")
         choice = completion.choices[0]
