@@ -26,8 +26,5 @@ def annotate(**attributes: Any) -> None:
     call = current_step_call()
     if call is None:
         return
-    hooks = call.execution.worker.hooks
-    if not hooks:
-        return
-    for hook in hooks:
-        hook.step_annotated(call.info, attributes)
+    for notify in call.execution.worker.hooks.step_annotated:
+        notify(call.info, attributes)

@@ -475,7 +475,7 @@ class Garrison:
             return
         self.hooks.append(hook)
         if self.worker is not None:
-            self.worker.hooks = (*self.worker.hooks, hook)
+            self.worker.hooks = self.worker.hooks.added(hook)
 
     async def start(self, workflow: Callable[..., Awaitable[R]], *args: Any,
                     run_id: str | None = None, queue: str | Queue | None = None,

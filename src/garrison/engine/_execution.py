@@ -426,15 +426,16 @@ class RunExecution:
                                            started_at=self.worker.clock.time(), output=text))
         return value
 
-    def _emit(self, hook_name: str, *args: Any) -> None:
-        """Call a hook outside the workflow branch: a task it creates is not a fan-out."""
-        hooks = self.worker.hooks
-        if not hooks:
+    @staticmethod
+    def _emit(listeners: tuple[Callable[..., None], ...], *args: Any) -> None:
+        """Call an event's hooks outside the workflow branch: a task one creates is not
+        a fan-out."""
+        if not listeners:
             return
         token = enter_branch(None)
         try:
-            for hook in hooks:
-                getattr(hook, hook_name)(*args)
+            for notify in listeners:
+                notify(*args)
         finally:
             leave_branch(token)
 
@@ -533,7 +534,7 @@ class RunExecution:
             await self._wait_until(position, retrying.fire_at or 0.0)
         while True:
             info = StepInfo(self.run_id, position, step.name, attempt, f"{self.run_id}:{position}")
-            self._emit("step_started", info)
+            self._emit(self.worker.hooks.step_started, info)
             began = time.perf_counter()
             deadline = self.run.deadline_at
             tokens = enter_step(info, (deadline, self.worker.clock.time)
@@ -548,7 +549,7 @@ class RunExecution:
                 admit = getattr(step.retry, "admit", None)
                 if delay is not None and callable(admit) and not await admit(exc):
                     delay = None  # a shared retry budget is spent
-                self._emit("step_failed", info, exc, delay is not None)
+                self._emit(self.worker.hooks.step_failed, info, exc, delay is not None)
                 if delay is not None:
                     log.info("step.retry_scheduled", run_id=self.run_id, position=position,
                              step=step.name, attempt=attempt + 1, delay_s=delay)
@@ -566,15 +567,15 @@ class RunExecution:
                                       started_at=started_at, arity=arity, inputs=inputs,
                                       error=json.dumps(data), attempts=attempt)
                 await self._commit(record)
-                self._emit("step_committed", info)
+                self._emit(self.worker.hooks.step_committed, info)
                 # What the workflow sees now is what a replay will see: the journaled error.
                 raise error_from_data(data) from exc
             except BaseException as exc:
                 leave_step(tokens)  # cancelled (timeout, run cancel): the branch goes on
-                self._emit("step_interrupted", info, exc)
+                self._emit(self.worker.hooks.step_interrupted, info, exc)
                 raise
             leave_step(tokens)
-            self._emit("step_completed", info, time.perf_counter() - began)
+            self._emit(self.worker.hooks.step_completed, info, time.perf_counter() - began)
             try:
                 output, value = roundtrip(result, what=f"{where}: result")
             except SerializationError as exc:
@@ -590,7 +591,7 @@ class RunExecution:
                                   started_at=started_at, arity=arity, inputs=inputs,
                                   output=output, attempts=attempt)
             await self._commit(record)
-            self._emit("step_committed", info)
+            self._emit(self.worker.hooks.step_committed, info)
             return value
 
     # -- waits ---------------------------------------------------------------------

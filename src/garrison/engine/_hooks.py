@@ -7,14 +7,14 @@ hook propagates into the engine at that point (tests use this to simulate crashe
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from garrison.engine._context import StepInfo
     from garrison.store import RunRecord, RunStatus
 
-__all__ = ["EngineHooks"]
+__all__ = ["EngineHooks", "HookSet"]
 
 
 class EngineHooks:
@@ -65,3 +65,55 @@ class EngineHooks:
         called in the starting code's context: a W3C `traceparent`, optionally followed by
         one space and a `tracestate`. The first hook returning a value wins."""
         return None
+
+
+# The events a HookSet dispatches (every EngineHooks method).
+_EVENTS = ("run_started", "run_resumed", "run_parked", "run_finished", "step_started",
+           "step_completed", "step_committed", "step_failed", "step_interrupted",
+           "step_annotated", "run_detached", "lease_lost", "trace_context")
+
+
+class HookSet:
+    """A worker's hooks, sorted by event: for each `EngineHooks` method, the bound methods
+    of the hooks that override it, in order. An event no hook overrides costs the engine
+    one attribute read; a hook pays only for the events it listens to."""
+
+    __slots__ = ("hooks", *_EVENTS)
+
+    run_started: tuple[Callable[[RunRecord], None], ...]
+    run_resumed: tuple[Callable[[RunRecord, int], None], ...]
+    run_parked: tuple[Callable[[str, float | None], None], ...]
+    run_finished: tuple[Callable[[str, RunStatus], None], ...]
+    step_started: tuple[Callable[[StepInfo], None], ...]
+    step_completed: tuple[Callable[[StepInfo, float], None], ...]
+    step_committed: tuple[Callable[[StepInfo], None], ...]
+    step_failed: tuple[Callable[[StepInfo, BaseException, bool], None], ...]
+    step_interrupted: tuple[Callable[[StepInfo, BaseException], None], ...]
+    step_annotated: tuple[Callable[[StepInfo, Mapping[str, Any]], None], ...]
+    run_detached: tuple[Callable[[str], None], ...]
+    lease_lost: tuple[Callable[[str], None], ...]
+    trace_context: tuple[Callable[[RunRecord], str | None], ...]
+
+    def __init__(self, hooks: Iterable[EngineHooks] = ()) -> None:
+        self.hooks = tuple(hooks)
+        for event in _EVENTS:
+            default = getattr(EngineHooks, event)
+            listeners = []
+            for hook in self.hooks:
+                method = getattr(hook, event, None)
+                if method is not None and getattr(method, "__func__", None) is not default:
+                    listeners.append(method)
+            setattr(self, event, tuple(listeners))
+
+    def added(self, hook: EngineHooks) -> HookSet:
+        """These hooks and `hook` (last)."""
+        return HookSet((*self.hooks, hook))
+
+    def __bool__(self) -> bool:
+        return bool(self.hooks)
+
+    def __iter__(self) -> Iterator[EngineHooks]:
+        return iter(self.hooks)
+
+    def __len__(self) -> int:
+        return len(self.hooks)

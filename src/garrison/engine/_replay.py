@@ -30,6 +30,7 @@ from garrison.engine._codec import decode, error_from_data, error_to_data, round
 from garrison.engine._context import Branch, enter_branch, install_task_factory, leave_branch
 from garrison.engine._execution import RunExecution
 from garrison.engine._handle import RunHandle
+from garrison.engine._hooks import HookSet
 from garrison.engine._queues import DEFAULT_QUEUE, StartOptions
 from garrison.engine._registry import StepDef, WorkflowDef
 from garrison.errors import (
@@ -99,7 +100,7 @@ class _ReplaySide:
     def __init__(self, app: Garrison, run_id: str) -> None:
         self.app = app
         self.clock = app.clock
-        self.hooks: tuple[Any, ...] = ()
+        self.hooks = HookSet()
         self.worker_id = f"replay:{app.worker_id}"
         self.store = _NoStore(run_id)
 

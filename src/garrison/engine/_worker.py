@@ -23,7 +23,7 @@ from garrison._log import get_logger
 from garrison.engine._clock import Clock
 from garrison.engine._context import enter_branch
 from garrison.engine._execution import RunExecution, child_event_name
-from garrison.engine._hooks import EngineHooks
+from garrison.engine._hooks import EngineHooks, HookSet
 from garrison.engine._queues import Queue
 from garrison.engine._registry import WorkflowDef
 from garrison.errors import LeaseLostError, StoreError
@@ -55,7 +55,7 @@ class Worker:
         self.app = app
         self.store = store
         self.clock = clock
-        self.hooks = tuple(hooks)
+        self.hooks = HookSet(hooks)
         self.worker_id = worker_id
         self.poll_interval_s = poll_interval_s
         self.executor = ThreadPoolExecutor(max_workers=sync_step_threads,
@@ -210,21 +210,21 @@ class Worker:
                 entries = await self.store.load_journal(run.run_id)
                 execution.journal = {e.position: e for e in entries}
                 announced = True
-                for hook in self.hooks:
-                    hook.run_resumed(run, len(entries))
+                for on_resumed in self.hooks.run_resumed:
+                    on_resumed(run, len(entries))
                 log.debug("run.resumed", run_id=run.run_id, workflow=run.workflow_name,
                          journal_entries=len(entries), fence=run.fence)
             else:
                 announced = True
-                for hook in self.hooks:
-                    hook.run_started(run)
+                for on_started in self.hooks.run_started:
+                    on_started(run)
             await execution.drive()
         except StoreError as exc:
             self.store_failed(run.run_id, exc)
         finally:
             if announced:
-                for hook in self.hooks:
-                    hook.run_detached(run.run_id)
+                for on_detached in self.hooks.run_detached:
+                    on_detached(run.run_id)
         # The run leaves `live` in the task's done callback (`_forget_live`), however the
         # task ended.
 
@@ -233,8 +233,8 @@ class Worker:
         now (drop it); otherwise retry after a backoff."""
         if isinstance(error, LeaseLostError):
             log.warning("run.lease_lost", run_id=run_id, error=str(error))
-            for hook in self.hooks:
-                hook.lease_lost(run_id)
+            for on_lease_lost in self.hooks.lease_lost:
+                on_lease_lost(run_id)
             self.live.pop(run_id, None)
             self.store.forget(run_id)
             return
@@ -470,8 +470,8 @@ class Worker:
                 self._retry_at.pop(run_id, None)
                 if execution is not None:
                     log.warning("run.lease_lost", run_id=run_id)
-                    for hook in self.hooks:
-                        hook.lease_lost(run_id)
+                    for on_lease_lost in self.hooks.lease_lost:
+                        on_lease_lost(run_id)
                     execution.abandon()
 
     # -- run ends ------------------------------------------------------------------
@@ -482,8 +482,8 @@ class Worker:
         self._store_failures.pop(execution.run_id, None)
         if self.live.get(execution.run_id) is execution:
             del self.live[execution.run_id]
-        for hook in self.hooks:
-            hook.run_parked(execution.run_id, wake_at)
+        for on_parked in self.hooks.run_parked:
+            on_parked(execution.run_id, wake_at)
         if wake_at is not None:  # claim it back when it is due (any worker may)
             heapq.heappush(self._wake_hints, wake_at)
             if wake_at <= self.clock.time():
@@ -519,8 +519,8 @@ class Worker:
         if not changed:
             return False
         log.debug("run.finished", run_id=run.run_id, status=status.value)
-        for hook in self.hooks:
-            hook.run_finished(run.run_id, status)
+        for on_finished in self.hooks.run_finished:
+            on_finished(run.run_id, status)
         for future in self._result_waiters.pop(run.run_id, []):
             if not future.done():
                 future.set_result(None)

@@ -224,7 +224,7 @@ def test_without_instrument_no_opentelemetry_is_imported_and_no_hook_runs(
             async with app:
                 assert await (await app.start(flow)).result() == 1
                 assert (await agent.run(app, "1+2?")).output == "3"
-                assert app.worker is not None and app.worker.hooks == ()
+                assert app.worker is not None and not app.worker.hooks
                 run = await app.store.get_run((await app.start(flow, run_id="x")).run_id)
                 assert run is not None and run.trace_context is None
             loaded = sorted(m for m in sys.modules
