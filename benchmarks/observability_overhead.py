@@ -9,8 +9,10 @@ with no-op providers, alternated round after round in one process.
 Modes: `off` (no `instrument`: the engine's hook-less path), `noop` (`instrument` with
 OpenTelemetry's no-op tracer and meter providers: Garrison's hooks and the Prometheus
 registry still run), `on` (SDK providers: spans to an in-memory exporter through a
-BatchSpanProcessor, as in production; metrics to an in-memory reader) and `on-simple`
-(the same through a SimpleSpanProcessor: each span exported as it ends, as in tests).
+BatchSpanProcessor, as in production; metrics to an in-memory reader), `on-simple`
+(the same through a SimpleSpanProcessor: each span exported as it ends, as in tests)
+and `on-notable` (as `on`, with `step_spans="notable"`: no span for a quick successful
+step, which all of W1's and W2's steps are).
 Each mode has its own app and SQLite file (the hooks are per app); the apps stay open
 for the whole run, so their idle workers cost all modes alike.
 Targets (issue 8): on <= 10 %, off <= 1 %.
@@ -48,7 +50,7 @@ from garrison.observability import instrument
 
 W1_STEPS = 500
 W2_RUNS, W2_STEPS = 200, 10
-MODES = ("off", "noop", "on", "on-simple")
+MODES = ("off", "noop", "on", "on-simple", "on-notable")
 
 Flow = Callable[..., Coroutine[Any, Any, Any]]
 
@@ -93,6 +95,8 @@ async def measure(rounds: int, folder: str) -> tuple[dict[str, list[float]], int
     instrument(apps["on"][0], tracer_provider=tracer_provider, meter_provider=meter_provider)
     instrument(apps["on-simple"][0], tracer_provider=simple_provider,
                meter_provider=meter_provider)
+    instrument(apps["on-notable"][0], tracer_provider=tracer_provider,
+               meter_provider=meter_provider, step_spans="notable")
     samples: dict[str, list[float]] = {f"{w}_{m}": [] for w in ("w1", "w2") for m in MODES}
     spans = 0
     for app, _, _ in apps.values():

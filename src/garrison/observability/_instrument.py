@@ -67,7 +67,8 @@ class Instrumentation:
 def instrument(app: Garrison, *, tracer_provider: trace.TracerProvider | None = None,
                meter_provider: metrics.MeterProvider | None = None,
                capture_content: bool = False, redact: Redactor = no_redaction,
-               registry: CollectorRegistry | None = None) -> Instrumentation:
+               registry: CollectorRegistry | None = None, step_spans: str = "all",
+               slow_step_s: float = 0.1) -> Instrumentation:
     """Emit OpenTelemetry spans and metrics, and Prometheus metrics, for `app`'s runs.
 
     Call before or after `app.open()`; runs executing from then on are traced. Calling
@@ -83,6 +84,14 @@ def instrument(app: Garrison, *, tracer_provider: trace.TracerProvider | None = 
             governance supplies PII redaction).
         registry: the Prometheus registry for Garrison's metrics (default: a new one,
             in `Instrumentation.registry`).
+        step_spans: "all" (default): a span for every live step attempt, current while
+            its body runs. "notable": a span only for steps that call `annotate` (model
+            and tool calls), fail, are retries, are interrupted or take at least
+            `slow_step_s`; quick successful steps are counted on the run's span
+            instead. Spares the per-step span cost where steps are many and short
+            (see docs/observability.md, "What telemetry costs").
+        slow_step_s: with step_spans="notable", the duration from which a successful
+            step gets a span (default 0.1 s).
     """
     for hook in app.hooks:
         existing = getattr(hook, "instrumentation", None)
@@ -94,7 +103,7 @@ def instrument(app: Garrison, *, tracer_provider: trace.TracerProvider | None = 
     registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
     depth = QueueDepth(app)
     tracing = TracingHooks(tracer, worker_id=app.worker_id, capture_content=capture_content,
-                           redact=redact)
+                           redact=redact, step_spans=step_spans, slow_step_s=slow_step_s)
     watched: set[int] = set()
     holder: list[Instrumentation] = []
 

@@ -6,11 +6,22 @@ recorded with the run when it was started, so every segment of a run, in any wor
 after any number of crashes, is in the same trace; a resumed segment also links to that
 context and says how many journal entries it replayed. Replayed steps get no span: their
 work happened in an earlier segment, which has their spans.
+
+Step spans (`instrument(step_spans=...)`): with "all" (the default) every live step
+attempt has a span, current while its body runs, so spans the body makes (an HTTP
+client's, the application's) are its children. With "notable" a step gets its span only
+when it is worth reading: it describes itself (`annotate`: model and tool calls), fails,
+is a retry, is interrupted, or takes at least `slow_step_s`; the span then starts at the
+step's start (made when the step becomes notable, or when it ends) and spans its body
+made before that point are children of the run segment instead. The segment span counts
+the steps left without one (`garrison.run.steps_unspanned`). This spares the SDK's span
+work (tens of microseconds) on every quick, successful step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,10 +32,12 @@ from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer
 
 from garrison.engine import EngineHooks, StepInfo
 from garrison.observability._content import CONTENT_ATTRIBUTES, Redactor, content_json
-from garrison.observability._propagation import context_text, parent_context
+from garrison.observability._propagation import context_text, parent_context, span_text
 from garrison.store import RunRecord, RunStatus
 
-__all__ = ["TracingHooks"]
+__all__ = ["STEP_SPANS", "TracingHooks"]
+
+STEP_SPANS = ("all", "notable")  # instrument(step_spans=...)
 
 # GenAI operations that are calls to a model: their span is a CLIENT span of its own.
 _CLIENT_OPERATIONS = frozenset({"chat", "text_completion", "generate_content", "embeddings"})
@@ -37,13 +50,15 @@ class _Segment:
     span: Span
     token: object
     outcome: str = "released"  # until the run finishes or parks here
+    unspanned: int = 0  # quick successful steps without a span ("notable")
 
 
 @dataclass(slots=True)
 class _StepSpans:
-    span: Span
-    token: object
+    span: Span | None  # None until the step is notable (step_spans="notable")
+    token: object | None
     task: asyncio.Task[Any] | None
+    started_ns: int = 0
     client: Span | None = None
     client_token: object | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -72,13 +87,21 @@ class TracingHooks(EngineHooks):
     """Engine hooks that emit OpenTelemetry spans (see the module docstring)."""
 
     def __init__(self, tracer: Tracer, *, worker_id: str, capture_content: bool,
-                 redact: Redactor) -> None:
+                 redact: Redactor, step_spans: str = "all", slow_step_s: float = 0.1) -> None:
+        if step_spans not in STEP_SPANS:
+            raise ValueError(f"instrument(step_spans={step_spans!r}): one of "
+                             f"{', '.join(map(repr, STEP_SPANS))}")
+        if not slow_step_s >= 0:
+            raise ValueError(f"instrument(slow_step_s={slow_step_s!r}): seconds, >= 0")
         self.tracer = tracer
         self.worker_id = worker_id
         self.capture_content = capture_content
         self.redact = redact
+        self.every_step = step_spans == "all"
+        self.slow_step_s = slow_step_s
         self._segments: dict[str, _Segment] = {}
         self._steps: dict[tuple[str, str], _StepSpans] = {}
+        self._step_names: dict[str, str] = {}  # step name -> span name
 
     # -- runs ----------------------------------------------------------------------
 
@@ -87,13 +110,14 @@ class TracingHooks(EngineHooks):
             return context_text()
         # app.start: a short span marks the enqueue (under the caller's span, if any);
         # every segment of the run is its child.
-        with self.tracer.start_as_current_span(
-                f"start_workflow {run.workflow_name}", kind=SpanKind.PRODUCER,
-                attributes={"garrison.run_id": run.run_id,
-                            "garrison.workflow.name": run.workflow_name,
-                            "garrison.workflow.version": run.workflow_version,
-                            "garrison.queue": run.queue}):
-            return context_text()
+        span = self.tracer.start_span(
+            f"start_workflow {run.workflow_name}", kind=SpanKind.PRODUCER,
+            attributes={"garrison.run_id": run.run_id,
+                        "garrison.workflow.name": run.workflow_name,
+                        "garrison.workflow.version": run.workflow_version,
+                        "garrison.queue": run.queue})
+        span.end()
+        return span_text(span.get_span_context())
 
     def run_started(self, run: RunRecord) -> None:
         self._begin(run, None)
@@ -160,23 +184,52 @@ class TracingHooks(EngineHooks):
         if segment is None:
             return
         segment.span.set_attribute("garrison.run.outcome", segment.outcome)
+        if not self.every_step:
+            segment.span.set_attribute("garrison.run.steps_unspanned", segment.unspanned)
         segment.span.end()
         otel_context.detach(segment.token)  # type: ignore[arg-type]  # attach()'s token
 
     # -- steps ---------------------------------------------------------------------
 
     def step_started(self, step: StepInfo) -> None:
-        # The run id is on the segment span (the parent); fewer attributes, cheaper spans.
-        span = self.tracer.start_span(f"step {step.step_name}", kind=SpanKind.INTERNAL,
-                                      attributes={"garrison.step.position": step.position,
-                                                  "garrison.step.attempt": step.attempt})
+        if not self.every_step and step.attempt == 1:  # its span comes if it is notable
+            self._steps[(step.run_id, step.position)] = _StepSpans(
+                None, None, _current_task(), time.time_ns())
+            return
+        span = self._step_span(step, None)
         token = otel_context.attach(trace.set_span_in_context(span))
         self._steps[(step.run_id, step.position)] = _StepSpans(span, token, _current_task())
+
+    def _step_span(self, step: StepInfo, started_ns: int | None) -> Span:
+        # The run id is on the segment span (the parent); fewer attributes, cheaper spans.
+        name = self._step_names.get(step.step_name)
+        if name is None:
+            name = self._step_names[step.step_name] = f"step {step.step_name}"
+        attributes: dict[str, str | int] = {"garrison.step.position": step.position,
+                                           "garrison.step.attempt": step.attempt}
+        if started_ns is None:
+            return self.tracer.start_span(name, attributes=attributes)
+        segment = self._segments.get(step.run_id)
+        context = (trace.set_span_in_context(segment.span) if segment is not None
+                   else otel_context.Context())
+        return self.tracer.start_span(name, context=context, attributes=attributes,
+                                      start_time=started_ns)
+
+    def _notable(self, step: StepInfo, spans: _StepSpans, *, current: bool) -> Span:
+        """The step's span, made now (from the step's start) if it has none yet; made
+        current when asked and called from the step's own task."""
+        span = spans.span
+        if span is None:
+            span = spans.span = self._step_span(step, spans.started_ns)
+            if current and spans.task is not None and spans.task is _current_task():
+                spans.token = otel_context.attach(trace.set_span_in_context(span))
+        return span
 
     def step_annotated(self, step: StepInfo, attributes: Mapping[str, Any]) -> None:
         spans = self._steps.get((step.run_id, step.position))
         if spans is None:
             return
+        step_span = self._notable(step, spans, current=True)
         values: dict[str, Any] = {}
         for key, value in attributes.items():
             if key in CONTENT_ATTRIBUTES:
@@ -192,37 +245,46 @@ class TracingHooks(EngineHooks):
             name = str(hint or f"{operation} {attributes.get('gen_ai.request.model', '')}")
             spans.client = self.tracer.start_span(
                 name.strip(), kind=SpanKind.CLIENT, attributes=values,
-                context=trace.set_span_in_context(spans.span))
+                context=trace.set_span_in_context(step_span))
             if spans.task is not None and spans.task is _current_task():
                 # the provider's HTTP request carries this span's traceparent
                 spans.client_token = otel_context.attach(
                     trace.set_span_in_context(spans.client))
             return
-        target = spans.client or spans.span
+        target = spans.client or step_span
         if hint and spans.client is None:
             target.update_name(str(hint))
         target.set_attributes(values)
 
     def step_completed(self, step: StepInfo, duration_s: float) -> None:
         spans = self._steps.pop((step.run_id, step.position), None)
-        if spans is not None:
-            self._end(spans)
+        if spans is None:
+            return
+        if spans.span is None:
+            if duration_s < self.slow_step_s:
+                segment = self._segments.get(step.run_id)
+                if segment is not None:
+                    segment.unspanned += 1
+                return
+            self._notable(step, spans, current=False)
+        self._end(spans)
 
     def step_failed(self, step: StepInfo, error: BaseException, will_retry: bool) -> None:
         spans = self._steps.pop((step.run_id, step.position), None)
         if spans is None:
             return
+        step_span = self._notable(step, spans, current=False)
         error_type = type(error).__qualname__
-        for span in (spans.client, spans.span):
+        for span in (spans.client, step_span):
             if span is None:
                 continue
             span.record_exception(error)
             span.set_status(Status(StatusCode.ERROR, f"{error_type}: {error}"))
             span.set_attribute("error.type", error_type)
-        spans.span.set_attribute("garrison.step.will_retry", will_retry)
+        step_span.set_attribute("garrison.step.will_retry", will_retry)
         breaker = getattr(error, "breaker", None)
         if breaker is not None:  # CircuitOpenError: refused without a call
-            spans.span.add_event("garrison.breaker.rejected",
+            step_span.add_event("garrison.breaker.rejected",
                                  {"garrison.breaker.name": str(breaker),
                                   "garrison.breaker.state": str(getattr(error, "state", ""))})
         segment = self._segments.get(step.run_id)
@@ -235,8 +297,9 @@ class TracingHooks(EngineHooks):
     def step_interrupted(self, step: StepInfo, error: BaseException) -> None:
         spans = self._steps.pop((step.run_id, step.position), None)
         if spans is not None:
-            spans.span.add_event("garrison.step.interrupted",
-                                 {"garrison.reason": str(error) or type(error).__name__})
+            self._notable(step, spans, current=False).add_event(
+                "garrison.step.interrupted",
+                {"garrison.reason": str(error) or type(error).__name__})
             self._end(spans)
 
     def _end(self, spans: _StepSpans) -> None:
@@ -244,5 +307,7 @@ class TracingHooks(EngineHooks):
             spans.client.end()
             if spans.client_token is not None:
                 otel_context.detach(spans.client_token)  # type: ignore[arg-type]  # attach()'s
-        spans.span.end()
-        otel_context.detach(spans.token)  # type: ignore[arg-type]  # attach()'s token
+        if spans.span is not None:
+            spans.span.end()
+        if spans.token is not None:
+            otel_context.detach(spans.token)  # type: ignore[arg-type]  # attach()'s token

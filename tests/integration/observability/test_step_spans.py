@@ -1,0 +1,119 @@
+"""instrument(step_spans="notable"): spans only for steps worth reading; the rest counted."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.trace import StatusCode
+
+from garrison import Context, Garrison
+from garrison.engine import annotate
+from garrison.resilience import Retry
+from tests.integration.observability.conftest import Telemetry
+
+
+def _app(tmp_path: Path) -> tuple[Garrison, Callable[..., Coroutine[Any, Any, str]]]:
+    app = Garrison(f"sqlite:///{tmp_path}/g.db")
+    attempts = {"flaky": 0}
+
+    @app.step(name="quick")
+    async def quick(i: int) -> int:
+        return i
+
+    @app.step(name="slow")
+    async def slow() -> str:
+        await asyncio.sleep(0.06)
+        return "slow"
+
+    @app.step(name="described")
+    async def described() -> str:
+        annotate(**{"shop.order": "o-7"})
+        # made current from annotate() on: a span the body makes now is its child
+        with trace.get_tracer("shop").start_as_current_span("shop.lookup"):
+            pass
+        return "described"
+
+    @app.step(name="flaky", retry=Retry(max_attempts=2, base=0.0, cap=0.0))
+    async def flaky() -> str:
+        attempts["flaky"] += 1
+        if attempts["flaky"] == 1:
+            raise ConnectionError("reset by peer")
+        return "ok"
+
+    @app.step(name="broken")
+    async def broken() -> None:
+        raise ValueError("bad input")
+
+    @app.workflow(name="mixed")
+    async def mixed(ctx: Context) -> str:
+        for i in range(5):
+            await quick(i)
+        await slow()
+        await described()
+        await flaky()
+        with contextlib.suppress(ValueError):
+            await broken()
+        return "done"
+
+    return app, mixed
+
+
+async def test_notable_steps_have_spans_and_quick_ones_are_counted(
+        tmp_path: Path, telemetry: Telemetry, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(trace, "get_tracer",
+                        lambda name, *a, **k: telemetry.tracer_provider.get_tracer(name))
+    app, mixed = _app(tmp_path)
+    telemetry.attach(app, step_spans="notable", slow_step_s=0.05)
+    async with app:
+        assert await (await app.start(mixed, run_id="m")).result(
+            timeout=10) == "done"
+
+    names = sorted(s.name for s in telemetry.spans() if s.name.startswith("step "))
+    assert names == ["step broken", "step described", "step flaky", "step flaky", "step slow"]
+    run = telemetry.one("invoke_workflow mixed")
+    assert dict(run.attributes or {})["garrison.run.steps_unspanned"] == 5
+    for span in telemetry.spans():
+        if span.name.startswith("step "):
+            assert span.parent is not None and span.parent.span_id == run.context.span_id
+            assert span.start_time is not None and span.end_time is not None
+            assert run.start_time is not None and span.start_time >= run.start_time
+    slow = telemetry.one("step slow")
+    assert slow.end_time is not None and slow.start_time is not None
+    assert slow.end_time - slow.start_time >= 50_000_000  # from the step's own start
+    described = telemetry.one("step described")
+    assert dict(described.attributes or {})["shop.order"] == "o-7"
+    lookup = telemetry.one("shop.lookup")
+    assert lookup.parent is not None and lookup.parent.span_id == described.context.span_id
+    first, second = telemetry.named("step flaky")
+    assert first.status.status_code is StatusCode.ERROR
+    assert dict(first.attributes or {})["garrison.step.will_retry"] is True
+    assert second.status.status_code is StatusCode.UNSET  # a retried step's success
+    broken = telemetry.one("step broken")
+    assert broken.status.status_code is StatusCode.ERROR
+    assert [e.name for e in broken.events] == ["exception"]
+
+
+async def test_all_is_the_default_and_spans_every_step(tmp_path: Path,
+                                                       telemetry: Telemetry) -> None:
+    app, mixed = _app(tmp_path)
+    telemetry.attach(app)
+    async with app:
+        await (await app.start(mixed, run_id="m")).result(timeout=10)
+    assert len(telemetry.named("step quick")) == 5
+    run = telemetry.one("invoke_workflow mixed")
+    assert "garrison.run.steps_unspanned" not in dict(run.attributes or {})
+
+
+def test_bad_step_span_options_name_the_field(tmp_path: Path, telemetry: Telemetry) -> None:
+    app = Garrison(f"sqlite:///{tmp_path}/g.db")
+    with pytest.raises(ValueError, match=r"step_spans='some'.*'all', 'notable'"):
+        telemetry.attach(app, step_spans="some")
+    with pytest.raises(ValueError, match=r"slow_step_s=-1"):
+        telemetry.attach(app, step_spans="notable", slow_step_s=-1)
+    assert not app.hooks  # nothing attached by a refused call
