@@ -20,7 +20,7 @@ from garrison._log import get_logger
 from garrison.agents._budget import Budget, call_signature
 from garrison.agents._messages import Message, ModelSettings, ToolCall, Usage
 from garrison.agents._tools import result_text
-from garrison.engine import Context, annotate, current_step, publish
+from garrison.engine import Context, annotate, current_step, publish, record_event
 from garrison.errors import (
     CircuitOpenError,
     DeadlineExceeded,
@@ -240,6 +240,11 @@ async def _call_models(app: Garrison, state: _State) -> _Reply:
                 # retries (or cannot serve at all) is not paid again on every turn.
                 state.model_floor[active.name] = index + 1
                 state.fallbacks.append(model.name)
+                record_event("garrison.model.fallback", **{
+                    "gen_ai.agent.name": active.name, "garrison.fallback.from": model.name,
+                    "garrison.fallback.to": active.models[index + 1].name,
+                    "garrison.fallback.reason": "error",
+                    "error.type": getattr(exc, "kind", None) or type(exc).__name__})
                 # Whatever it streamed before failing is not the answer.
                 await state.publish("agent.reset", {"agent": active.name},
                                     f"fallback:{state.turns}")
@@ -423,6 +428,10 @@ def _next_model_for_output(state: _State) -> None:
             errors=dict(state.output_errors))
     state.model_floor[active.name] = current + 1
     state.fallbacks.append(state.last_model)
+    record_event("garrison.model.fallback", **{
+        "gen_ai.agent.name": active.name, "garrison.fallback.from": state.last_model,
+        "garrison.fallback.to": names[current + 1],
+        "garrison.fallback.reason": "output_validation"})
     state.output_repairs = 0
     log.warning("agent.output_fallback", run_id=state.run_id, agent=active.name,
                 model=state.last_model, to=names[current + 1])

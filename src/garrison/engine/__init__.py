@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from garrison.engine._annotate import annotate
+from garrison.engine._annotate import annotate, record_event
 from garrison.engine._app import Garrison, new_run_id
 from garrison.engine._clock import Clock, SystemClock
 from garrison.engine._context import Context, StepInfo, current_step, remaining
@@ -30,5 +30,6 @@ __all__ = [
     "current_step",
     "new_run_id",
     "publish",
+    "record_event",
     "remaining",
 ]

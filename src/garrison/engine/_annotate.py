@@ -1,12 +1,13 @@
-"""`annotate`: a step body describes itself to observers, without importing them."""
+"""`annotate` and `record_event`: running code describes itself to observers (the
+engine's hooks), without importing them."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from garrison.engine._context import current_step_call
+from garrison.engine._context import current_branch, current_step_call, enter_branch, leave_branch
 
-__all__ = ["annotate"]
+__all__ = ["annotate", "record_event"]
 
 
 def annotate(**attributes: Any) -> None:
@@ -28,3 +29,34 @@ def annotate(**attributes: Any) -> None:
         return
     for notify in call.execution.worker.hooks.step_annotated:
         notify(call.info, attributes)
+
+
+def record_event(name: str, **attributes: Any) -> None:
+    """Tell the engine's hooks that something happened now (`EngineHooks.run_event`):
+    observability adds it as a span event (on the step's span in a step body, on the
+    run's span in workflow code) and counts Garrison's own events (`garrison.*`).
+
+    In workflow code an event is reported only where the run is live, not while it
+    replays its journal after a crash or a wake-up: an event between two journaled
+    operations is reported once, or again if the process died before the next one
+    was journaled (at least once). Values as for `annotate`. Not journaled; outside
+    runs, or without hooks, it does nothing.
+    """
+    call = current_step_call()
+    if call is not None:
+        for notify in call.execution.worker.hooks.run_event:
+            notify(call.info.run_id, call.info, name, attributes)
+        return
+    branch = current_branch()
+    if branch is None:
+        return
+    execution = branch.execution
+    listeners = execution.worker.hooks.run_event
+    if not listeners or branch.replaying():
+        return
+    token = enter_branch(None)  # a task a hook creates is not a fan-out of the run
+    try:
+        for notify in listeners:
+            notify(execution.run_id, None, name, attributes)
+    finally:
+        leave_branch(token)

@@ -47,6 +47,12 @@ class Branch:
     def fork(self) -> Branch:
         return Branch(self.execution, self.next_position())
 
+    def replaying(self) -> bool:
+        """Whether this branch's next operation is already in the journal: the code
+        running now ran before, in an earlier segment of the run."""
+        following = f"{self.path}.{self.counter + 1}" if self.path else str(self.counter + 1)
+        return following in self.execution.journal
+
 
 _branch: contextvars.ContextVar[Branch | None] = contextvars.ContextVar(
     "garrison_branch", default=None

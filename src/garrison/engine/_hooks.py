@@ -52,6 +52,13 @@ class EngineHooks:
         """The step's body described itself with `garrison.engine.annotate(...)`. Called
         from the body's own thread (a synchronous step runs in the step thread pool)."""
 
+    def run_event(self, run_id: str, step: StepInfo | None, name: str,
+                  attributes: Mapping[str, Any]) -> None:
+        """Running code reported an event (`garrison.engine.record_event`): `step` is
+        the step whose body reported it, None for workflow code (reported only where
+        the run is live, not during a replay). Called from a synchronous step's thread
+        for such a step."""
+
     def run_detached(self, run_id: str) -> None:
         """This process stopped executing the run: it finished, parked, was handed back,
         lost its lease or hit a store failure. Once per `run_started`/`run_resumed`, in
@@ -70,7 +77,7 @@ class EngineHooks:
 # The events a HookSet dispatches (every EngineHooks method).
 _EVENTS = ("run_started", "run_resumed", "run_parked", "run_finished", "step_started",
            "step_completed", "step_committed", "step_failed", "step_interrupted",
-           "step_annotated", "run_detached", "lease_lost", "trace_context")
+           "step_annotated", "run_event", "run_detached", "lease_lost", "trace_context")
 
 
 class HookSet:
@@ -90,6 +97,7 @@ class HookSet:
     step_failed: tuple[Callable[[StepInfo, BaseException, bool], None], ...]
     step_interrupted: tuple[Callable[[StepInfo, BaseException], None], ...]
     step_annotated: tuple[Callable[[StepInfo, Mapping[str, Any]], None], ...]
+    run_event: tuple[Callable[[str, StepInfo | None, str, Mapping[str, Any]], None], ...]
     run_detached: tuple[Callable[[str], None], ...]
     lease_lost: tuple[Callable[[str], None], ...]
     trace_context: tuple[Callable[[RunRecord], str | None], ...]

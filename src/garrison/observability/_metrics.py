@@ -139,6 +139,9 @@ class MetricsHooks(EngineHooks):
             explicit_bucket_boundaries_advisory=list(_DURATION_BUCKETS))
         self._o_cost = meter.create_counter(
             "garrison.gen_ai.cost", unit="USD", description="Model call cost")
+        self._o_events = meter.create_counter(
+            "garrison.events", unit="{event}",
+            description="Garrison's own run events (model fallbacks, supervisor restarts)")
         meter.create_observable_gauge("garrison.queue.depth", [self._observe_depth],
                                       unit="{run}", description="Runs waiting per queue")
         # Prometheus
@@ -171,6 +174,8 @@ class MetricsHooks(EngineHooks):
             buckets=_DURATION_BUCKETS)
         self._p_cost = counter("garrison_gen_ai_cost_usd", "Model call cost in USD.",
                                ["provider", "model"])
+        self._p_events = counter("garrison_events", "Garrison's own run events (model "
+                                 "fallbacks, supervisor restarts), by name.", ["event"])
         registry.register(_QueueDepthCollector(depth))
 
     def flush(self) -> None:
@@ -214,6 +219,12 @@ class MetricsHooks(EngineHooks):
 
     def run_detached(self, run_id: str) -> None:
         self._workflows.pop(run_id, None)
+
+    def run_event(self, run_id: str, step: StepInfo | None, name: str,
+                  attributes: Mapping[str, Any]) -> None:
+        if name.startswith("garrison."):  # the application's own names may be unbounded
+            self._o_events.add(1, {"garrison.event.name": name})
+            self._p_events.labels(name).inc()
 
     def lease_lost(self, run_id: str) -> None:
         self._o_leases.add(1)

@@ -302,6 +302,19 @@ class TracingHooks(EngineHooks):
                 {"garrison.reason": str(error) or type(error).__name__})
             self._end(spans)
 
+    def run_event(self, run_id: str, step: StepInfo | None, name: str,
+                  attributes: Mapping[str, Any]) -> None:
+        values = {key: converted for key, value in attributes.items()
+                  if (converted := _attribute(value)) is not None}
+        if step is not None:
+            spans = self._steps.get((step.run_id, step.position))
+            if spans is not None:
+                self._notable(step, spans, current=True).add_event(name, values)
+                return
+        segment = self._segments.get(run_id)
+        if segment is not None:
+            segment.span.add_event(name, values)
+
     def _end(self, spans: _StepSpans) -> None:
         if spans.client is not None:
             spans.client.end()

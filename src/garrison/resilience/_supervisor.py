@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from garrison.engine import record_event
 from garrison.errors import ConfigurationError, SupervisorEscalated
 
 if TYPE_CHECKING:
@@ -182,11 +183,17 @@ class _Tree:
             decision = decide(self.spec, frozenset(self.running), index,
                               tuple(self.restarts), self.ctx.now().timestamp())
             self.restarts = list(decision.restarts)
+            child = self.spec.children[index]
             for other in decision.stop:
                 await self.stop(other)
             if decision.escalate:
                 spec = self.spec
                 error = (ended.get("error") or {}).get("message") or ended["status"]
+                record_event("garrison.supervisor.escalated", **{
+                    "garrison.supervisor.name": spec.name, "garrison.child.label": child.label,
+                    "garrison.child.run_id": ended["run_id"],
+                    "garrison.child.status": ended["status"],
+                    "garrison.supervisor.restarts_in_period": len(self.restarts)})
                 raise SupervisorEscalated(
                     f"supervisor {spec.name!r}: more than {spec.intensity} restarts within "
                     f"{spec.period:g} s (last: child {ended['run_id']} ended "
@@ -196,6 +203,14 @@ class _Tree:
                 low, high = self.spec.backoff
                 wait = min(high, low * 2 ** (len(self.restarts) - 1)) * self.ctx.random()
                 await self.ctx.sleep(dt.timedelta(seconds=wait))
+            record_event("garrison.supervisor.restart", **{
+                "garrison.supervisor.name": self.spec.name,
+                "garrison.supervisor.strategy": self.spec.strategy,
+                "garrison.child.label": child.label, "garrison.child.run_id": ended["run_id"],
+                "garrison.child.status": ended["status"],
+                "garrison.supervisor.restarting": [self.spec.children[i].label
+                                                   for i in sorted(decision.start)],
+                "garrison.supervisor.restarts_in_period": len(self.restarts)})
             for target in decision.start:
                 await self.start(target)
 
