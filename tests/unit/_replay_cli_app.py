@@ -22,3 +22,10 @@ async def twice(ctx: Context, x: int) -> int:
     if VARIANT == "changed":
         doubled = await double(doubled)  # a step the recorded runs never took
     return doubled
+
+
+@app.workflow(name="pair")
+async def pair(ctx: Context, x: int) -> int:
+    first = await ctx.start_child(twice, x, run_id=f"{ctx.run_id}/a")
+    second = await ctx.start_child(twice, x + 1, run_id=f"{ctx.run_id}/b")
+    return int(await first.result()) + int(await second.result())

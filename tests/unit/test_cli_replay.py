@@ -92,3 +92,24 @@ async def test_runs_fork_prints_the_new_run_which_a_worker_continues(tmp_path: P
     assert bad.returncode == 2 and "at_step=-1" in bad.stdout
     not_json = _garrison(url, "same", "fork", first, "--at", "1", "--args", "[oops")
     assert not_json.returncode == 2 and "not JSON" in not_json.stdout
+
+
+async def test_runs_replay_children_walks_the_tree_and_names_the_child_that_diverges(
+        tmp_path: Path) -> None:
+    from tests.unit import _replay_cli_app as code
+
+    url = f"sqlite:///{tmp_path}/g.db"
+    app = Garrison(url)
+    app.registry = code.app.registry
+    async with app:
+        assert await (await app.start(code.pair, 1, run_id="p")).result(timeout=10) == 6
+
+    same = _garrison(url, "same", "replay", "p", "--children")
+    assert same.returncode == 0, same.stdout + same.stderr
+    assert same.stdout.splitlines() == [
+        "ok p: 4 entries, finished (pair v1)", "ok p/a: 1 entries, finished (twice v1)",
+        "ok p/b: 1 entries, finished (twice v1)"]
+    changed = _garrison(url, "changed", "replay", "p", "--children")
+    assert changed.returncode == 1, changed.stdout + changed.stderr
+    assert changed.stdout.startswith("diverged p/a at position 2: ")
+    assert _garrison(url, "changed", "replay", "p").returncode == 0  # the parent agrees

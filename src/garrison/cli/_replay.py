@@ -61,6 +61,8 @@ def runs_replay(
     version: Annotated[str | None, typer.Option(
         help="Replay with this registered version (default: the run's own if registered, "
              "else the newest).")] = None,
+    children: Annotated[bool, typer.Option(
+        "--children", help="Also replay each run's child runs, and theirs.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Replay runs against the --app's code, with no side effects: exit 1 if any
@@ -75,10 +77,11 @@ def runs_replay(
         async with client:
             for run_id in run_ids:
                 try:
-                    outcome: Any = await client.replay(run_id, version=version)
-                except GarrisonError as exc:
-                    outcome = exc
-                lines.append(_replayed(run_id, outcome))
+                    report = await client.replay(run_id, version=version, children=children)
+                except GarrisonError as exc:  # a child's divergence names the child
+                    lines.append(_replayed(getattr(exc, "run_id", None) or run_id, exc))
+                    continue
+                lines.extend(_replayed(r.run_id, r) for r in report.walk())
         return lines
 
     try:

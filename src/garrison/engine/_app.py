@@ -638,7 +638,8 @@ class Garrison:
             self.worker.poke()
         return RunHandle(self, run_id)
 
-    async def replay(self, run_id: str, *, version: str | None = None) -> ReplayReport:
+    async def replay(self, run_id: str, *, version: str | None = None,
+                     children: bool = False) -> ReplayReport:
         """Re-run a run's workflow code against its journal, with no side effects.
 
         Every journaled operation must be found at its position (same kind, name and
@@ -651,16 +652,20 @@ class Garrison:
             version: the code version to replay with. Default: the run's own version if
                 registered here, else the version of its workflow registered last, so a
                 CI gate can replay old journals against new code.
+            children: also replay the run's child workflows (`ctx.start_child`, agents
+                as tools, supervised children), and theirs, each with its own version
+                chosen as above; their reports are in `ReplayReport.children`.
 
         Raises:
-            NonDeterminismError: the code diverges from the journal (its `position`,
-                `journal` and `code` say where and how; position None: the outcome).
+            NonDeterminismError: the code diverges from the journal (its `run_id`,
+                `position`, `journal` and `code` say where and how; position None: the
+                outcome); with `children`, the first run of the tree that diverges.
             RunNotFoundError: no such run.
             ConfigurationError: the run's workflow (or `version`) is not registered here.
         """
         self._require_open("replay")
         self._refuse_in_workflow("replay")
-        return await replay_run(self, run_id, version=version)
+        return await replay_run(self, run_id, version=version, children=children)
 
     async def fork(self, from_run_id: str, /, at_step: int, *, args: Any = None,
                    run_id: str | None = None, version: str | None = None) -> RunHandle[Any]:

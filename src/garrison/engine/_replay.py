@@ -51,6 +51,7 @@ T = TypeVar("T")
 
 _ENDED = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.QUARANTINED})
 _DEADLINE_ERROR = "garrison.errors.DeadlineExceeded"
+_CHILDREN_LIMIT = 100_000  # child runs of one run replayed by replay(children=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +70,9 @@ class ReplayReport:
             False: the run is unfinished and the replay stopped at the end of its
             journal, "consistent so far".
         stopped_at: where the replay stopped (positions, dotted), when not `finished`.
+        children: with `replay(children=True)`, the reports of its child runs (each
+            replayed with its own code version, and their children in turn), in the
+            order they were created.
     """
 
     run_id: str
@@ -79,6 +83,11 @@ class ReplayReport:
     entries: int
     finished: bool
     stopped_at: tuple[str, ...] = ()
+    children: tuple[ReplayReport, ...] = ()
+
+    def walk(self) -> list[ReplayReport]:
+        """This report and its children's, depth first."""
+        return [self, *(r for child in self.children for r in child.walk())]
 
 
 class _NoStore:
@@ -403,13 +412,20 @@ async def _load_run(app: Garrison, run_id: str) -> RunRecord:
     return run
 
 
-async def replay_run(app: Garrison, run_id: str, *, version: str | None = None
-                     ) -> ReplayReport:
-    """Replay one run (see `Garrison.replay`)."""
+async def replay_run(app: Garrison, run_id: str, *, version: str | None = None,
+                     children: bool = False) -> ReplayReport:
+    """Replay one run, and with `children` its child runs in turn (see
+    `Garrison.replay`)."""
     run = await _load_run(app, run_id)
     definition = replayed_workflow(app, run, version)
     journal = await app.store.load_journal(run_id)
-    return await ReplayExecution(app, run, definition, journal).replay()
+    report = await ReplayExecution(app, run, definition, journal).replay()
+    if not children:
+        return report
+    kids = await app.store.list_runs(parent_run_id=run_id, limit=_CHILDREN_LIMIT)
+    kids = sorted(kids, key=lambda kid: (kid.created_at, kid.run_id))
+    return dataclasses.replace(report, children=tuple(
+        [await replay_run(app, kid.run_id, children=True) for kid in kids]))
 
 
 def forked_entries(journal: Sequence[StepRecord], at_step: int) -> list[StepRecord]:

@@ -78,6 +78,11 @@ def build(url: str, variant: str = "same", *, worker: bool = True
         parts = await asyncio.gather(*(part(n + i) for i in range(3)))
         return sum(parts) + await charge(n)
 
+    @app.workflow(name="orders")
+    async def orders(ctx: Context, skus: list[str]) -> int:
+        handles = [await ctx.start_child(order, sku, 100) for sku in skus]
+        return sum([(await h.result())["c"] for h in handles])
+
     return app, calls
 
 
@@ -377,3 +382,28 @@ async def test_fork_of_a_parked_run_drops_the_pending_wait(db_url: str) -> None:
         await owner.send(fork.run_id, "approved", "yes")
         assert await fork.result(timeout=10) == "yes"
         assert await owner.handle(parked).status() is RunStatus.WAITING
+
+
+# -- replay into children ------------------------------------------------------------
+
+
+async def test_replay_with_children_replays_the_tree_and_names_a_diverging_child(
+        db_url: str) -> None:
+    parent = await _completed(db_url, "orders", ["a", "b"])
+    app, calls = build(db_url, "same")
+    async with app:
+        alone = await app.replay(parent)
+        tree = await app.replay(parent, children=True)
+    assert alone.children == () and alone.finished
+    assert [r.workflow_name for r in tree.walk()] == ["orders", "order", "order"]
+    assert all(r.finished and r.run_status is RunStatus.COMPLETED for r in tree.walk())
+    assert [r.entries for r in tree.children] == [2, 2]
+    assert not calls  # no step body ran, in the parent or a child
+
+    changed, _ = build(db_url, "renamed")  # the children's code changed, not the parent's
+    async with changed:
+        assert (await changed.replay(parent)).finished
+        with pytest.raises(NonDeterminismError) as caught:
+            await changed.replay(parent, children=True)
+    assert caught.value.run_id in {r.run_id for r in tree.children}  # type: ignore[attr-defined]
+    assert caught.value.position == "1"  # type: ignore[attr-defined]
