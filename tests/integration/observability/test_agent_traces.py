@@ -90,20 +90,23 @@ def attrs(span: ReadableSpan) -> dict[str, Any]:
     return dict(span.attributes or {})
 
 
+# An agent's steps are model and tool calls, which annotate themselves: with
+# step_spans="notable" its trace is the same span for span.
+@pytest.mark.parametrize("step_spans", ["all", "notable"])
 async def test_multi_agent_run_with_a_crash_is_one_trace_with_genai_spans(
-        tmp_path: Path, server: LLMServer, telemetry: Telemetry) -> None:
+        tmp_path: Path, server: LLMServer, telemetry: Telemetry, step_spans: str) -> None:
     outbound = Outbound()
     triage = agents(outbound.model(server))
     url = f"sqlite:///{tmp_path}/g.db"
     first = Garrison(url, worker_id="w-first")
-    telemetry.attach(first)
+    telemetry.attach(first, step_spans=step_spans)
     async with first:
         await triage.start(first, "where is order 7?", run_id="conv")
         await asyncio.wait_for(gate["entered"].wait(), 10)
     gate["release"].set()  # the tool was interrupted by the close; it runs again
     second = Garrison(url, worker_id="w-second")
     second.add_agent(triage)  # registered before the worker starts, so it resumes the run
-    telemetry.attach(second)
+    telemetry.attach(second, step_spans=step_spans)
     async with second:
         result = await asyncio.wait_for(triage.result(second.handle("conv")), 20)
     assert result.output == "Order 7 is Research says: all good."
