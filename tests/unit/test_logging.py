@@ -1,5 +1,6 @@
 """`configure_logging`: run context on every line, escaping, masked secrets, console
-mode, OpenTelemetry ids, and debug events filtered at info (real runs on tmp SQLite)."""
+mode, OpenTelemetry ids, debug events filtered at info, and standard-library `logging`
+records through the same processors (real runs on tmp SQLite)."""
 
 from __future__ import annotations
 
@@ -20,10 +21,19 @@ log = structlog.get_logger("tests.logging")
 
 
 @pytest.fixture(autouse=True)
-def _reset_structlog() -> Iterator[None]:
+def _reset_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
     yield
+    configure_logging(stdlib=False)  # removes the root handler a test's call installed
     structlog.reset_defaults()
     structlog.contextvars.clear_contextvars()
+    root.setLevel(level)
+    assert [h for h in root.handlers if h not in handlers and _is_ours(h)] == []
+
+
+def _is_ours(handler: logging.Handler) -> bool:
+    return type(handler).__module__ == "garrison.observability._logging"
 
 
 def lines(buffer: io.StringIO) -> list[dict[str, Any]]:
@@ -187,3 +197,195 @@ def test_worker_refuses_an_unknown_log_level_and_offers_the_formats() -> None:
     assert refused.exit_code == 2 and "--log-level loud" in refused.output
     bad_format = runner.invoke(cli, ["worker", "--app", "shop:app", "--log-format", "xml"])
     assert bad_format.exit_code == 2
+
+
+stdlib = logging.getLogger("tests.stdlib")
+
+
+def test_a_stdlib_record_outside_runs_has_logger_level_timestamp_and_extras() -> None:
+    out = io.StringIO()
+    configure_logging(json=True, file=out)
+    logging.getLogger("httpx").info("HTTP Request: %s %s", "POST", "https://api.x/v1")
+    stdlib.warning("stock low", extra={"sku": "A-1", "left": 2})
+    request, low = lines(out)
+    assert request["event"] == "HTTP Request: POST https://api.x/v1"
+    assert request["logger"] == "httpx" and request["level"] == "info"
+    assert "timestamp" in request and "run_id" not in request and "step" not in request
+    assert (low["event"], low["level"], low["sku"], low["left"]) == (
+        "stock low", "warning", "A-1", 2)
+    # Only the documented fields: no LogRecord internals, no "message" that an earlier
+    # handler (pytest's capture here) left on the record.
+    assert set(low) == {"event", "logger", "level", "timestamp", "sku", "left"}
+
+
+async def test_a_stdlib_record_in_a_step_body_carries_the_run_context(db_url: str) -> None:
+    out = io.StringIO()
+    configure_logging(json=True, file=out)
+    app = Garrison(db_url, worker_id="w-test")
+
+    @app.step()
+    async def charge(amount: int) -> int:
+        stdlib.info("charging %d", amount)
+        return amount
+
+    @app.step()
+    def receipt(amount: int) -> str:  # a sync step: runs in the worker's thread pool
+        stdlib.info("receipt for %d", amount)
+        return "ok"
+
+    @app.workflow(name="order")
+    async def order(ctx: Context, amount: int) -> str:
+        stdlib.info("order started")
+        await charge(amount)
+        return await receipt(amount)
+
+    async with app:
+        assert await (await app.start(order, 5, run_id="r1")).result(timeout=5) == "ok"
+    stdlib.info("after the run")
+
+    by_event = {line["event"]: line for line in lines(out) if line.get("logger") == stdlib.name}
+    charging = by_event["charging 5"]
+    assert (charging["run_id"], charging["worker"]) == ("r1", "w-test")
+    assert (charging["step"], charging["position"], charging["attempt"]) == ("charge", "1", 1)
+    in_thread = by_event["receipt for 5"]
+    assert (in_thread["run_id"], in_thread["step"], in_thread["position"]) == (
+        "r1", "receipt", "2")
+    started = by_event["order started"]
+    assert started["run_id"] == "r1" and "step" not in started
+    assert "run_id" not in by_event["after the run"]
+
+
+def test_a_stdlib_record_carries_bound_fields_and_the_otel_trace_ids() -> None:
+    out = io.StringIO()
+    configure_logging(json=True, file=out)
+    structlog.contextvars.bind_contextvars(worker="bound")
+    tracer = TracerProvider().get_tracer("tests")
+    with tracer.start_as_current_span("work") as span:
+        stdlib.info("inside")
+        context = span.get_span_context()
+    line = lines(out)[0]
+    assert line["worker"] == "bound"
+    assert line["trace_id"] == format(context.trace_id, "032x")
+    assert line["span_id"] == format(context.span_id, "016x")
+
+
+def test_a_stdlib_message_cannot_forge_a_json_line_or_recolour() -> None:
+    out = io.StringIO()
+    configure_logging(json=True, file=out)
+    stdlib.warning("user said %s", "hi\n{\"level\": \"error\"}\x1b[31mred\x1b[0m\x07",
+                   extra={"note": "a\x1b[2Jb"})
+    assert out.getvalue().count("\n") == 1 and "\x1b" not in out.getvalue()
+    line = lines(out)[0]
+    assert line["event"] == 'user said hi\n{"level": "error"}red'
+    assert line["note"] == "ab"
+
+
+def test_a_stdlib_message_is_escaped_on_one_console_line() -> None:
+    out = io.StringIO()
+    configure_logging(json=False, file=out)
+    stdlib.warning("user said %s", "hi\nFAKE [error] line\x1b[31mred",
+                   extra={"note": "x\ny"})
+    text = out.getvalue()
+    assert text.count("\n") == 1 and "\x1b" not in text
+    assert "user said hi\\nFAKE [error] line\\x1b[31mred" in text
+    assert "note='x\\ny'" in text and "[tests.stdlib]" in text and "warning" in text
+
+
+def test_secrets_in_stdlib_extras_and_dict_arguments_are_masked() -> None:
+    out = io.StringIO()
+    configure_logging(json=True, file=out)
+    stdlib.info("calling", extra={"api_key": "sk-1", "input_tokens": 3,
+                                  "headers": {"Authorization": "Bearer x", "accept": "json"}})
+    logging.getLogger("openai._base_client").info(
+        "Request options: %s", {"url": "/chat", "headers": {"X-Api-Key": "sk-2"}})
+    stdlib.info("user %(user)s with %(password)s", {"user": "ann", "password": "hunter2"})
+    extras, options, named = lines(out)
+    assert extras["api_key"] == MASK and extras["input_tokens"] == 3
+    assert extras["headers"] == {"Authorization": MASK, "accept": "json"}
+    assert options["event"] == "Request options: {'url': '/chat', 'headers': {'X-Api-Key': " \
+        "'***'}}"
+    assert named["event"] == "user ann with ***"
+    for secret in ("sk-1", "sk-2", "Bearer", "hunter2"):
+        assert secret not in out.getvalue()
+
+
+def test_a_stdlib_exception_is_a_json_string_field_without_escapes() -> None:
+    out = io.StringIO()
+    configure_logging(json=True, file=out)
+    try:
+        raise ValueError("boom \x1b[1m")
+    except ValueError:
+        stdlib.exception("charge failed")
+    line = lines(out)[0]
+    assert line["level"] == "error" and line["event"] == "charge failed"
+    assert line["exception"].startswith("Traceback (most recent call last)")
+    assert "ValueError: boom" in line["exception"] and "\x1b" not in line["exception"]
+
+
+def test_a_console_traceback_keeps_its_lines_and_escapes_control_characters() -> None:
+    out = io.StringIO()
+    configure_logging(json=False, file=out)
+    try:
+        raise ValueError("boom \x1b[1mbold\rback")
+    except ValueError:
+        stdlib.exception("stdlib failed")
+        log.exception("garrison failed")
+    text = out.getvalue()
+    assert "\x1b" not in text and "\r" not in text
+    assert text.count("Traceback (most recent call last):") == 2
+    assert text.count("ValueError: boom \\x1b[1mbold\\rback") == 2
+    assert "stdlib failed" in text and "garrison failed" in text
+
+
+def test_the_level_applies_to_stdlib_records() -> None:
+    out = io.StringIO()
+    configure_logging(json=True, level="warning", file=out)
+    stdlib.info("hidden")
+    stdlib.warning("shown")
+    assert [line["event"] for line in lines(out)] == ["shown"]
+    assert logging.getLogger().level == logging.WARNING
+
+    debug_out = io.StringIO()
+    configure_logging(json=True, level="debug", file=debug_out)
+    stdlib.debug("details")
+    assert [line["event"] for line in lines(debug_out)] == ["details"]
+
+
+def test_configuring_twice_keeps_one_handler_and_the_applications_own() -> None:
+    theirs = io.StringIO()
+    their_handler = logging.StreamHandler(theirs)
+    root = logging.getLogger()
+    root.addHandler(their_handler)
+    try:
+        first, second = io.StringIO(), io.StringIO()
+        configure_logging(json=True, file=first)
+        configure_logging(json=True, file=second)
+        stdlib.warning("once")
+        log.info("garrison")
+        assert first.getvalue() == ""
+        assert [line["event"] for line in lines(second)] == ["once", "garrison"]
+        assert theirs.getvalue() == "once\n"
+        assert their_handler in root.handlers
+        assert len([h for h in root.handlers if _is_ours(h)]) == 1
+    finally:
+        root.removeHandler(their_handler)
+
+
+def test_stdlib_false_leaves_the_root_logger_alone() -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.ERROR)
+    out = io.StringIO()
+    configure_logging(json=True, file=out, stdlib=False)
+    stdlib.error("not ours")
+    log.info("ours")
+    assert [line["event"] for line in lines(out)] == ["ours"]
+    assert root.level == logging.ERROR and not any(_is_ours(h) for h in root.handlers)
+
+    configure_logging(json=True, file=out)
+    configure_logging(json=True, file=out, stdlib=False)  # takes back the earlier handler
+    assert not any(_is_ours(h) for h in root.handlers)
+
+
+def test_an_unknown_level_is_refused_with_the_choices() -> None:
+    with pytest.raises(ValueError, match=r"level 'loud'.*debug, info, warning, error"):
+        configure_logging(level="loud")

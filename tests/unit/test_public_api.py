@@ -67,7 +67,8 @@ def test_observability_names_are_pinned() -> None:
 
     assert garrison.observability.__all__ == [
         "ControlCharEscaper", "Instrumentation", "MASK", "Redactor", "SECRET_KEY_PARTS",
-        "add_run_context", "add_trace_context", "configure_logging", "instrument",
+        "add_record_extras", "add_run_context", "add_trace_context", "configure_logging",
+        "instrument",
         "is_secret_key", "mask_secrets", "no_redaction",
     ]
     for name in garrison.observability.__all__:

@@ -4,6 +4,12 @@ The library never configures structlog (STYLE.md); an application calls
 `configure_logging()` once at start-up, and `garrison worker` / `garrison demo` do.
 Each processor is a small callable, usable on its own in a custom chain.
 
+Standard-library `logging` records (httpx, openai, asyncpg, an application's own
+`logging.getLogger`) go through the same processors: `configure_logging` puts one handler
+on the root logger whose formatter is structlog's `ProcessorFormatter`, so such a line
+also carries the run context and trace ids, its `extra=` fields, masked secrets (in the
+`%`-arguments too, before they are formatted) and escaped text.
+
 Cost. With the level at info, a debug call from the engine goes through structlog's
 filtering bound logger, whose debug method does nothing: ≈ 3 µs a call here, against
 ≈ 0.5 ms for unconfigured structlog's console line. Loggers are not cached on first
@@ -13,7 +19,9 @@ effect for the engine's module-level loggers too; caching would save ≈ 1.6 µs
 
 from __future__ import annotations
 
+import copy
 import functools
+import logging
 import re
 import sys
 from collections.abc import Callable, Mapping, MutableMapping
@@ -25,6 +33,7 @@ __all__ = [
     "ControlCharEscaper",
     "MASK",
     "SECRET_KEY_PARTS",
+    "add_record_extras",
     "add_run_context",
     "add_trace_context",
     "configure_logging",
@@ -53,6 +62,10 @@ _ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?)"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 _MAX_DEPTH = 4
+_LEVELS = ("debug", "info", "warning", "error", "critical")
+# What every LogRecord holds, and what formatters add to one: not `extra=` fields.
+_RECORD_KEYS = frozenset(logging.makeLogRecord({}).__dict__) | {
+    "message", "asctime", "taskName", "_record", "_from_structlog"}
 _STRUCTLOG_KEYS = frozenset({"exc_info", "stack_info"})  # structlog's own, not user text
 
 
@@ -99,6 +112,13 @@ def _escape_text(text: str) -> str:
     return text if text.isprintable() else _CONTROL.sub(_escape_char, text)
 
 
+def _escape_keeping_lines(text: str) -> str:
+    # Console traceback: its lines stay lines; every other control character is escaped.
+    if text.isprintable():
+        return text
+    return "\n".join(_escape_text(line) for line in text.split("\n"))
+
+
 def _strip_text(text: str) -> str:
     # JSON mode: the encoder escapes \n, \r and \t (a traceback keeps its lines); every
     # other control character and escape sequence goes.
@@ -143,10 +163,12 @@ class ControlCharEscaper:
     Console mode (`strip=False`): a string value with such characters is shown quoted
     and escaped, `'a\\nb\\x1b[31m'` (it becomes an object whose `repr` is that, since
     the console renderer shows objects by `repr`, which also escapes nested strings);
-    the event name and keys are escaped in place. So a value can neither start a fake
-    line nor recolour the terminal. JSON mode (`strip=True`): the encoder already quotes
-    and escapes; ANSI sequences and control characters other than newline, CR and tab
-    are removed from strings at any depth, so `jq -r` or a log viewer cannot be steered.
+    the event name and keys are escaped in place, and a formatted traceback
+    (`exception`) keeps its lines with every other control character escaped. So a
+    value can neither start a fake line nor recolour the terminal. JSON mode
+    (`strip=True`): the encoder already quotes and escapes; ANSI sequences and control
+    characters other than newline, CR and tab are removed from strings at any depth, so
+    `jq -r` or a log viewer cannot be steered.
     """
 
     __slots__ = ("_strip",)
@@ -162,6 +184,8 @@ class ControlCharEscaper:
                 if not value.isprintable():
                     if strip:
                         event_dict[key] = _strip_text(value)
+                    elif key == "exception":
+                        event_dict[key] = _escape_keeping_lines(value)
                     else:
                         event_dict[key] = (_escape_text(value) if key == "event"
                                            else _Escaped(value))
@@ -201,6 +225,51 @@ def add_trace_context(logger: Any, method: str, event_dict: EventDict) -> EventD
     return event_dict
 
 
+def add_record_extras(logger: Any, method: str, event_dict: EventDict) -> EventDict:
+    """For a standard-library record: add its `extra=` fields (the attributes that are
+    not `LogRecord`'s own) and its logger's name as `logger`."""
+    record = event_dict.get("_record")
+    if isinstance(record, logging.LogRecord):
+        event_dict.setdefault("logger", record.name)
+        for key, value in record.__dict__.items():
+            if key not in _RECORD_KEYS:
+                event_dict.setdefault(key, value)
+    return event_dict
+
+
+def _masked_args(args: Any) -> Any:
+    if isinstance(args, Mapping):
+        return _mask(args, 1)
+    if isinstance(args, tuple):
+        return tuple(_mask(arg, 1) for arg in args)
+    return args
+
+
+class _RecordFormatter(logging.Formatter):
+    """Renders a standard-library record with structlog's processors; secret-looking
+    keys in its `%`-arguments are masked before the message is formatted (on a copy:
+    other handlers see the record as it was)."""
+
+    def __init__(self, enrich: list[Any], render: list[Any]) -> None:
+        import structlog
+
+        super().__init__()
+        self._inner = structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[add_record_extras, *enrich],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *render],
+        )
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.args:
+            record = copy.copy(record)
+            record.args = _masked_args(record.args)
+        return self._inner.format(record)
+
+
+class _RootHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The handler `configure_logging` puts on the root logger (one at a time)."""
+
+
 class _Sink:
     """A file for structlog's `WriteLogger`: `sys.stderr` as it is at each write (so a
     replaced or closed stderr, as under a test runner, is never written to later)."""
@@ -213,28 +282,36 @@ class _Sink:
 
 
 def configure_logging(*, json: bool | None = None, level: str = "info",
-                      file: IO[str] | None = None) -> None:
+                      file: IO[str] | None = None, stdlib: bool = True) -> None:
     """Configure structlog for an application: JSON lines in production, pretty lines in
     a terminal, each carrying the run context, trace ids, escaped and without secrets.
 
     Args:
         json: JSON lines (True), console lines (False), or by the output: JSON unless it
             is a terminal (None).
-        level: the lowest level logged (`debug`, `info`, `warning`, `error`); lower
-            calls cost a no-op method.
+        level: the lowest level logged (`debug`, `info`, `warning`, `error`, `critical`);
+            lower calls cost a no-op method.
         file: where lines go (default: `sys.stderr`, looked up at each write).
+        stdlib: also render standard-library `logging` records (httpx, openai, the
+            application's own loggers) the same way: one handler on the root logger,
+            whose level is set to `level`; the application's other handlers stay.
+            False leaves the root logger as it is (and takes back a handler an earlier
+            call put there).
 
     The library never calls this; call it once at start-up (calling it again replaces
     the configuration, for every logger).
     """
     import structlog
 
+    if not isinstance(level, str) or level.lower() not in _LEVELS:
+        raise ValueError(f"configure_logging: level {level!r} is not a level; use one of "
+                         f"{', '.join(_LEVELS)}")
     target: Any = file if file is not None else _Sink()
     if json is None:
         stream = file if file is not None else sys.stderr
         isatty = getattr(stream, "isatty", None)
         json = not (callable(isatty) and isatty())
-    processors: list[Any] = [
+    enrich: list[Any] = [
         structlog.contextvars.merge_contextvars,
         add_run_context,
         add_trace_context,
@@ -242,23 +319,29 @@ def configure_logging(*, json: bool | None = None, level: str = "info",
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         mask_secrets,
     ]
+    # A traceback becomes the `exception` text before escaping, in both modes, so no
+    # exception formatter writes a control character from an exception's message.
+    render: list[Any] = [structlog.processors.format_exc_info]
     if json:
-        processors += [
-            structlog.processors.format_exc_info,
-            ControlCharEscaper(strip=True),
-            structlog.processors.JSONRenderer(default=str),
-        ]
+        render += [ControlCharEscaper(strip=True),
+                   structlog.processors.JSONRenderer(default=str)]
     else:
-        processors += [
-            ControlCharEscaper(),
-            structlog.dev.ConsoleRenderer(colors=_colors(target)),
-        ]
+        render += [ControlCharEscaper(),
+                   structlog.dev.ConsoleRenderer(colors=_colors(target))]
     structlog.configure(
-        processors=processors,
+        processors=[*enrich, *render],
         wrapper_class=structlog.make_filtering_bound_logger(level.lower()),
         logger_factory=structlog.WriteLoggerFactory(target),
         cache_logger_on_first_use=False,
     )
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _RootHandler)]:
+        root.removeHandler(handler)
+    if stdlib:
+        handler = _RootHandler(target)
+        handler.setFormatter(_RecordFormatter(enrich, render))
+        root.addHandler(handler)
+        root.setLevel(level.upper())
 
 
 def _colors(target: Any) -> bool:
