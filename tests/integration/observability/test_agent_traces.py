@@ -190,3 +190,35 @@ async def test_prompts_are_not_captured_unless_asked_and_then_redacted(
     assert outputs == [{"role": "assistant",
                         "parts": [{"type": "text", "content": "Hello, [REDACTED]."}]}]
     assert "secret-customer-42" not in json.dumps([attrs(s) for s in telemetry.spans()])
+
+
+async def test_an_anthropic_call_is_a_chat_span_and_sends_its_traceparent(
+        tmp_path: Path, server: LLMServer, telemetry: Telemetry) -> None:
+    import anthropic
+
+    from garrison.agents import AnthropicModel
+
+    outbound = Outbound()
+    http = httpx.AsyncClient(event_hooks={"request": [outbound.record]})
+    client = anthropic.AsyncAnthropic(api_key="sk-ant-test", base_url=server.anthropic_base_url,
+                                      max_retries=0, http_client=http)
+    agent = Agent("helper", model=AnthropicModel("claude-test", client=client),
+                  instructions="Be brief.")
+    app = Garrison(f"sqlite:///{tmp_path}/g.db")
+    telemetry.attach(app)
+    async with app:
+        result = await agent.run(app, "hello", run_id="a")
+    assert result.output == "Hello, secret-customer-42."
+
+    [chat] = telemetry.named("chat claude-test")
+    a = attrs(chat)
+    assert chat.kind is SpanKind.CLIENT
+    assert (a["gen_ai.operation.name"], a["gen_ai.provider.name"]) == ("chat", "anthropic")
+    assert a["gen_ai.request.model"] == "claude-test" and a["gen_ai.response.model"]
+    assert a["gen_ai.usage.input_tokens"] > 0 and a["gen_ai.usage.output_tokens"] > 0
+    assert a["gen_ai.response.finish_reasons"] == ("stop",)  # end_turn, normalised
+    [agent_span] = telemetry.named("invoke_agent helper")
+    assert chat.context.trace_id == agent_span.context.trace_id
+    [sent] = [h.get("traceparent") for h in outbound.headers]
+    assert sent == (f"00-{chat.context.trace_id:032x}-{chat.context.span_id:016x}-"
+                    f"{int(chat.context.trace_flags):02x}")
