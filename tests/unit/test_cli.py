@@ -171,7 +171,7 @@ def test_agent_demo_loses_no_conversation_across_faults_and_a_sigkill(tmp_path: 
     assert lines["conversations completed"] == "20", report
     assert lines["conversations lost"] == "0", report
     assert int(lines["faults injected by the server"]) > 0, report
-    # Half the primary's calls fail: a call falls back after 3 failures (1 in 8).
+    # Over half the primary's calls fail: a call falls back after 3 failures (1 in 6).
     assert int(lines["conversations served by the fallback model"]) > 0, report
     # Only refunds in flight at the kill run twice.
     assert int(lines["refunds issued"]) - int(lines["refunds run twice (in flight at SIGKILL)"]

@@ -24,12 +24,15 @@ from garrison.demo._support_agent import DEMO_SCRIPT, MODEL_CALLS_PER_RUN
 
 __all__ = ["DEMO_FAULTS", "AgentDemoReport", "run_agent_demo"]
 
-# 5 % rate limits (asking for 0.1 s), 5 % server errors, 10-40 ms of latency on every
-# call, and the primary model degraded (503 on half its calls): a call that fails its
-# three attempts there (1 in 8) is served by the backup model.
+# The primary model degraded: 5 % rate limits (asking for 0.1 s), 5 % server errors and
+# 503 on half its calls; a call that fails its three attempts there (about 1 in 6) is
+# served by the backup model, which is healthy, so no conversation fails. 10-40 ms of
+# latency on every call. (Were the backup faulty too, a call failing all six attempts
+# would quarantine its conversation: the engine's answer, but not this demo's story.)
 DEMO_FAULTS: list[dict[str, Any]] = [
-    {"kind": "status", "status": 429, "rate": 0.05, "retry_after": 0.1},
-    {"kind": "status", "status": 500, "rate": 0.05},
+    {"kind": "status", "status": 429, "rate": 0.05, "retry_after": 0.1,
+     "model": "demo-primary"},
+    {"kind": "status", "status": 500, "rate": 0.05, "model": "demo-primary"},
     {"kind": "status", "status": 503, "rate": 0.5, "model": "demo-primary"},
     {"kind": "latency", "latency_ms": [10.0, 40.0]},
 ]
@@ -111,8 +114,8 @@ def run_agent_demo(folder: Path, runs: int = 100, kill_fraction: float = 0.4,
         console.print(
             f"[bold]Garrison agent demo[/]: {runs} support conversations (look up, refund, "
             f"confirm) on SQLite at {db}, against the local LLM server at {server.url} "
-            "with injected faults: 5 % 429, 5 % 500, 10-40 ms latency, and the primary model "
-            "failing half its calls with 503 (fallback: demo-backup)")
+            "with injected faults: the primary model answering 5 % 429, 5 % 500 and half "
+            "its calls 503 (fallback: demo-backup), 10-40 ms latency on every call")
         worker = _spawn(folder, server.openai_base_url, runs)
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[steps]} model calls journaled"),
