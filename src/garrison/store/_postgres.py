@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import json
 import re
 import time
 from collections.abc import Awaitable, Callable, Generator, Sequence
@@ -38,6 +39,7 @@ from garrison.store._records import (
     QueueLimits,
     RunRecord,
     RunStatus,
+    StepKind,
     StepRecord,
     StepStatus,
     StreamRecord,
@@ -46,6 +48,7 @@ from garrison.store._rows import (
     BREAKER_HISTORY,
     CANCEL_CHILDREN,
     DUE_NOW,
+    FORKS_REUSING,
     INSERT_BREAKER_EVENT,
     INSERT_RUN,
     INSERT_STREAM,
@@ -76,6 +79,7 @@ from garrison.store._rows import (
     step_from_row,
     step_values,
     stream_from_row,
+    top_position,
     workflow_filter,
 )
 from garrison.store._schema import SCHEMA_VERSION, migrations
@@ -103,6 +107,7 @@ def _sql(statement: str) -> str:
 _INSERT_RUN = _sql(INSERT_RUN)
 _UPSERT_STEP = _sql(UPSERT_STEP)
 _CANCEL_CHILDREN = _sql(CANCEL_CHILDREN)
+_FORKS_REUSING = _sql(FORKS_REUSING)
 _SELECT_RUN = _sql(SELECT_RUN)
 _INSERT_RUN_RETURNING = f"{_INSERT_RUN} RETURNING {RUN_COLUMNS}"
 _INSERT_STREAM = _sql(INSERT_STREAM)
@@ -782,8 +787,13 @@ class PostgresStore(LeaseBook):
                                       ) -> tuple[RunRecord, bool]:
         run = self._leased(run)
         rows = [step_values(step) for step in steps]
+        children = sorted(json.loads(step.output) for step in steps
+                          if step.kind is StepKind.CHILD and step.output is not None)
 
         async def op(conn: Any) -> tuple[RunRecord, bool]:
+            if children:  # a reused child ending now waits for this fork, then tells it
+                await conn.execute("SELECT 1 FROM runs WHERE run_id = ANY(%s) FOR SHARE",
+                                   (children,))
             stored, created = await self._insert_run(conn, run)
             if created and rows:
                 async with conn.cursor() as cursor:
@@ -882,8 +892,9 @@ class PostgresStore(LeaseBook):
             if changed and force:  # its worker, if any, stops at once
                 await _notify(conn, self.channel, f"c:{run_id}")
             if changed and notify is not None:
-                await _insert_event(conn, self.channel, notify.run_id, notify.name, notify.payload,
-                                    notify.sent_at)
+                for recipient in await _child_end_recipients(conn, run_id, notify.run_id):
+                    await _insert_event(conn, self.channel, recipient, notify.name,
+                                        notify.payload, notify.sent_at)
             if changed and status is RunStatus.CANCELLED:
                 children = await (await conn.execute(
                     _CANCEL_CHILDREN, (completed_at, DUE_NOW, run_id))).fetchall()
@@ -1152,6 +1163,16 @@ async def _no_check() -> None:
 async def _notify(conn: Any, channel: str, payload: str) -> None:
     """Tell listening workers (delivered at commit; identical ones are merged)."""
     await conn.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+
+
+async def _child_end_recipients(conn: Any, child_run_id: str,
+                                parent_run_id: str) -> list[str]:
+    """Who is told of a child's end: its parent, and the unfinished forks reusing it."""
+    row = await (await conn.execute("SELECT parent_position FROM runs WHERE run_id = %s",
+                                    (child_run_id,))).fetchone()
+    at = top_position(row[0] if row else None)
+    forks = await (await conn.execute(_FORKS_REUSING, (parent_run_id, at, at))).fetchall()
+    return [parent_run_id, *(fork for (fork,) in forks)]
 
 
 async def _insert_event(conn: Any, channel: str, run_id: str, name: str, payload: str,

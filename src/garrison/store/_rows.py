@@ -37,6 +37,7 @@ __all__ = [
     "STEP_CONFLICT",
     "TERMINAL_SQL",
     "CANCEL_CHILDREN",
+    "FORKS_REUSING",
     "DUE_NOW",
     "PARK_RUN",
     "UPSERT_STEP",
@@ -58,6 +59,7 @@ __all__ = [
     "refuse_event",
     "refuse_redrive",
     "release_filter",
+    "top_position",
     "run_from_row",
     "run_values",
     "step_from_row",
@@ -151,6 +153,26 @@ CANCEL_CHILDREN = (
     "WHEN status = 'WAITING' THEN ? ELSE wake_at END "
     f"WHERE parent_run_id = ? AND status NOT IN {TERMINAL_SQL} RETURNING run_id"
 )
+# A child's end goes to its parent and to every unfinished fork (`app.fork`) that reuses
+# the parent's start of it: forks of the parent, and forks of those, made at or after
+# the child's top-level position (`?` 2 and 3). The index on forked_from keeps this one
+# probe when the parent has no fork.
+FORKS_REUSING = (
+    "WITH RECURSIVE forks(run_id) AS ("
+    "SELECT run_id FROM runs WHERE forked_from = ? AND forked_at >= ? "
+    "UNION SELECT r.run_id FROM runs r JOIN forks f ON r.forked_from = f.run_id "
+    "WHERE r.forked_at >= ?) "
+    "SELECT r.run_id FROM forks f JOIN runs r ON r.run_id = f.run_id "
+    f"WHERE r.status NOT IN {TERMINAL_SQL} ORDER BY r.run_id"
+)
+
+
+def top_position(position: str | None) -> int:
+    """The top-level position of a journal position ("4.2" -> 4; none -> 0)."""
+    head = (position or "0").split(".", 1)[0]
+    return int(head) if head.isdigit() else 0
+
+
 # Hand-back: runs of this worker (all of them when no ids are given: also those a claim
 # still in flight at the stop commits just before) go back to nobody, still RUNNING.
 RELEASE_RUNS = (

@@ -47,6 +47,7 @@ from garrison.store._rows import (
     BREAKER_HISTORY,
     CANCEL_CHILDREN,
     DUE_NOW,
+    FORKS_REUSING,
     INSERT_BREAKER_EVENT,
     INSERT_RUN,
     INSERT_STREAM,
@@ -76,6 +77,7 @@ from garrison.store._rows import (
     step_from_row,
     step_values,
     stream_from_row,
+    top_position,
     workflow_filter,
 )
 from garrison.store._schema import SCHEMA_VERSION, migrations
@@ -654,7 +656,8 @@ class SQLiteStore(LeaseBook):
                 (status.value, result, error, completed_at, completed_at, run_id),
             ).rowcount == 1
             if changed and notify is not None:
-                _insert_event(conn, notify.run_id, notify.name, notify.payload, notify.sent_at)
+                for recipient in _child_end_recipients(conn, run_id, notify.run_id):
+                    _insert_event(conn, recipient, notify.name, notify.payload, notify.sent_at)
             if changed and status is RunStatus.CANCELLED:
                 conn.execute(CANCEL_CHILDREN, (completed_at, DUE_NOW, run_id)).fetchall()
             return changed
@@ -866,6 +869,16 @@ class SQLiteStore(LeaseBook):
             LIST_EVENTS, (run_id,),
         )
         return [EventRecord(*r) for r in rows]
+
+
+def _child_end_recipients(conn: sqlite3.Connection, child_run_id: str,
+                          parent_run_id: str) -> list[str]:
+    """Who is told of a child's end: its parent, and the unfinished forks reusing it."""
+    row = conn.execute("SELECT parent_position FROM runs WHERE run_id = ?",
+                       (child_run_id,)).fetchone()
+    at = top_position(row[0] if row else None)
+    forks = conn.execute(FORKS_REUSING, (parent_run_id, at, at)).fetchall()
+    return [parent_run_id, *(fork for (fork,) in forks)]
 
 
 def _insert_event(

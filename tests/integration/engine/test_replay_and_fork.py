@@ -83,6 +83,15 @@ def build(url: str, variant: str = "same", *, worker: bool = True
         handles = [await ctx.start_child(order, sku, 100) for sku in skus]
         return sum([(await h.result())["c"] for h in handles])
 
+    @app.workflow(name="gate")
+    async def gate(ctx: Context, sku: str) -> str:
+        return f"{await ctx.wait_for('go')}-{sku}"
+
+    @app.workflow(name="gated")
+    async def gated(ctx: Context, sku: str) -> str:
+        child = await ctx.start_child(gate, sku)
+        return str(await child.result())
+
     return app, calls
 
 
@@ -96,6 +105,8 @@ async def _completed(url: str, workflow: str, *args: Any) -> str:
 
 async def _status(app: Garrison, run_id: str, status: RunStatus) -> None:
     async with asyncio.timeout(10):
+        while await app.store.get_run(run_id) is None:  # noqa: ASYNC110  # not started yet
+            await asyncio.sleep(0.01)
         while await app.handle(run_id).status() is not status:  # noqa: ASYNC110  # the store
             await asyncio.sleep(0.01)
 
@@ -382,6 +393,35 @@ async def test_fork_of_a_parked_run_drops_the_pending_wait(db_url: str) -> None:
         await owner.send(fork.run_id, "approved", "yes")
         assert await fork.result(timeout=10) == "yes"
         assert await owner.handle(parked).status() is RunStatus.WAITING
+
+
+async def test_a_fork_waiting_on_a_reused_child_still_running_is_woken_by_its_end(
+        db_url: str) -> None:
+    app, _ = build(db_url)
+    async with app:
+        parent = (await app.start("gated", "a")).run_id
+        child = f"{parent}/1"  # started at position 1, reused by a fork at step >= 1
+        await _status(app, child, RunStatus.WAITING)
+        await _status(app, parent, RunStatus.WAITING)
+        fork = await app.fork(parent, at_step=1)
+        again = await app.fork(fork.run_id, at_step=1)  # a fork of the fork reuses it too
+        fresh = await app.fork(parent, at_step=0)  # starts a child of its own
+        for run_id in (fork.run_id, again.run_id, fresh.run_id, f"{fresh.run_id}/1"):
+            await _status(app, run_id, RunStatus.WAITING)
+        await app.send(child, "go", "yes")
+        results = [await h.result(timeout=10)
+                   for h in (fork, again, app.handle(parent))]
+        await app.send(f"{fresh.run_id}/1", "go", "own")
+        assert await fresh.result(timeout=10) == "own-a"
+        forks = await app.store.list_runs(parent_run_id=fork.run_id, limit=10)
+        told = {run_id: [e.name for e in await app.store.list_events(run_id)]
+                for run_id in (parent, fork.run_id, again.run_id, fresh.run_id)}
+
+    assert results == ["yes-a"] * 3  # each woken by the one child's end
+    assert forks == []  # the forks started no child: they waited on the original one
+    ended = f"garrison.child:{child}"
+    assert told == {parent: [ended], fork.run_id: [ended], again.run_id: [ended],
+                    fresh.run_id: [f"garrison.child:{fresh.run_id}/1"]}
 
 
 # -- replay into children ------------------------------------------------------------
