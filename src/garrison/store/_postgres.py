@@ -882,7 +882,8 @@ class PostgresStore(LeaseBook):
                 "UPDATE runs SET status = %s, result = %s, error = %s, completed_at = %s, "
                 "updated_at = %s, wake_at = NULL, lease_until = NULL"
                 + (", owner = NULL, fence = fence + 1" if force else "")
-                + f" WHERE run_id = %s AND status NOT IN {TERMINAL_SQL} RETURNING queue",
+                + f" WHERE run_id = %s AND status NOT IN {TERMINAL_SQL} "
+                "RETURNING queue, parent_position",
                 (status.value, result, error, completed_at, completed_at, run_id),
             )
             ended = await cursor.fetchone()
@@ -892,7 +893,7 @@ class PostgresStore(LeaseBook):
             if changed and force:  # its worker, if any, stops at once
                 await _notify(conn, self.channel, f"c:{run_id}")
             if changed and notify is not None:
-                for recipient in await _child_end_recipients(conn, run_id, notify.run_id):
+                for recipient in await _child_end_recipients(conn, notify.run_id, ended[1]):
                     await _insert_event(conn, self.channel, recipient, notify.name,
                                         notify.payload, notify.sent_at)
             if changed and status is RunStatus.CANCELLED:
@@ -1165,12 +1166,11 @@ async def _notify(conn: Any, channel: str, payload: str) -> None:
     await conn.execute("SELECT pg_notify(%s, %s)", (channel, payload))
 
 
-async def _child_end_recipients(conn: Any, child_run_id: str,
-                                parent_run_id: str) -> list[str]:
-    """Who is told of a child's end: its parent, and the unfinished forks reusing it."""
-    row = await (await conn.execute("SELECT parent_position FROM runs WHERE run_id = %s",
-                                    (child_run_id,))).fetchone()
-    at = top_position(row[0] if row else None)
+async def _child_end_recipients(conn: Any, parent_run_id: str,
+                                position: str | None) -> list[str]:
+    """Who is told of the end of the child started at `position`: its parent, and the
+    unfinished forks reusing that start."""
+    at = top_position(position)
     forks = await (await conn.execute(_FORKS_REUSING, (parent_run_id, at, at))).fetchall()
     return [parent_run_id, *(fork for (fork,) in forks)]
 

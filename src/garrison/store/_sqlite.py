@@ -648,15 +648,17 @@ class SQLiteStore(LeaseBook):
         def op(conn: sqlite3.Connection) -> bool:
             if not force:
                 self._fenced(run_id)
-            changed = conn.execute(
+            ended = conn.execute(
                 "UPDATE runs SET status = ?, result = ?, error = ?, completed_at = ?, "
                 "updated_at = ?, wake_at = NULL, lease_until = NULL"
                 + (", owner = NULL, fence = fence + 1" if force else "")
-                + f" WHERE run_id = ? AND status NOT IN {TERMINAL_SQL}",
+                + f" WHERE run_id = ? AND status NOT IN {TERMINAL_SQL} "
+                "RETURNING parent_position",
                 (status.value, result, error, completed_at, completed_at, run_id),
-            ).rowcount == 1
-            if changed and notify is not None:
-                for recipient in _child_end_recipients(conn, run_id, notify.run_id):
+            ).fetchall()  # one row at most; fetched whole so the statement completes
+            changed = bool(ended)
+            if ended and notify is not None:
+                for recipient in _child_end_recipients(conn, notify.run_id, ended[0][0]):
                     _insert_event(conn, recipient, notify.name, notify.payload, notify.sent_at)
             if changed and status is RunStatus.CANCELLED:
                 conn.execute(CANCEL_CHILDREN, (completed_at, DUE_NOW, run_id)).fetchall()
@@ -871,12 +873,11 @@ class SQLiteStore(LeaseBook):
         return [EventRecord(*r) for r in rows]
 
 
-def _child_end_recipients(conn: sqlite3.Connection, child_run_id: str,
-                          parent_run_id: str) -> list[str]:
-    """Who is told of a child's end: its parent, and the unfinished forks reusing it."""
-    row = conn.execute("SELECT parent_position FROM runs WHERE run_id = ?",
-                       (child_run_id,)).fetchone()
-    at = top_position(row[0] if row else None)
+def _child_end_recipients(conn: sqlite3.Connection, parent_run_id: str,
+                          position: str | None) -> list[str]:
+    """Who is told of the end of the child started at `position`: its parent, and the
+    unfinished forks reusing that start."""
+    at = top_position(position)
     forks = conn.execute(FORKS_REUSING, (parent_run_id, at, at)).fetchall()
     return [parent_run_id, *(fork for (fork,) in forks)]
 
