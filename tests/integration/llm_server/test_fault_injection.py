@@ -14,6 +14,8 @@ from garrison.testing import Fault, LLMServer
 from tests.integration.llm_server._http import openai_http_client
 
 HI: Any = [{"role": "user", "content": "hi"}]
+# Only the read is short: a connect slowed by a loaded CI machine must not time out.
+READ_ONLY_SHORT = httpx2.Timeout(10.0, read=0.2)
 TOOL_SCRIPT: dict[str, Any] = {"rules": [{"content": "one two three four five", "tool_calls": [
     {"name": "lookup", "arguments": {"order_id": "42", "fields": ["status", "eta"]}}]}]}
 
@@ -96,7 +98,8 @@ async def test_reset_is_a_connection_error(server: LLMServer,
 async def test_timeout_trips_the_client_timeout(server: LLMServer) -> None:
     server.set_faults("timeout:1@30")
     client = openai.AsyncOpenAI(base_url=server.openai_base_url, api_key="test",
-                                max_retries=0, timeout=0.2, http_client=openai_http_client())
+                                max_retries=0, timeout=READ_ONLY_SHORT,
+                                http_client=openai_http_client())
     try:
         with pytest.raises(openai.APITimeoutError):
             await client.chat.completions.create(model="m", messages=HI)
@@ -167,7 +170,8 @@ async def test_short_stall_delays_a_stream_that_then_completes(
 async def test_long_stall_trips_the_read_timeout(server: LLMServer) -> None:
     server.set_faults("stall:1@30")
     client = openai.AsyncOpenAI(base_url=server.openai_base_url, api_key="test",
-                                max_retries=0, timeout=0.2, http_client=openai_http_client())
+                                max_retries=0, timeout=READ_ONLY_SHORT,
+                                http_client=openai_http_client())
     try:
         stream = await client.chat.completions.create(model="m", messages=HI, stream=True)
         with pytest.raises((openai.APITimeoutError, httpx2.ReadTimeout)):

@@ -87,7 +87,9 @@ async def test_client_leaving_mid_body_logs_no_server_error(
 async def test_client_timing_out_during_a_timeout_fault_logs_no_server_error(
         server_errors: list[logging.LogRecord]) -> None:
     async with LLMServer(faults="timeout@30") as server:
-        async with httpx2.AsyncClient(base_url=server.url, timeout=0.1) as client:
+        # Only the read is short: a connect slowed by a loaded CI machine must not time out.
+        timeout = httpx2.Timeout(10.0, read=0.1)
+        async with httpx2.AsyncClient(base_url=server.url, timeout=timeout) as client:
             with pytest.raises(httpx2.ReadTimeout):
                 await client.post("/v1/chat/completions", json=BODY)
         outcomes = [r["outcome"] for r in server.requests()]
