@@ -3,13 +3,16 @@
 Labels are low-cardinality only: workflow, step, status, queue, model, breaker, token
 type. Never a run id: a run is found from its trace (or `garrison runs show`).
 
-Step durations, the one measurement made at every step, reach OpenTelemetry in bulk:
-each is queued (a deque append) and the queue is recorded into the histogram when the
-metrics are collected (an observable instrument's callback runs before the collection
-reads the histograms) or once it holds `_FLUSH_AT` values. The values and their
-aggregation are the same; recording them in one loop costs a fraction of recording
-each between two journal commits (measured in benchmarks/observability_overhead.py).
-Such a measurement carries no exemplar (no trace context at collection time).
+Counters and the Prometheus histograms are Garrison's own tallies (`_tallies`): a
+dict update per event, read when the metrics are collected, Prometheus through a
+collector and OpenTelemetry through observable counters. OpenTelemetry has no
+observable histogram, so its histograms are recorded value by value; step durations
+and queue waits, measured at every step and run, are queued (a deque append) and
+recorded in one loop when the metrics are collected (an observable instrument's
+callback runs before the collection reads the histograms) or once `_FLUSH_AT` values
+wait. The values and their aggregation are the same. Such a measurement carries no
+exemplar (no trace context at collection time); model-call durations and tokens are
+recorded at once and keep theirs.
 """
 
 from __future__ import annotations
@@ -17,17 +20,19 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections import Counter as Tally
-from collections import deque
+import weakref
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from garrison.engine import EngineHooks, StepInfo
+from garrison.observability._tallies import Buckets, PrometheusView, Tally
 from garrison.store import RunRecord, RunStatus
 
 __all__ = ["BREAKER_STATES", "MetricsHooks", "QueueDepth"]
@@ -60,6 +65,12 @@ class QueueDepth:
         self.limit = limit
         self.loop: asyncio.AbstractEventLoop | None = None
 
+    @property
+    def store_key(self) -> object:
+        """What tells two apps' stores apart: apps on one database count its queues once."""
+        store = getattr(self.app, "store", None)
+        return getattr(store, "url", None) or id(self)
+
     def bind_loop(self) -> None:
         if self.loop is None:
             self.loop = asyncio.get_running_loop()
@@ -78,7 +89,7 @@ class QueueDepth:
             future.cancel()
             return None
         depth = {name: 0 for name in self.app.queues}
-        depth.update(Tally(run.queue for run in runs))
+        depth.update(Counter(run.queue for run in runs))
         return depth
 
 
@@ -95,6 +106,119 @@ class _QueueDepthCollector(Collector):
         yield family
 
 
+@dataclass(frozen=True, slots=True)
+class _Counter:
+    """One counter, as Prometheus and OpenTelemetry name it."""
+
+    attr: str  # the MetricsHooks attribute holding its Tally
+    name: str  # Prometheus (exposed with _total)
+    doc: str
+    labels: tuple[str, ...]
+    otel_name: str
+    otel_unit: str
+    otel_doc: str
+    otel_attributes: tuple[str, ...]  # one per label, in order
+
+
+_COUNTERS = (
+    _Counter("started", "garrison_runs_started", "Runs started.", ("workflow",),
+             "garrison.runs.started", "{run}", "Runs started", ("garrison.workflow.name",)),
+    _Counter("finished", "garrison_runs_finished", "Runs ended, by status.",
+             ("workflow", "status"), "garrison.runs.finished", "{run}",
+             "Runs ended, by status", ("garrison.workflow.name", "garrison.run.status")),
+    _Counter("resumed", "garrison_runs_resumed",
+             "Run segments resumed from a journal (recoveries, wake-ups).", ("workflow",),
+             "garrison.runs.resumed", "{run}",
+             "Run segments resumed from a journal (recoveries, wake-ups)",
+             ("garrison.workflow.name",)),
+    _Counter("retries", "garrison_step_retries", "Step retries scheduled.", ("step",),
+             "garrison.step.retries", "{retry}", "Step retries scheduled",
+             ("garrison.step.name",)),
+    _Counter("leases", "garrison_lease_lost", "Runs taken over by another worker.", (),
+             "garrison.lease.lost", "{run}",
+             "Runs taken over by another worker (this worker's lease ran out)", ()),
+    _Counter("cost", "garrison_gen_ai_cost_usd", "Model call cost in USD.",
+             ("provider", "model"), "garrison.gen_ai.cost", "USD", "Model call cost",
+             ("gen_ai.provider.name", "gen_ai.request.model")),
+    _Counter("events", "garrison_events",
+             "Garrison's own run events (model fallbacks, supervisor restarts), by name.",
+             ("event",), "garrison.events", "{event}",
+             "Garrison's own run events (model fallbacks, supervisor restarts)",
+             ("garrison.event.name",)),
+)
+
+
+class _MeterView:
+    """The OpenTelemetry instruments on one meter, shared by every `MetricsHooks` using
+    that meter: the SDK hands a second instrument of the same name back as the first,
+    so a second app's callbacks would never run. Counters are observable instruments
+    reading the hooks' tallies at collection; histograms are recorded (step durations
+    and queue waits in bulk, from each hooks' queue, before a collection reads them)."""
+
+    def __init__(self, meter: Meter) -> None:
+        self.hooks: weakref.WeakSet[MetricsHooks] = weakref.WeakSet()
+        self.step = meter.create_histogram(
+            "garrison.step.duration", unit="s", description="Live step attempts")
+        self.wait = meter.create_histogram(
+            "garrison.queue.wait_time", unit="s",
+            description="Time from a run's creation to its first start")
+        self.breaker = meter.create_gauge(
+            "garrison.breaker.state", description="0 closed, 1 half-open, 2 open, "
+            "3 forced open, 4 disabled")
+        self.tokens = meter.create_histogram(
+            "gen_ai.client.token.usage", unit="{token}",
+            description="Tokens used by model calls",
+            explicit_bucket_boundaries_advisory=list(_TOKEN_BUCKETS))
+        self.duration = meter.create_histogram(
+            "gen_ai.client.operation.duration", unit="s",
+            description="Model call duration",
+            explicit_bucket_boundaries_advisory=list(_DURATION_BUCKETS))
+        for counter in _COUNTERS:
+            meter.create_observable_counter(
+                counter.otel_name, [self._observer(counter)], unit=counter.otel_unit,
+                description=counter.otel_doc)
+        meter.create_observable_gauge("garrison.queue.depth", [self._observe_depth],
+                                      unit="{run}", description="Runs waiting per queue")
+
+    def _observer(self, counter: _Counter) -> Callable[[CallbackOptions],
+                                                       Iterable[Observation]]:
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            totals: dict[tuple[str, ...], float] = {}
+            for hooks in list(self.hooks):
+                for key, value in getattr(hooks, counter.attr).snapshot():
+                    totals[key] = totals.get(key, 0) + value
+            return [Observation(value, dict(zip(counter.otel_attributes, key, strict=True)))
+                    for key, value in totals.items()]
+        return observe
+
+    def _observe_depth(self, options: CallbackOptions) -> Iterable[Observation]:
+        hooks = list(self.hooks)
+        for each in hooks:  # the collection reads the histograms after the callbacks
+            each.flush()
+        depth: dict[str, int] = {}
+        stores: set[object] = set()  # apps sharing a store see the same queues: count once
+        for each in hooks:
+            if each.depth.store_key in stores:
+                continue
+            stores.add(each.depth.store_key)
+            for queue, count in (each.depth.read() or {}).items():
+                depth[queue] = depth.get(queue, 0) + count
+        return [Observation(count, {"garrison.queue": queue})
+                for queue, count in depth.items()]
+
+
+_VIEWS: weakref.WeakKeyDictionary[Meter, _MeterView] = weakref.WeakKeyDictionary()
+_VIEWS_LOCK = threading.Lock()
+
+
+def _meter_view(meter: Meter) -> _MeterView:
+    with _VIEWS_LOCK:
+        view = _VIEWS.get(meter)
+        if view is None:
+            view = _VIEWS[meter] = _MeterView(meter)
+        return view
+
+
 class MetricsHooks(EngineHooks):
     """Engine hooks that count runs, time steps and model calls (see the module docs)."""
 
@@ -106,116 +230,80 @@ class MetricsHooks(EngineHooks):
         self._steps: dict[tuple[str, str], float] = {}  # live step -> perf_counter at start
         self._annotations: dict[tuple[str, str], dict[str, Any]] = {}
         self._lock = threading.Lock()
-        self._step_series: dict[tuple[str, str], tuple[dict[str, str], Any]] = {}
-        self._queued: deque[tuple[float, dict[str, str]]] = deque()  # step durations
-        # OpenTelemetry
-        self._o_started = meter.create_counter(
-            "garrison.runs.started", unit="{run}", description="Runs started")
-        self._o_finished = meter.create_counter(
-            "garrison.runs.finished", unit="{run}", description="Runs ended, by status")
-        self._o_resumed = meter.create_counter(
-            "garrison.runs.resumed", unit="{run}",
-            description="Run segments resumed from a journal (recoveries, wake-ups)")
-        self._o_step = meter.create_histogram(
-            "garrison.step.duration", unit="s", description="Live step attempts")
-        self._o_retries = meter.create_counter(
-            "garrison.step.retries", unit="{retry}", description="Step retries scheduled")
-        self._o_wait = meter.create_histogram(
-            "garrison.queue.wait_time", unit="s",
-            description="Time from a run's creation to its first start")
-        self._o_leases = meter.create_counter(
-            "garrison.lease.lost", unit="{run}",
-            description="Runs taken over by another worker (this worker's lease ran out)")
-        self._o_breaker = meter.create_gauge(
-            "garrison.breaker.state", description="0 closed, 1 half-open, 2 open, "
-            "3 forced open, 4 disabled")
-        self._o_tokens = meter.create_histogram(
-            "gen_ai.client.token.usage", unit="{token}",
-            description="Tokens used by model calls",
-            explicit_bucket_boundaries_advisory=list(_TOKEN_BUCKETS))
-        self._o_duration = meter.create_histogram(
-            "gen_ai.client.operation.duration", unit="s",
-            description="Model call duration",
-            explicit_bucket_boundaries_advisory=list(_DURATION_BUCKETS))
-        self._o_cost = meter.create_counter(
-            "garrison.gen_ai.cost", unit="USD", description="Model call cost")
-        self._o_events = meter.create_counter(
-            "garrison.events", unit="{event}",
-            description="Garrison's own run events (model fallbacks, supervisor restarts)")
-        meter.create_observable_gauge("garrison.queue.depth", [self._observe_depth],
-                                      unit="{run}", description="Runs waiting per queue")
-        # Prometheus
-        def counter(name: str, doc: str, labels: Iterable[str]) -> Counter:
-            return Counter(name, doc, list(labels), registry=registry)
-
-        self._p_started = counter("garrison_runs_started", "Runs started.", ["workflow"])
-        self._p_finished = counter("garrison_runs_finished", "Runs ended, by status.",
-                                   ["workflow", "status"])
-        self._p_resumed = counter("garrison_runs_resumed", "Run segments resumed from a "
-                                  "journal (recoveries, wake-ups).", ["workflow"])
-        self._p_step = Histogram("garrison_step_duration_seconds", "Live step attempts.",
-                                 ["step", "status"], registry=registry, buckets=_STEP_BUCKETS)
-        self._p_retries = counter("garrison_step_retries", "Step retries scheduled.", ["step"])
-        self._p_wait = Histogram("garrison_queue_wait_seconds", "Time from a run's creation "
-                                 "to its first start.", ["queue"], registry=registry,
-                                 buckets=_STEP_BUCKETS)
-        self._p_leases = counter("garrison_lease_lost", "Runs taken over by another worker.",
-                                 [])
+        self._step_attributes: dict[tuple[str, str], dict[str, str]] = {}
+        self._queue_attributes: dict[str, dict[str, str]] = {}
+        # OpenTelemetry histograms recorded in bulk: (record, value, attributes)
+        self._queued: deque[tuple[Callable[[float, dict[str, str]], None], float,
+                                  dict[str, str]]] = deque()
+        self._otel = _meter_view(meter)
+        self._otel.hooks.add(self)
+        for counter in _COUNTERS:
+            setattr(self, counter.attr, Tally(counter.name, counter.doc, counter.labels))
+        self.step_durations = Buckets("garrison_step_duration_seconds", "Live step attempts.",
+                                      ["step", "status"], _STEP_BUCKETS)
+        self.queue_waits = Buckets("garrison_queue_wait_seconds", "Time from a run's "
+                                   "creation to its first start.", ["queue"], _STEP_BUCKETS)
+        self.token_usage = Buckets("garrison_gen_ai_client_token_usage",
+                                   "Tokens used by model calls.",
+                                   ["operation", "provider", "model", "token_type"],
+                                   _TOKEN_BUCKETS)
+        self.call_durations = Buckets("garrison_gen_ai_client_operation_duration_seconds",
+                                      "Model call duration.",
+                                      ["operation", "provider", "model", "error_type"],
+                                      _DURATION_BUCKETS)
         self._p_breaker = Gauge("garrison_breaker_state", "Circuit breaker state: 0 closed, "
                                 "1 half-open, 2 open, 3 forced open, 4 disabled.", ["breaker"],
                                 registry=registry)
-        self._p_tokens = Histogram(
-            "garrison_gen_ai_client_token_usage", "Tokens used by model calls.",
-            ["operation", "provider", "model", "token_type"], registry=registry,
-            buckets=_TOKEN_BUCKETS)
-        self._p_duration = Histogram(
-            "garrison_gen_ai_client_operation_duration_seconds", "Model call duration.",
-            ["operation", "provider", "model", "error_type"], registry=registry,
-            buckets=_DURATION_BUCKETS)
-        self._p_cost = counter("garrison_gen_ai_cost_usd", "Model call cost in USD.",
-                               ["provider", "model"])
-        self._p_events = counter("garrison_events", "Garrison's own run events (model "
-                                 "fallbacks, supervisor restarts), by name.", ["event"])
+        registry.register(PrometheusView(
+            [getattr(self, counter.attr) for counter in _COUNTERS],
+            [self.step_durations, self.queue_waits, self.token_usage, self.call_durations]))
         registry.register(_QueueDepthCollector(depth))
 
+    started: Tally
+    finished: Tally
+    resumed: Tally
+    retries: Tally
+    leases: Tally
+    cost: Tally
+    events: Tally
+
     def flush(self) -> None:
-        """Record the queued step durations into the OpenTelemetry histogram (safe from
-        any thread: each value is taken off the queue once)."""
-        queued, record = self._queued, self._o_step.record
+        """Record the queued step durations and queue waits into the OpenTelemetry
+        histograms (safe from any thread: each value is taken off the queue once)."""
+        queued = self._queued
         while True:
             try:
-                value, attributes = queued.popleft()
+                record, value, attributes = queued.popleft()
             except IndexError:
                 return
             record(value, attributes)
 
-    def _observe_depth(self, options: CallbackOptions) -> Iterable[Observation]:
-        self.flush()  # collection reads the histograms after the callbacks
-        return [Observation(count, {"garrison.queue": queue})
-                for queue, count in (self.depth.read() or {}).items()]
+    def _record_later(self, record: Callable[[float, dict[str, str]], None], value: float,
+                      attributes: dict[str, str]) -> None:
+        self._queued.append((record, value, attributes))
+        if len(self._queued) >= _FLUSH_AT:
+            self.flush()
 
     # -- runs ----------------------------------------------------------------------
 
     def run_started(self, run: RunRecord) -> None:
         self._on_run()
         self._workflows[run.run_id] = run.workflow_name
-        self._o_started.add(1, {"garrison.workflow.name": run.workflow_name})
-        self._p_started.labels(run.workflow_name).inc()
+        self.started.add((run.workflow_name,))
         wait = max(0.0, (run.started_at or run.created_at) - run.created_at)
-        self._o_wait.record(wait, {"garrison.queue": run.queue})
-        self._p_wait.labels(run.queue).observe(wait)
+        attributes = self._queue_attributes.get(run.queue)
+        if attributes is None:
+            attributes = self._queue_attributes[run.queue] = {"garrison.queue": run.queue}
+        self._record_later(self._otel.wait.record, wait, attributes)
+        self.queue_waits.observe((run.queue,), wait)
 
     def run_resumed(self, run: RunRecord, replayed_entries: int) -> None:
         self._on_run()
         self._workflows[run.run_id] = run.workflow_name
-        self._o_resumed.add(1, {"garrison.workflow.name": run.workflow_name})
-        self._p_resumed.labels(run.workflow_name).inc()
+        self.resumed.add((run.workflow_name,))
 
     def run_finished(self, run_id: str, status: RunStatus) -> None:
-        workflow = self._workflows.get(run_id, _UNKNOWN)
-        self._o_finished.add(1, {"garrison.workflow.name": workflow,
-                                 "garrison.run.status": status.value})
-        self._p_finished.labels(workflow, status.value).inc()
+        self.finished.add((self._workflows.get(run_id, _UNKNOWN), status.value))
 
     def run_detached(self, run_id: str) -> None:
         self._workflows.pop(run_id, None)
@@ -223,16 +311,14 @@ class MetricsHooks(EngineHooks):
     def run_event(self, run_id: str, step: StepInfo | None, name: str,
                   attributes: Mapping[str, Any]) -> None:
         if name.startswith("garrison."):  # the application's own names may be unbounded
-            self._o_events.add(1, {"garrison.event.name": name})
-            self._p_events.labels(name).inc()
+            self.events.add((name,))
 
     def lease_lost(self, run_id: str) -> None:
-        self._o_leases.add(1)
-        self._p_leases.inc()
+        self.leases.add(())
 
     def breaker_changed(self, name: str, state: str) -> None:
         value = BREAKER_STATES.get(state, -1)
-        self._o_breaker.set(value, {"garrison.breaker.name": name})
+        self._otel.breaker.set(value, {"garrison.breaker.name": name})
         self._p_breaker.labels(name).set(value)
 
     # -- steps ---------------------------------------------------------------------
@@ -252,8 +338,7 @@ class MetricsHooks(EngineHooks):
 
     def step_failed(self, step: StepInfo, error: BaseException, will_retry: bool) -> None:
         if will_retry:
-            self._o_retries.add(1, {"garrison.step.name": step.step_name})
-            self._p_retries.labels(step.step_name).inc()
+            self.retries.add((step.step_name,))
         self._step_ended(step, "retried" if will_retry else "failed", None,
                          type(error).__qualname__)
 
@@ -269,15 +354,12 @@ class MetricsHooks(EngineHooks):
         if duration_s is None:
             duration_s = time.perf_counter() - began
         series = (step.step_name, status)
-        bound = self._step_series.get(series)
-        if bound is None:  # a few step names and statuses: made once, reused per step
-            bound = ({"garrison.step.name": step.step_name, "garrison.step.status": status},
-                     self._p_step.labels(step.step_name, status))
-            self._step_series[series] = bound
-        self._queued.append((duration_s, bound[0]))
-        if len(self._queued) >= _FLUSH_AT:
-            self.flush()
-        bound[1].observe(duration_s)
+        attributes = self._step_attributes.get(series)
+        if attributes is None:  # a few step names and statuses: made once, reused per step
+            attributes = self._step_attributes[series] = {
+                "garrison.step.name": step.step_name, "garrison.step.status": status}
+        self._record_later(self._otel.step.record, duration_s, attributes)
+        self.step_durations.observe(series, duration_s)
         if not self._annotations:
             return
         with self._lock:
@@ -290,6 +372,8 @@ class MetricsHooks(EngineHooks):
 
     def _model_call(self, annotations: Mapping[str, Any], operation: str, duration_s: float,
                     error_type: str | None) -> None:
+        # Recorded at once, not in bulk: model calls are few and slow, and a duration's
+        # exemplar (its trace) is worth keeping.
         provider = str(annotations.get("gen_ai.provider.name", ""))
         model = str(annotations.get("gen_ai.request.model", ""))
         common = {"gen_ai.operation.name": operation, "gen_ai.provider.name": provider,
@@ -297,9 +381,9 @@ class MetricsHooks(EngineHooks):
         timing = dict(common)
         if error_type is not None:
             timing["error.type"] = error_type
-        self._o_duration.record(duration_s, timing)
-        self._p_duration.labels(operation, provider, model, error_type or "").observe(
-            duration_s)
+        self._otel.duration.record(duration_s, timing)
+        self.call_durations.observe((operation, provider, model, error_type or ""),
+                                    duration_s)
         if error_type is not None:
             return
         response_model = annotations.get("gen_ai.response.model")
@@ -309,10 +393,8 @@ class MetricsHooks(EngineHooks):
                                 ("output", "gen_ai.usage.output_tokens")):
             count = annotations.get(key)
             if isinstance(count, int):
-                self._o_tokens.record(count, {**common, "gen_ai.token.type": token_type})
-                self._p_tokens.labels(operation, provider, model, token_type).observe(count)
+                self._otel.tokens.record(count, {**common, "gen_ai.token.type": token_type})
+                self.token_usage.observe((operation, provider, model, token_type), count)
         cost = annotations.get("garrison.gen_ai.cost_usd")
         if isinstance(cost, int | float) and cost > 0:
-            self._o_cost.add(float(cost), {"gen_ai.provider.name": provider,
-                                           "gen_ai.request.model": model})
-            self._p_cost.labels(provider, model).inc(float(cost))
+            self.cost.add((provider, model), float(cost))

@@ -1,0 +1,143 @@
+"""Garrison's own counters and histograms: what Prometheus scrapes is what
+prometheus-client's own Counter and Histogram would have exposed for the same values,
+a reader on another thread always sees a consistent histogram, and every app sharing
+an OpenTelemetry meter is counted."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from garrison.engine import StepInfo
+from garrison.observability._metrics import MetricsHooks, QueueDepth
+from garrison.observability._tallies import Buckets, PrometheusView, Tally
+from garrison.store import RunRecord, RunStatus
+
+BOUNDS = (0.001, 0.01, 0.1, 1.0, 10.0)
+LABELS = st.sampled_from(["a", "b", 'quo"te', "new\nline"])
+
+
+def _samples(registry: CollectorRegistry) -> dict[tuple[str, str], float]:
+    """Every sample but the `_created` timestamps (prometheus-client stamps its own)."""
+    text = generate_latest(registry).decode()
+    return {(s.name, repr(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples if not s.name.endswith("_created")}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(LABELS, st.floats(0, 50, allow_nan=False)), max_size=40))
+def test_a_histogram_exposes_what_prometheus_client_would(
+        values: list[tuple[str, float]]) -> None:
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    buckets = Buckets("h_seconds", "Doc.", ["step"], BOUNDS)
+    ours.register(PrometheusView([], [buckets]))
+    reference = Histogram("h_seconds", "Doc.", ["step"], registry=theirs, buckets=BOUNDS)
+    for label, value in values:
+        buckets.observe((label,), value)
+        reference.labels(label).observe(value)
+
+    assert _samples(ours) == pytest.approx(_samples(theirs))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(LABELS, LABELS, st.integers(1, 5)), max_size=40))
+def test_a_counter_exposes_what_prometheus_client_would(
+        values: list[tuple[str, str, int]]) -> None:
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    tally = Tally("runs_finished", "Doc.", ["workflow", "status"])
+    bare, bare_reference = Tally("lease_lost", "Doc."), Counter("lease_lost", "Doc.",
+                                                               registry=theirs)
+    ours.register(PrometheusView([tally, bare], []))
+    reference = Counter("runs_finished", "Doc.", ["workflow", "status"], registry=theirs)
+    for workflow, status, amount in values:
+        tally.add((workflow, status), amount)
+        reference.labels(workflow, status).inc(amount)
+    if values:
+        bare.add((), 2)
+        bare_reference.inc(2)
+
+    assert _samples(ours) == _samples(theirs)  # the bare counter too, at 0 before any add
+
+
+def test_counters_carry_their_creation_time() -> None:
+    registry = CollectorRegistry()
+    tally = Tally("runs_started", "Doc.", ["workflow"])
+    registry.register(PrometheusView([tally], []))
+    tally.add(("w",))
+    text = generate_latest(registry).decode()
+    [created] = [s for f in text_string_to_metric_families(text) for s in f.samples
+                 if s.name == "runs_started_created"]
+    assert created.labels == {"workflow": "w"} and created.value > 1.7e9
+
+
+def test_bucket_bounds_must_increase() -> None:
+    with pytest.raises(ValueError, match="must increase"):
+        Buckets("h", "Doc.", [], (1.0, 0.5))
+
+
+def test_a_snapshot_taken_while_values_arrive_is_consistent() -> None:
+    buckets = Buckets("h", "Doc.", ["step"], BOUNDS)
+    stop = threading.Event()
+    seen: list[list[float]] = []
+
+    def read() -> None:
+        while not stop.is_set():
+            seen.extend(row for _, row in buckets.snapshot())
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(200_000):
+            buckets.observe(("s",), (i % 7) / 10)
+    finally:
+        stop.set()
+        reader.join()
+    assert seen, "the reader never ran"
+    for row in seen:
+        counts = row[:-1]
+        assert counts == sorted(counts)  # cumulative
+    assert buckets.snapshot()[0][1][-2] == 200_000
+
+
+def _run(run_id: str, workflow: str) -> RunRecord:
+    return RunRecord(run_id=run_id, workflow_name=workflow, workflow_version="1",
+                     status=RunStatus.RUNNING, inputs="[]", created_at=1.0, updated_at=1.5,
+                     started_at=1.5)
+
+
+def test_every_app_sharing_a_meter_is_counted() -> None:
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    hooks = [MetricsHooks(provider.get_meter("garrison", "1"), CollectorRegistry(),
+                          QueueDepth(app=None), on_run=lambda: None) for _ in range(2)]
+    for index, each in enumerate(hooks):
+        for n in range(index + 1):  # one run in the first app, two in the second
+            run = _run(f"r{index}-{n}", "w")
+            each.run_started(run)
+            step = StepInfo(run.run_id, "1", "s", 1, f"{run.run_id}:1")
+            each.step_started(step)
+            each.step_completed(step, 0.002)
+            each.run_finished(run.run_id, RunStatus.COMPLETED)
+    data = reader.get_metrics_data()
+    assert data is not None
+    points = {metric.name: list(metric.data.data_points)
+              for resource in data.resource_metrics for scope in resource.scope_metrics
+              for metric in scope.metrics}
+    [started] = points["garrison.runs.started"]
+    assert started.value == 3 and dict(started.attributes) == {  # type: ignore[union-attr]
+        "garrison.workflow.name": "w"}
+    [finished] = points["garrison.runs.finished"]
+    assert finished.value == 3  # type: ignore[union-attr]
+    [steps] = points["garrison.step.duration"]
+    assert steps.count == 3  # type: ignore[union-attr]  # both apps' queues were flushed
+    [waits] = points["garrison.queue.wait_time"]
+    assert waits.count == 3 and waits.sum == pytest.approx(1.5)  # type: ignore[union-attr]
+    provider.shutdown()
