@@ -5,6 +5,9 @@ with no-op providers, alternated round after round in one process.
 
 - W1: one workflow of 500 sequential no-op steps (ms/step, lower is better).
 - W2: 200 workflows x 10 steps of `asyncio.sleep(0.005)`, started at once (steps/s).
+- For both, the process's CPU time per step (µs, all threads): telemetry's cost is CPU
+  work, and CPU time moves less than wall time on this shared machine (a stalled disk
+  or a busy neighbour stretch the wall clock of every mode alike, but not evenly).
 
 Modes: `off` (no `instrument`: the engine's hook-less path), `noop` (`instrument` with
 OpenTelemetry's no-op tracer and meter providers: Garrison's hooks and the Prometheus
@@ -97,7 +100,8 @@ async def measure(rounds: int, folder: str) -> tuple[dict[str, list[float]], int
                meter_provider=meter_provider)
     instrument(apps["on-notable"][0], tracer_provider=tracer_provider,
                meter_provider=meter_provider, step_spans="notable")
-    samples: dict[str, list[float]] = {f"{w}_{m}": [] for w in ("w1", "w2") for m in MODES}
+    samples: dict[str, list[float]] = {f"{w}_{m}": [] for w in ("w1", "w2", "w1cpu", "w2cpu")
+                                       for m in MODES}
     spans = 0
     for app, _, _ in apps.values():
         await app.open()
@@ -108,15 +112,18 @@ async def measure(rounds: int, folder: str) -> tuple[dict[str, list[float]], int
             order = MODES if round_ % 2 == 0 else tuple(reversed(MODES))
             for mode in order:
                 app, w1, w2 = apps[mode]
-                began = time.perf_counter()
+                began, cpu = time.perf_counter(), time.process_time()
                 await (await app.start(w1)).result()
                 samples[f"w1_{mode}"].append((time.perf_counter() - began) * 1000 / W1_STEPS)
-                began = time.perf_counter()
+                samples[f"w1cpu_{mode}"].append((time.process_time() - cpu) * 1e6 / W1_STEPS)
+                began, cpu = time.perf_counter(), time.process_time()
                 handles = [await app.start(w2) for _ in range(W2_RUNS)]
                 for handle in handles:
                     await handle.result()
                 samples[f"w2_{mode}"].append(W2_RUNS * W2_STEPS
                                              / (time.perf_counter() - began))
+                samples[f"w2cpu_{mode}"].append((time.process_time() - cpu) * 1e6
+                                                / (W2_RUNS * W2_STEPS))
             tracer_provider.force_flush()
             spans += len(exporter.get_finished_spans())
             exporter.clear()  # memory stays flat; the exporter's work is the same
@@ -146,15 +153,23 @@ def main() -> None:
         return
     print(f"garrison {__version__}, opentelemetry-sdk {opentelemetry.sdk.version.__version__}, "
           f"Python {platform.python_version()}, {platform.machine()}, {args.rounds} rounds")
-    print(f"{'':28}{'median':>8}  (min-max)          overhead vs off (medians)")
-    for workload, unit, higher_better in (("w1", "ms/step", False), ("w2", "steps/s", True)):
+    print(f"{'':25}{'median':>8}  (min-max)        overhead vs off: of the medians; "
+          "per round (median, min..max)")
+    for workload, unit, higher_better in (("w1", "ms/step", False), ("w2", "steps/s", True),
+                                          ("w1cpu", "µs cpu", False), ("w2cpu", "µs cpu", False)):
         base = statistics.median(samples[f"{workload}_off"])
         for mode in MODES:
             values = samples[f"{workload}_{mode}"]
             median = statistics.median(values)
             overhead = (base / median - 1) if higher_better else (median / base - 1)
-            note = "" if mode == "off" else f"{overhead * 100:+6.1f} %"
-            print(f"{workload.upper()} {unit:8} {mode:9}    {summary(values)}   {note}")
+            # Each round ran every mode back to back: its own ratio to "off" cancels the
+            # machine's slow swings, which the medians of all rounds do not.
+            rounds = [((off / value) if higher_better else (value / off)) * 100 - 100
+                      for off, value in zip(samples[f"{workload}_off"], values, strict=True)]
+            note = "" if mode == "off" else (
+                f"{overhead * 100:+6.1f} %;  {statistics.median(rounds):+6.1f} % "
+                f"({min(rounds):+.0f}..{max(rounds):+.0f})")
+            print(f"{workload[:2].upper()} {unit:8} {mode:10}   {summary(values)}   {note}")
     print(f"spans exported with telemetry on: {spans}")
     print(f"annotate() outside a step / without hooks: {annotate_ns:.0f} ns a call")
 
