@@ -310,6 +310,9 @@ class SQLiteStore(LeaseBook):
         self._lock_fd: int | None = None
         self._data_version: int | None = None
         self._streams_grown: set[str] = set()  # appended here since the last changes()
+        # Forks told of a reused child's end here since the last changes(): the engine
+        # wakes its own parents at once, and learns of these from changes().
+        self._forks_told: set[str] = set()
         self.safe_url = self.path
         self._init_leases()
 
@@ -658,8 +661,10 @@ class SQLiteStore(LeaseBook):
             ).fetchall()  # one row at most; fetched whole so the statement completes
             changed = bool(ended)
             if ended and notify is not None:
-                for recipient in _child_end_recipients(conn, notify.run_id, ended[0][0]):
+                parent, *forks = _child_end_recipients(conn, notify.run_id, ended[0][0])
+                for recipient in (parent, *forks):
                     _insert_event(conn, recipient, notify.name, notify.payload, notify.sent_at)
+                self._forks_told.update(forks)  # a rollback leaves a harmless extra look
             if changed and status is RunStatus.CANCELLED:
                 conn.execute(CANCEL_CHILDREN, (completed_at, DUE_NOW, run_id)).fetchall()
             return changed
@@ -782,12 +787,14 @@ class SQLiteStore(LeaseBook):
 
     async def changes(self) -> Changes:
         """Another process wrote (`garrison runs send`, a client app): look at everything.
-        Streams appended to through this store object are named (`streams`)."""
+        Streams appended to through this store object are named (`streams`), and so are
+        forks told of a reused child's end (`events`)."""
         version = int(self._read("PRAGMA data_version")[0][0])
         changed = version != self._data_version
         self._data_version = version
         grown, self._streams_grown = self._streams_grown, set()
-        return Changes(everything=changed, streams=grown)
+        forks, self._forks_told = self._forks_told, set()
+        return Changes(everything=changed, streams=grown, events=forks)
 
     # -- journal -------------------------------------------------------------------
 

@@ -25,10 +25,13 @@ from garrison import (
 from garrison.store import StepStatus
 
 
-def build(url: str, variant: str = "same", *, worker: bool = True
+def build(url: str, variant: str = "same", *, worker: bool = True,
+          claim_interval_s: float = 0.05, release: asyncio.Event | None = None
           ) -> tuple[Garrison, Counter[str]]:
-    app = Garrison(url, worker=worker, poll_interval_s=0.005, claim_interval_s=0.05)
+    app = Garrison(url, worker=worker, poll_interval_s=0.005,
+                   claim_interval_s=claim_interval_s)
     calls: Counter[str] = Counter()
+    released = release or asyncio.Event()
 
     @app.step(name="reserve")
     async def reserve(sku: str) -> str:
@@ -91,6 +94,25 @@ def build(url: str, variant: str = "same", *, worker: bool = True
     async def gated(ctx: Context, sku: str) -> str:
         child = await ctx.start_child(gate, sku)
         return str(await child.result())
+
+    @app.step(name="busy")
+    async def busy() -> None:
+        await released.wait()
+
+    @app.step(name="note")
+    async def note(value: str) -> str:
+        calls["note"] += 1
+        return value
+
+    @app.workflow(name="gated_busy")  # live (a step running) while it waits on its child
+    async def gated_busy(ctx: Context, sku: str) -> str:
+        child = await ctx.start_child(gate, sku)
+
+        async def told() -> str:
+            return await note(str(await child.result()))
+
+        got, _ = await asyncio.gather(told(), busy())
+        return got
 
     return app, calls
 
@@ -422,6 +444,25 @@ async def test_a_fork_waiting_on_a_reused_child_still_running_is_woken_by_its_en
     ended = f"garrison.child:{child}"
     assert told == {parent: [ended], fork.run_id: [ended], again.run_id: [ended],
                     fresh.run_id: [f"garrison.child:{fresh.run_id}/1"]}
+
+
+async def test_a_live_fork_waiting_on_a_reused_child_is_told_at_once(db_url: str) -> None:
+    # Claims are a minute apart: only the child's end itself can reach the live fork.
+    release = asyncio.Event()
+    app, calls = build(db_url, claim_interval_s=60, release=release)
+    async with app:
+        parent = await app.start("gated_busy", "a")
+        child = f"{parent.run_id}/1"
+        await _status(app, child, RunStatus.WAITING)
+        fork = await app.fork(parent.run_id, at_step=1)  # reuses the child, runs `busy`
+        await _status(app, fork.run_id, RunStatus.RUNNING)
+        await app.send(child, "go", "yes")
+        async with asyncio.timeout(10):
+            while calls["note"] < 2:  # noqa: ASYNC110  # parent and fork, both still in `busy`
+                await asyncio.sleep(0.01)
+        release.set()
+        results = [await parent.result(timeout=10), await fork.result(timeout=10)]
+    assert results == ["yes-a", "yes-a"]
 
 
 # -- replay into children ------------------------------------------------------------
