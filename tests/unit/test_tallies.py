@@ -141,3 +141,20 @@ def test_every_app_sharing_a_meter_is_counted() -> None:
     [waits] = points["garrison.queue.wait_time"]
     assert waits.count == 3 and waits.sum == pytest.approx(1.5)  # type: ignore[union-attr]
     provider.shutdown()
+
+
+def test_events_reported_from_step_threads_are_all_counted() -> None:
+    hooks = MetricsHooks(MeterProvider().get_meter("garrison"), CollectorRegistry(),
+                         QueueDepth(app=None), on_run=lambda: None)
+    per_thread = 50_000
+
+    def report() -> None:
+        for _ in range(per_thread):
+            hooks.run_event("r", None, "garrison.model.fallback", {})
+
+    threads = [threading.Thread(target=report) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert dict(hooks.events.snapshot()) == {("garrison.model.fallback",): 4 * per_thread}

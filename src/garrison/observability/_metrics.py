@@ -156,7 +156,8 @@ class _MeterView:
     and queue waits in bulk, from each hooks' queue, before a collection reads them)."""
 
     def __init__(self, meter: Meter) -> None:
-        self.hooks: weakref.WeakSet[MetricsHooks] = weakref.WeakSet()
+        self._hooks: weakref.WeakSet[MetricsHooks] = weakref.WeakSet()
+        self._lock = threading.Lock()  # apps join on their threads; collections read
         self.step = meter.create_histogram(
             "garrison.step.duration", unit="s", description="Live step attempts")
         self.wait = meter.create_histogram(
@@ -180,11 +181,19 @@ class _MeterView:
         meter.create_observable_gauge("garrison.queue.depth", [self._observe_depth],
                                       unit="{run}", description="Runs waiting per queue")
 
+    def join(self, hooks: MetricsHooks) -> None:
+        with self._lock:
+            self._hooks.add(hooks)
+
+    def members(self) -> list[MetricsHooks]:
+        with self._lock:
+            return list(self._hooks)
+
     def _observer(self, counter: _Counter) -> Callable[[CallbackOptions],
                                                        Iterable[Observation]]:
         def observe(options: CallbackOptions) -> Iterable[Observation]:
             totals: dict[tuple[str, ...], float] = {}
-            for hooks in list(self.hooks):
+            for hooks in self.members():
                 for key, value in getattr(hooks, counter.attr).snapshot():
                     totals[key] = totals.get(key, 0) + value
             return [Observation(value, dict(zip(counter.otel_attributes, key, strict=True)))
@@ -192,7 +201,7 @@ class _MeterView:
         return observe
 
     def _observe_depth(self, options: CallbackOptions) -> Iterable[Observation]:
-        hooks = list(self.hooks)
+        hooks = self.members()
         for each in hooks:  # the collection reads the histograms after the callbacks
             each.flush()
         depth: dict[str, int] = {}
@@ -236,7 +245,7 @@ class MetricsHooks(EngineHooks):
         self._queued: deque[tuple[Callable[[float, dict[str, str]], None], float,
                                   dict[str, str]]] = deque()
         self._otel = _meter_view(meter)
-        self._otel.hooks.add(self)
+        self._otel.join(self)
         for counter in _COUNTERS:
             setattr(self, counter.attr, Tally(counter.name, counter.doc, counter.labels))
         self.step_durations = Buckets("garrison_step_duration_seconds", "Live step attempts.",
@@ -311,7 +320,8 @@ class MetricsHooks(EngineHooks):
     def run_event(self, run_id: str, step: StepInfo | None, name: str,
                   attributes: Mapping[str, Any]) -> None:
         if name.startswith("garrison."):  # the application's own names may be unbounded
-            self.events.add((name,))
+            with self._lock:  # reported from a synchronous step's thread too
+                self.events.add((name,))
 
     def lease_lost(self, run_id: str) -> None:
         self.leases.add(())
