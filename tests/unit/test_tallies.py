@@ -5,6 +5,7 @@ an OpenTelemetry meter is counted."""
 
 from __future__ import annotations
 
+import gc
 import threading
 
 import pytest
@@ -12,7 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    enable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from garrison.engine import StepInfo
@@ -24,12 +32,12 @@ BOUNDS = (0.001, 0.01, 0.1, 1.0, 10.0)
 LABELS = st.sampled_from(["a", "b", 'quo"te', "new\nline"])
 
 
-def _samples(registry: CollectorRegistry) -> dict[tuple[str, str], float]:
-    """Every sample but the `_created` timestamps (prometheus-client stamps its own)."""
+def _samples(registry: CollectorRegistry) -> dict[tuple[str, str], float | str]:
+    """Every sample; a `_created` one by its presence (each library stamps its own)."""
     text = generate_latest(registry).decode()
-    return {(s.name, repr(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text)
-            for s in family.samples if not s.name.endswith("_created")}
+    return {(s.name, repr(sorted(s.labels.items()))):
+            "stamped" if s.name.endswith("_created") else s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 @settings(max_examples=60, deadline=None)
@@ -44,7 +52,7 @@ def test_a_histogram_exposes_what_prometheus_client_would(
         buckets.observe((label,), value)
         reference.labels(label).observe(value)
 
-    assert _samples(ours) == pytest.approx(_samples(theirs))
+    assert _samples(ours) == pytest.approx(_samples(theirs))  # `_created` samples too
 
 
 @settings(max_examples=60, deadline=None)
@@ -83,6 +91,20 @@ def test_bucket_bounds_must_increase() -> None:
         Buckets("h", "Doc.", [], (1.0, 0.5))
 
 
+def test_created_series_follow_prometheus_clients_switch() -> None:
+    registry = CollectorRegistry()
+    tally, buckets = Tally("c", "Doc.", ["x"]), Buckets("h", "Doc.", ["x"], BOUNDS)
+    registry.register(PrometheusView([tally], [buckets]))
+    tally.add(("a",))
+    buckets.observe(("a",), 0.5)
+    assert {"c_created", "h_created"} <= {name for name, _ in _samples(registry)}
+    disable_created_metrics()
+    try:
+        assert not [name for name, _ in _samples(registry) if name.endswith("_created")]
+    finally:
+        enable_created_metrics()
+
+
 def test_a_snapshot_taken_while_values_arrive_is_consistent() -> None:
     buckets = Buckets("h", "Doc.", ["step"], BOUNDS)
     stop = threading.Event()
@@ -95,16 +117,15 @@ def test_a_snapshot_taken_while_values_arrive_is_consistent() -> None:
     reader = threading.Thread(target=read)
     reader.start()
     try:
-        for i in range(200_000):
-            buckets.observe(("s",), (i % 7) / 10)
+        for _ in range(200_000):
+            buckets.observe(("s",), 0.5)  # exact in binary: the sum is count x 0.5
     finally:
         stop.set()
         reader.join()
     assert seen, "the reader never ran"
     for row in seen:
-        counts = row[:-1]
-        assert counts == sorted(counts)  # cumulative
-    assert buckets.snapshot()[0][1][-2] == 200_000
+        assert row[-1] == row[-2] * 0.5  # the sum agrees with the count (+Inf bucket)
+    assert buckets.snapshot()[0][1][-2:] == [200_000, 100_000]
 
 
 def _run(run_id: str, workflow: str) -> RunRecord:
@@ -158,3 +179,23 @@ def test_events_reported_from_step_threads_are_all_counted() -> None:
     for thread in threads:
         thread.join()
     assert dict(hooks.events.snapshot()) == {("garrison.model.fallback",): 4 * per_thread}
+
+
+def test_an_app_dropped_from_a_shared_meter_keeps_its_counts() -> None:
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    meter = provider.get_meter("garrison", "1")
+    for index in range(2):
+        hooks = MetricsHooks(meter, CollectorRegistry(), QueueDepth(app=None),
+                             on_run=lambda: None)
+        hooks.run_started(_run(f"r{index}", "w"))
+        del hooks
+    gc.collect()
+    data = reader.get_metrics_data()
+    assert data is not None
+    [started] = [point for resource in data.resource_metrics
+                 for scope in resource.scope_metrics for metric in scope.metrics
+                 if metric.name == "garrison.runs.started"
+                 for point in metric.data.data_points]
+    assert started.value == 2  # type: ignore[union-attr]  # a cumulative sum never drops
+    provider.shutdown()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +66,25 @@ class Instrumentation:
                             "garrison.breaker.from": old, "garrison.breaker.to": new})
 
 
+# One meter per provider: the OpenTelemetry API's proxy provider (in use until
+# `set_meter_provider`) makes a new meter per call, and apps on separate meters of one
+# provider would register the same instruments twice (the SDK keeps the first one only).
+_METERS: weakref.WeakKeyDictionary[metrics.MeterProvider, metrics.Meter] = (
+    weakref.WeakKeyDictionary())
+_METERS_LOCK = threading.Lock()
+
+
+def _meter(provider: metrics.MeterProvider) -> metrics.Meter:
+    with _METERS_LOCK:
+        try:
+            meter = _METERS.get(provider)
+        except TypeError:  # a provider that cannot be weakly referenced: not cached
+            return provider.get_meter(_SCOPE, __version__)
+        if meter is None:
+            meter = _METERS[provider] = provider.get_meter(_SCOPE, __version__)
+        return meter
+
+
 def instrument(app: Garrison, *, tracer_provider: trace.TracerProvider | None = None,
                meter_provider: metrics.MeterProvider | None = None,
                capture_content: bool = False, redact: Redactor = no_redaction,
@@ -99,7 +120,7 @@ def instrument(app: Garrison, *, tracer_provider: trace.TracerProvider | None = 
             return existing
     tracer = (tracer_provider or trace.get_tracer_provider()).get_tracer(
         _SCOPE, __version__)
-    meter = (meter_provider or metrics.get_meter_provider()).get_meter(_SCOPE, __version__)
+    meter = _meter(meter_provider or metrics.get_meter_provider())
     registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
     depth = QueueDepth(app)
     tracing = TracingHooks(tracer, worker_id=app.worker_id, capture_content=capture_content,

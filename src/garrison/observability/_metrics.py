@@ -156,7 +156,9 @@ class _MeterView:
     and queue waits in bulk, from each hooks' queue, before a collection reads them)."""
 
     def __init__(self, meter: Meter) -> None:
-        self._hooks: weakref.WeakSet[MetricsHooks] = weakref.WeakSet()
+        # Held for the meter's life, as the SDK holds a callback: an app's counts must
+        # not leave a cumulative sum (a backend would read a reset), nor its queue.
+        self._hooks: list[MetricsHooks] = []
         self._lock = threading.Lock()  # apps join on their threads; collections read
         self.step = meter.create_histogram(
             "garrison.step.duration", unit="s", description="Live step attempts")
@@ -183,7 +185,7 @@ class _MeterView:
 
     def join(self, hooks: MetricsHooks) -> None:
         with self._lock:
-            self._hooks.add(hooks)
+            self._hooks.append(hooks)
 
     def members(self) -> list[MetricsHooks]:
         with self._lock:

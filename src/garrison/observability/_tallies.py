@@ -22,6 +22,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from typing import cast
 
+from prometheus_client import metrics as prometheus_metrics
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -63,11 +64,19 @@ class Tally:
         return list(self.values.items())  # one C-level copy: safe from another thread
 
 
+def _created_series() -> bool:
+    """Whether `_created` samples are exposed: prometheus-client's
+    `disable_created_metrics()` (or PROMETHEUS_DISABLE_CREATED_SERIES) turns them off."""
+    return bool(getattr(prometheus_metrics, "_use_created", True))
+
+
 class Buckets:
     """A histogram per label values: a count per bucket (a value lands in the first
-    bucket whose upper bound is >= it; the last bucket is +Inf) and the sum."""
+    bucket whose upper bound is >= it; the last bucket is +Inf) and the sum. The sum is
+    updated right after the bucket, with no call in between: under the GIL a reader
+    sees count and sum agree."""
 
-    __slots__ = ("_width", "bounds", "doc", "labels", "name", "series")
+    __slots__ = ("_width", "bounds", "created", "doc", "labels", "name", "series")
 
     def __init__(self, name: str, doc: str, labels: Sequence[str],
                  bounds: Sequence[float]) -> None:
@@ -79,10 +88,12 @@ class Buckets:
         self.bounds = tuple(float(b) for b in bounds)
         self._width = len(self.bounds) + 1  # the buckets, +Inf included; then the sum
         self.series: dict[Key, list[float]] = {}
+        self.created: dict[Key, float] = {}
 
     def observe(self, key: Key, value: float) -> None:
         row = self.series.get(key)
         if row is None:
+            self.created[key] = time.time()  # before the series: a reader sees both
             row = self.series[key] = [0] * (self._width + 1)
         row[bisect_left(self.bounds, value)] += 1
         row[-1] += value
@@ -115,17 +126,26 @@ class PrometheusView(Collector):
                                         labels=histogram.labels)
 
     def collect(self) -> Iterable[Metric]:
+        with_created = _created_series()
         for tally in self.tallies:
             counter = CounterMetricFamily(tally.name, tally.doc, labels=tally.labels)
+            values = tally.snapshot()  # then the creation times: `add` writes them first
             created = tally.created.copy()
-            for key, value in sorted(tally.snapshot()):
-                counter.add_metric(list(key), value, created=created.get(key))
+            for key, value in sorted(values):
+                counter.add_metric(list(key), value,
+                                   created=created.get(key) if with_created else None)
             yield counter
         for histogram in self.buckets:
             family = HistogramMetricFamily(histogram.name, histogram.doc,
                                            labels=histogram.labels)
             edges = [_le(b) for b in histogram.bounds] + ["+Inf"]
-            for key, row in sorted(histogram.snapshot()):
+            rows = histogram.snapshot()
+            created = histogram.created.copy()
+            for key, row in sorted(rows):
                 family.add_metric(list(key), list(zip(edges, row[:-1], strict=True)),
                                   sum_value=row[-1])
+                if with_created and key in created:  # as prometheus-client's Histogram
+                    family.add_sample(f"{histogram.name}_created",
+                                      dict(zip(histogram.labels, key, strict=True)),
+                                      created[key])
             yield family
