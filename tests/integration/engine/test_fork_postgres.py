@@ -15,7 +15,8 @@ import psycopg
 import pytest
 
 from garrison import RunStatus
-from tests.integration.engine.test_replay_and_fork import _status, build
+from tests.integration.engine._fork_apps import build
+from tests.integration.engine._fork_apps import wait_status as _status
 from tests.pg import PG_URL, drop_schemas, fresh_postgres_url
 
 
