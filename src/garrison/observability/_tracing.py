@@ -49,6 +49,10 @@ _ERROR_STATUSES = frozenset({RunStatus.FAILED, RunStatus.QUARANTINED})
 class _Segment:
     span: Span
     token: object
+    # False when the tracer makes nothing (no SDK configured, a no-op provider): then
+    # the segment's steps get no span either. A sampled-out segment is still traced:
+    # its context is valid and its steps' spans carry it to outbound calls.
+    traced: bool
     outcome: str = "released"  # until the run finishes or parks here
     unspanned: int = 0  # quick successful steps without a span ("notable")
 
@@ -155,7 +159,8 @@ class TracingHooks(EngineHooks):
         if replayed is not None:
             span.add_event("garrison.run.resumed", {"garrison.run.replayed_entries": replayed})
         token = otel_context.attach(trace.set_span_in_context(span))
-        self._segments[run.run_id] = _Segment(span, token)
+        self._segments[run.run_id] = _Segment(span, token,
+                                              span.get_span_context().is_valid)
 
     def run_parked(self, run_id: str, wake_at: float | None) -> None:
         segment = self._segments.get(run_id)
@@ -192,6 +197,9 @@ class TracingHooks(EngineHooks):
     # -- steps ---------------------------------------------------------------------
 
     def step_started(self, step: StepInfo) -> None:
+        segment = self._segments.get(step.run_id)
+        if segment is not None and not segment.traced:
+            return
         if not self.every_step and step.attempt == 1:  # its span comes if it is notable
             self._steps[(step.run_id, step.position)] = _StepSpans(
                 None, None, _current_task(), time.time_ns())

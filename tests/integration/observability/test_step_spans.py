@@ -10,10 +10,15 @@ from typing import Any
 
 import pytest
 from opentelemetry import trace
-from opentelemetry.trace import StatusCode
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+from opentelemetry.trace import NoOpTracerProvider, StatusCode
 
 from garrison import Context, Garrison
 from garrison.engine import annotate
+from garrison.observability import instrument
 from garrison.resilience import Retry
 from tests.integration.observability.conftest import Telemetry
 
@@ -117,3 +122,51 @@ def test_bad_step_span_options_name_the_field(tmp_path: Path, telemetry: Telemet
     with pytest.raises(ValueError, match=r"slow_step_s=-1"):
         telemetry.attach(app, step_spans="notable", slow_step_s=-1)
     assert not app.hooks  # nothing attached by a refused call
+
+
+async def _step_contexts(app: Garrison) -> list[trace.SpanContext]:
+    """The span context current in each of two steps of one run."""
+    seen: list[trace.SpanContext] = []
+
+    @app.step(name="look")
+    async def look() -> None:
+        seen.append(trace.get_current_span().get_span_context())
+
+    @app.workflow(name="looks")
+    async def looks(ctx: Context) -> None:
+        await look()
+        await look()
+
+    async with app:
+        await (await app.start(looks, run_id="l")).result(timeout=10)
+    return seen
+
+
+async def test_a_sampled_out_run_still_gives_each_step_a_context(tmp_path: Path) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ALWAYS_OFF)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = Garrison(f"sqlite:///{tmp_path}/g.db")
+    instrument(app, tracer_provider=provider)
+    first, second = await _step_contexts(app)
+    provider.shutdown()
+    # not recorded, but propagated: an outbound call from a step carries the trace
+    assert first.is_valid and second.is_valid and not first.trace_flags.sampled
+    assert first.trace_id == second.trace_id and first.span_id != second.span_id
+    assert exporter.get_finished_spans() == ()
+
+
+async def test_a_tracer_that_makes_nothing_costs_no_step_spans(tmp_path: Path) -> None:
+    app = Garrison(f"sqlite:///{tmp_path}/g.db")
+    tracing = instrument(app, tracer_provider=NoOpTracerProvider()).tracing
+    started: list[int] = []
+    original = tracing._step_span
+
+    def counted(*args: Any) -> Any:
+        started.append(1)
+        return original(*args)
+
+    tracing._step_span = counted  # type: ignore[method-assign]
+    contexts = await _step_contexts(app)
+    assert [c.is_valid for c in contexts] == [False, False]
+    assert started == [] and tracing._steps == {}  # no span asked for, nothing kept
