@@ -92,6 +92,7 @@ T = TypeVar("T")
 _Op = Callable[[sqlite3.Connection], Any]
 
 _SYNC_MODES = ("FULL", "NORMAL", "EXTRA", "OFF")
+_MAX_NOTES = 10_000  # runs noted for changes() before "everything" replaces them
 # One writer already: no row locks to skip, no queue lock to take.
 _DIALECT = Dialect(skip_locked="", queue_lock=None)
 
@@ -313,6 +314,9 @@ class SQLiteStore(LeaseBook):
         # Forks told of a reused child's end here since the last changes(): the engine
         # wakes its own parents at once, and learns of these from changes().
         self._forks_told: set[str] = set()
+        # An app without a worker never calls changes(): past this many noted runs the
+        # notes are dropped and the next changes() says "look at everything" instead.
+        self._overflowed = False
         self.safe_url = self.path
         self._init_leases()
 
@@ -665,6 +669,7 @@ class SQLiteStore(LeaseBook):
                 for recipient in (parent, *forks):
                     _insert_event(conn, recipient, notify.name, notify.payload, notify.sent_at)
                 self._forks_told.update(forks)  # a rollback leaves a harmless extra look
+                self._bound_notes()
             if changed and status is RunStatus.CANCELLED:
                 conn.execute(CANCEL_CHILDREN, (completed_at, DUE_NOW, run_id)).fetchall()
             return changed
@@ -794,7 +799,14 @@ class SQLiteStore(LeaseBook):
         self._data_version = version
         grown, self._streams_grown = self._streams_grown, set()
         forks, self._forks_told = self._forks_told, set()
-        return Changes(everything=changed, streams=grown, events=forks)
+        overflowed, self._overflowed = self._overflowed, False
+        return Changes(everything=changed or overflowed, streams=grown, events=forks)
+
+    def _bound_notes(self) -> None:
+        if len(self._streams_grown) + len(self._forks_told) > _MAX_NOTES:
+            self._streams_grown.clear()
+            self._forks_told.clear()
+            self._overflowed = True
 
     # -- journal -------------------------------------------------------------------
 
@@ -831,6 +843,7 @@ class SQLiteStore(LeaseBook):
         offsets = await self._write(op)
         if any(offset is not None for offset in offsets):
             self._streams_grown.add(run_id)
+            self._bound_notes()
         return offsets
 
     async def read_stream(self, run_id: str, *, after: int = 0, limit: int = 1000,
