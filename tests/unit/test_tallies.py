@@ -27,6 +27,7 @@ from garrison.engine import StepInfo
 from garrison.observability._metrics import MetricsHooks, QueueDepth
 from garrison.observability._tallies import Buckets, PrometheusView, Tally
 from garrison.store import RunRecord, RunStatus
+from tests.otel import metric_points
 
 BOUNDS = (0.001, 0.01, 0.1, 1.0, 10.0)
 LABELS = st.sampled_from(["a", "b", 'quo"te', "new\nline"])
@@ -147,20 +148,16 @@ def test_every_app_sharing_a_meter_is_counted() -> None:
             each.step_started(step)
             each.step_completed(step, 0.002)
             each.run_finished(run.run_id, RunStatus.COMPLETED)
-    data = reader.get_metrics_data()
-    assert data is not None
-    points = {metric.name: list(metric.data.data_points)
-              for resource in data.resource_metrics for scope in resource.scope_metrics
-              for metric in scope.metrics}
+    points = metric_points(reader)
     [started] = points["garrison.runs.started"]
-    assert started.value == 3 and dict(started.attributes) == {  # type: ignore[union-attr]
+    assert started.value == 3 and dict(started.attributes) == {
         "garrison.workflow.name": "w"}
     [finished] = points["garrison.runs.finished"]
-    assert finished.value == 3  # type: ignore[union-attr]
+    assert finished.value == 3
     [steps] = points["garrison.step.duration"]
-    assert steps.count == 3  # type: ignore[union-attr]  # both apps' queues were flushed
+    assert steps.count == 3  # both apps' queues were flushed
     [waits] = points["garrison.queue.wait_time"]
-    assert waits.count == 3 and waits.sum == pytest.approx(1.5)  # type: ignore[union-attr]
+    assert waits.count == 3 and waits.sum == pytest.approx(1.5)
     provider.shutdown()
 
 
@@ -191,11 +188,6 @@ def test_an_app_dropped_from_a_shared_meter_keeps_its_counts() -> None:
         hooks.run_started(_run(f"r{index}", "w"))
         del hooks
     gc.collect()
-    data = reader.get_metrics_data()
-    assert data is not None
-    [started] = [point for resource in data.resource_metrics
-                 for scope in resource.scope_metrics for metric in scope.metrics
-                 if metric.name == "garrison.runs.started"
-                 for point in metric.data.data_points]
-    assert started.value == 2  # type: ignore[union-attr]  # a cumulative sum never drops
+    [started] = metric_points(reader)["garrison.runs.started"]
+    assert started.value == 2  # a cumulative sum never drops
     provider.shutdown()

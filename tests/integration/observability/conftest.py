@@ -16,6 +16,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from garrison import Garrison
 from garrison.observability import Instrumentation, instrument
+from tests.otel import metric_points
 from tests.pg import drop_schemas, fresh_postgres_url
 
 
@@ -42,14 +43,7 @@ class Telemetry:
         return found[0]
 
     def points(self, metric: str) -> list[object]:
-        data = self.reader.get_metrics_data()
-        out: list[object] = []
-        for resource in data.resource_metrics if data else ():
-            for scope in resource.scope_metrics:
-                for m in scope.metrics:
-                    if m.name == metric:
-                        out.extend(m.data.data_points)
-        return out
+        return metric_points(self.reader).get(metric, [])
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from garrison import Context, Garrison
 from garrison.observability import instrument
+from tests.otel import metric_points
 
 
 class _Fresh:
@@ -56,13 +57,9 @@ async def test_apps_on_meters_of_one_provider_are_all_counted(tmp_path: Path) ->
         async with app:
             for n in range(index + 1):  # one run in the first app, two in the second
                 await (await app.start("job", run_id=f"r{n}")).result(timeout=10)
-    data = reader.get_metrics_data()
-    assert data is not None
-    points = {metric.name: list(metric.data.data_points)
-              for resource in data.resource_metrics for scope in resource.scope_metrics
-              for metric in scope.metrics}
+    points = metric_points(reader)
     [started] = points["garrison.runs.started"]
-    assert started.value == 3  # type: ignore[union-attr]
+    assert started.value == 3
     [steps] = points["garrison.step.duration"]
-    assert steps.count == 3  # type: ignore[union-attr]  # both apps' queues flushed
+    assert steps.count == 3  # both apps' queues flushed
     provider.shutdown()
