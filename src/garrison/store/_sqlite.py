@@ -665,10 +665,12 @@ class SQLiteStore(LeaseBook):
             ).fetchall()  # one row at most; fetched whole so the statement completes
             changed = bool(ended)
             if ended and notify is not None:
-                parent, *forks = _child_end_recipients(conn, notify.run_id, ended[0][0])
-                for recipient in (parent, *forks):
+                recipients = _child_end_recipients(conn, notify.run_id, ended[0][0])
+                for recipient in recipients:
                     _insert_event(conn, recipient, notify.name, notify.payload, notify.sent_at)
-                self._forks_told.update(forks)  # a rollback leaves a harmless extra look
+                # The worker wakes the parent itself; the forks it learns of from
+                # changes() (a rollback leaves a harmless extra look).
+                self._forks_told.update(recipients[1:])
                 self._bound_notes()
             if changed and status is RunStatus.CANCELLED:
                 conn.execute(CANCEL_CHILDREN, (completed_at, DUE_NOW, run_id)).fetchall()
