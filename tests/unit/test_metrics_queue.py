@@ -6,10 +6,12 @@ import threading
 
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
 from garrison.engine import StepInfo
 from garrison.observability._metrics import _FLUSH_AT, MetricsHooks, QueueDepth
+from tests.otel import metric_points
 
 
 def _hooks() -> tuple[MetricsHooks, InMemoryMetricReader]:
@@ -20,13 +22,7 @@ def _hooks() -> tuple[MetricsHooks, InMemoryMetricReader]:
 
 
 def _count(reader: InMemoryMetricReader) -> int:
-    data = reader.get_metrics_data()
-    if data is None:  # nothing measured yet
-        return 0
-    return sum(point.count for resource in data.resource_metrics
-               for scope in resource.scope_metrics for metric in scope.metrics
-               if metric.name == "garrison.step.duration"
-               for point in metric.data.data_points)  # type: ignore[union-attr]
+    return sum(point.count for point in metric_points(reader).get("garrison.step.duration", []))
 
 
 def _steps(hooks: MetricsHooks, run: str, count: int) -> None:
@@ -70,3 +66,18 @@ def test_collections_from_other_threads_lose_nothing() -> None:
         collector.join()
     assert _count(reader) == 20 * 500
     assert counts == sorted(counts)  # never counted back
+
+
+def test_values_recorded_in_bulk_inside_a_span_carry_no_exemplar() -> None:
+    # A full queue is recorded from whatever hook fills it, often with some run's span
+    # current: the SDK would take that span as every queued value's exemplar, pointing
+    # each one at an unrelated trace. Bulk-recorded values carry none (documented).
+    hooks, reader = _hooks()
+    tracer = TracerProvider().get_tracer("test")
+    with tracer.start_as_current_span("some run"):
+        _steps(hooks, "r", _FLUSH_AT)
+        assert not hooks._queued  # recorded here, under the span
+    (metric,) = [points for name, points in metric_points(reader).items()
+                 if name == "garrison.step.duration"]
+    assert sum(point.count for point in metric) == _FLUSH_AT
+    assert all(not point.exemplars for point in metric)

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.core import GaugeMetricFamily
@@ -282,12 +283,21 @@ class MetricsHooks(EngineHooks):
         """Record the queued step durations and queue waits into the OpenTelemetry
         histograms (safe from any thread: each value is taken off the queue once)."""
         queued = self._queued
-        while True:
-            try:
-                record, value, attributes = queued.popleft()
-            except IndexError:
-                return
-            record(value, attributes)
+        if not queued:
+            return
+        # Under an empty context: a full queue is flushed from whatever hook filled it,
+        # often with a run's span current, which the SDK would take as the exemplar of
+        # every value (each pointing at an unrelated trace).
+        token = otel_context.attach(otel_context.Context())
+        try:
+            while True:
+                try:
+                    record, value, attributes = queued.popleft()
+                except IndexError:
+                    return
+                record(value, attributes)
+        finally:
+            otel_context.detach(token)
 
     def _record_later(self, record: Callable[[float, dict[str, str]], None], value: float,
                       attributes: dict[str, str]) -> None:

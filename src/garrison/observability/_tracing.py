@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -54,6 +54,7 @@ class _Segment:
     # its context is valid and its steps' spans carry it to outbound calls.
     traced: bool
     outcome: str = "released"  # until the run finishes or parks here
+    status: str | None = None  # the run's final status, if it finished here
     unspanned: int = 0  # quick successful steps without a span ("notable")
 
 
@@ -65,7 +66,6 @@ class _StepSpans:
     started_ns: int = 0
     client: Span | None = None
     client_token: object | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _attribute(value: Any) -> Any:
@@ -153,9 +153,10 @@ class TracingHooks(EngineHooks):
                                   {"garrison.link": "run_started_from"}))
         # An explicit context, never the caller's: a malformed or missing stored context
         # starts a new trace rather than joining whatever task happens to be current.
+        # links=None, not [], when there are none: the SDK spends ~7 µs on an empty list.
         span = self.tracer.start_span(name, context=parent or otel_context.Context(),
                                       kind=SpanKind.INTERNAL, attributes=attributes,
-                                      links=links)
+                                      links=links or None)
         if replayed is not None:
             span.add_event("garrison.run.resumed", {"garrison.run.replayed_entries": replayed})
         token = otel_context.attach(trace.set_span_in_context(span))
@@ -174,7 +175,7 @@ class TracingHooks(EngineHooks):
         if segment is None:  # ended without executing here (a cancel of a queued run)
             return
         segment.outcome = status.value.lower()
-        segment.span.set_attribute("garrison.run.status", status.value)
+        segment.status = status.value  # set with the others when the segment ends
         if status in _ERROR_STATUSES:
             segment.span.set_status(Status(StatusCode.ERROR, f"run {status.value}"))
 
@@ -188,9 +189,12 @@ class TracingHooks(EngineHooks):
         segment = self._segments.pop(run_id, None)
         if segment is None:
             return
-        segment.span.set_attribute("garrison.run.outcome", segment.outcome)
+        attributes: dict[str, str | int] = {"garrison.run.outcome": segment.outcome}
+        if segment.status is not None:
+            attributes["garrison.run.status"] = segment.status
         if not self.every_step:
-            segment.span.set_attribute("garrison.run.steps_unspanned", segment.unspanned)
+            attributes["garrison.run.steps_unspanned"] = segment.unspanned
+        segment.span.set_attributes(attributes)  # one call: the SDK locks once per call
         segment.span.end()
         otel_context.detach(segment.token)  # type: ignore[arg-type]  # attach()'s token
 
