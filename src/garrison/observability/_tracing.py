@@ -105,6 +105,9 @@ class TracingHooks(EngineHooks):
         self.slow_step_s = slow_step_s
         self._segments: dict[str, _Segment] = {}
         self._steps: dict[tuple[str, str], _StepSpans] = {}
+        # step_spans="notable": live steps with no span yet -> (their task, start in ns);
+        # a plain tuple, made at every step, where a _StepSpans would cost twice as much.
+        self._quiet: dict[tuple[str, str], tuple[asyncio.Task[Any] | None, int]] = {}
         self._step_names: dict[str, str] = {}  # step name -> span name
 
     # -- runs ----------------------------------------------------------------------
@@ -205,8 +208,7 @@ class TracingHooks(EngineHooks):
         if segment is not None and not segment.traced:
             return
         if not self.every_step and step.attempt == 1:  # its span comes if it is notable
-            self._steps[(step.run_id, step.position)] = _StepSpans(
-                None, None, _current_task(), time.time_ns())
+            self._quiet[(step.run_id, step.position)] = (_current_task(), time.time_ns())
             return
         span = self._step_span(step, None)
         token = otel_context.attach(trace.set_span_in_context(span))
@@ -227,6 +229,20 @@ class TracingHooks(EngineHooks):
         return self.tracer.start_span(name, context=context, attributes=attributes,
                                       start_time=started_ns)
 
+    def _live(self, step: StepInfo, *, keep: bool) -> _StepSpans | None:
+        """The live step's record (made from its quiet entry if it has no span yet),
+        kept for later events or taken because the step ends now."""
+        key = (step.run_id, step.position)
+        spans = self._steps.get(key) if keep else self._steps.pop(key, None)
+        if spans is None:
+            quiet = self._quiet.pop(key, None)
+            if quiet is None:
+                return None
+            spans = _StepSpans(None, None, *quiet)
+            if keep:
+                self._steps[key] = spans
+        return spans
+
     def _notable(self, step: StepInfo, spans: _StepSpans, *, current: bool) -> Span:
         """The step's span, made now (from the step's start) if it has none yet; made
         current when asked and called from the step's own task."""
@@ -238,7 +254,7 @@ class TracingHooks(EngineHooks):
         return span
 
     def step_annotated(self, step: StepInfo, attributes: Mapping[str, Any]) -> None:
-        spans = self._steps.get((step.run_id, step.position))
+        spans = self._live(step, keep=True)
         if spans is None:
             return
         step_span = self._notable(step, spans, current=True)
@@ -269,20 +285,21 @@ class TracingHooks(EngineHooks):
         target.set_attributes(values)
 
     def step_completed(self, step: StepInfo, duration_s: float) -> None:
-        spans = self._steps.pop((step.run_id, step.position), None)
+        if (duration_s < self.slow_step_s
+                and self._quiet.pop((step.run_id, step.position), None) is not None):
+            segment = self._segments.get(step.run_id)
+            if segment is not None:
+                segment.unspanned += 1
+            return
+        spans = self._live(step, keep=False)
         if spans is None:
             return
-        if spans.span is None:
-            if duration_s < self.slow_step_s:
-                segment = self._segments.get(step.run_id)
-                if segment is not None:
-                    segment.unspanned += 1
-                return
+        if spans.span is None:  # slow
             self._notable(step, spans, current=False)
         self._end(spans)
 
     def step_failed(self, step: StepInfo, error: BaseException, will_retry: bool) -> None:
-        spans = self._steps.pop((step.run_id, step.position), None)
+        spans = self._live(step, keep=False)
         if spans is None:
             return
         step_span = self._notable(step, spans, current=False)
@@ -307,7 +324,7 @@ class TracingHooks(EngineHooks):
         self._end(spans)
 
     def step_interrupted(self, step: StepInfo, error: BaseException) -> None:
-        spans = self._steps.pop((step.run_id, step.position), None)
+        spans = self._live(step, keep=False)
         if spans is not None:
             self._notable(step, spans, current=False).add_event(
                 "garrison.step.interrupted",
@@ -319,7 +336,7 @@ class TracingHooks(EngineHooks):
         values = {key: converted for key, value in attributes.items()
                   if (converted := _attribute(value)) is not None}
         if step is not None:
-            spans = self._steps.get((step.run_id, step.position))
+            spans = self._live(step, keep=True)
             if spans is not None:
                 self._notable(step, spans, current=True).add_event(name, values)
                 return

@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import NoOpTracerProvider, StatusCode
 
 from garrison import Context, Garrison
-from garrison.engine import annotate
+from garrison.engine import annotate, record_event
 from garrison.observability import instrument
 from garrison.resilience import Retry
 from tests.integration.observability.conftest import Telemetry
@@ -44,6 +44,18 @@ def _app(tmp_path: Path) -> tuple[Garrison, Callable[..., Coroutine[Any, Any, st
             pass
         return "described"
 
+    @app.step(name="eventful")
+    async def eventful() -> str:
+        record_event("shop.checked", items=2)
+        return "eventful"
+
+    @app.step(name="delegating")
+    async def delegating() -> str:
+        async def helper() -> None:  # another task: the span is made, not made current
+            annotate(**{"shop.helper": True})
+        await asyncio.create_task(helper())
+        return "delegating"
+
     @app.step(name="flaky", retry=Retry(max_attempts=2, base=0.0, cap=0.0))
     async def flaky() -> str:
         attempts["flaky"] += 1
@@ -61,6 +73,8 @@ def _app(tmp_path: Path) -> tuple[Garrison, Callable[..., Coroutine[Any, Any, st
             await quick(i)
         await slow()
         await described()
+        await eventful()
+        await delegating()
         await flaky()
         with contextlib.suppress(ValueError):
             await broken()
@@ -70,7 +84,8 @@ def _app(tmp_path: Path) -> tuple[Garrison, Callable[..., Coroutine[Any, Any, st
 
 
 async def test_notable_steps_have_spans_and_quick_ones_are_counted(
-        tmp_path: Path, telemetry: Telemetry, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, telemetry: Telemetry, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(trace, "get_tracer",
                         lambda name, *a, **k: telemetry.tracer_provider.get_tracer(name))
     app, mixed = _app(tmp_path)
@@ -80,7 +95,8 @@ async def test_notable_steps_have_spans_and_quick_ones_are_counted(
             timeout=10) == "done"
 
     names = sorted(s.name for s in telemetry.spans() if s.name.startswith("step "))
-    assert names == ["step broken", "step described", "step flaky", "step flaky", "step slow"]
+    assert names == ["step broken", "step delegating", "step described", "step eventful",
+                     "step flaky", "step flaky", "step slow"]
     run = telemetry.one("invoke_workflow mixed")
     assert dict(run.attributes or {})["garrison.run.steps_unspanned"] == 5
     for span in telemetry.spans():
@@ -95,6 +111,12 @@ async def test_notable_steps_have_spans_and_quick_ones_are_counted(
     assert dict(described.attributes or {})["shop.order"] == "o-7"
     lookup = telemetry.one("shop.lookup")
     assert lookup.parent is not None and lookup.parent.span_id == described.context.span_id
+    eventful = telemetry.one("step eventful")
+    assert [(e.name, dict(e.attributes or {})) for e in eventful.events] == [
+        ("shop.checked", {"items": 2})]
+    delegating = telemetry.one("step delegating")
+    assert dict(delegating.attributes or {})["shop.helper"] is True
+    assert not [r for r in caplog.records if "detach" in r.getMessage()]
     first, second = telemetry.named("step flaky")
     assert first.status.status_code is StatusCode.ERROR
     assert dict(first.attributes or {})["garrison.step.will_retry"] is True
@@ -170,3 +192,31 @@ async def test_a_tracer_that_makes_nothing_costs_no_step_spans(tmp_path: Path) -
     contexts = await _step_contexts(app)
     assert [c.is_valid for c in contexts] == [False, False]
     assert started == [] and tracing._steps == {}  # no span asked for, nothing kept
+
+
+async def test_a_quick_step_interrupted_gets_its_span_from_its_start(
+        tmp_path: Path, telemetry: Telemetry) -> None:
+    entered = asyncio.Event()
+    app = Garrison(f"sqlite:///{tmp_path}/g.db")
+
+    @app.step(name="waiting")
+    async def waiting() -> str:
+        entered.set()
+        await asyncio.Event().wait()  # until the app closes
+        return "never"
+
+    @app.workflow(name="held")
+    async def held(ctx: Context) -> str:
+        return await waiting()
+
+    telemetry.attach(app, step_spans="notable", slow_step_s=60)
+    async with app:
+        await app.start(held, run_id="h")
+        await asyncio.wait_for(entered.wait(), 10)
+        await asyncio.sleep(0.02)
+    step = telemetry.one("step waiting")  # closed mid-step: interrupted, so notable
+    assert [e.name for e in step.events] == ["garrison.step.interrupted"]
+    assert step.start_time is not None and step.end_time is not None
+    assert step.end_time - step.start_time >= 20_000_000  # from the step's own start
+    run = telemetry.one("invoke_workflow held")
+    assert dict(run.attributes or {})["garrison.run.steps_unspanned"] == 0
