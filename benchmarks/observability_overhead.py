@@ -39,6 +39,8 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import opentelemetry.sdk
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 from opentelemetry.metrics import NoOpMeterProvider
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -136,6 +138,36 @@ async def measure(rounds: int, folder: str) -> tuple[dict[str, list[float]], int
     return samples, spans
 
 
+def sdk_floor_us() -> tuple[float, float, float]:
+    """The OpenTelemetry SDK's own calls that telemetry as issue 8 asks for must make,
+    timed alone (µs): one histogram record (two attributes) per step; per run, two spans
+    (the enqueue's, four attributes; the execution's, seven, made current while it
+    runs). Per step of W1 and W2, and a span's cost."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    tracer = provider.get_tracer("floor")
+    histogram = MeterProvider(metric_readers=[InMemoryMetricReader()]).get_meter(
+        "floor").create_histogram("floor")
+    step = {"garrison.step.name": "nap", "garrison.step.status": "completed"}
+    enqueue = {"a": "1", "b": "w2", "c": "1", "d": "default"}
+    execution = {**enqueue, "e": "worker", "f": 0, "g": False}
+
+    def run() -> None:
+        tracer.start_span("start", attributes=enqueue).end()
+        span = tracer.start_span("run", context=otel_context.Context(), attributes=execution)
+        token = otel_context.attach(trace.set_span_in_context(span))
+        otel_context.detach(token)
+        span.end()
+
+    run_us = min(timeit.repeat(run, number=2_000, repeat=5)) / 2_000 * 1e6
+    exporter.clear()
+    record_us = min(timeit.repeat(lambda: histogram.record(0.005, step), number=20_000,
+                                  repeat=5)) / 20_000 * 1e6
+    provider.shutdown()
+    return record_us + run_us / W1_STEPS, record_us + run_us / W2_STEPS, run_us / 2
+
+
 def summary(values: list[float]) -> str:
     return f"{statistics.median(values):8.3f}  ({min(values):.3f}-{max(values):.3f})"
 
@@ -148,8 +180,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         samples, spans = asyncio.run(measure(args.rounds, folder))
     annotate_ns = min(timeit.repeat(lambda: annotate(x=1), number=100_000, repeat=5)) * 1e4
+    floor_w1, floor_w2, span_us = sdk_floor_us()
     if args.json:
-        print(json.dumps({"samples": samples, "spans": spans, "annotate_ns": annotate_ns}))
+        print(json.dumps({"samples": samples, "spans": spans, "annotate_ns": annotate_ns,
+                          "sdk_floor_us": {"w1": floor_w1, "w2": floor_w2, "span": span_us}}))
         return
     print(f"garrison {__version__}, opentelemetry-sdk {opentelemetry.sdk.version.__version__}, "
           f"Python {platform.python_version()}, {platform.machine()}, {args.rounds} rounds")
@@ -171,6 +205,11 @@ def main() -> None:
                 f"({min(rounds):+.0f}..{max(rounds):+.0f})")
             print(f"{workload[:2].upper()} {unit:8} {mode:10}   {summary(values)}   {note}")
     print(f"spans exported with telemetry on: {spans}")
+    for workload, floor in (("w1", floor_w1), ("w2", floor_w2)):
+        base = statistics.median(samples[f"{workload}cpu_off"])
+        print(f"OpenTelemetry SDK floor, {workload.upper()}: {floor:.1f} µs a step "
+              f"({floor / base * 100:.1f} % of off's CPU a step): its own calls, timed alone "
+              f"(a histogram record a step, two spans a run; a span {span_us:.1f} µs)")
     print(f"annotate() outside a step / without hooks: {annotate_ns:.0f} ns a call")
 
 
