@@ -81,3 +81,31 @@ def test_values_recorded_in_bulk_inside_a_span_carry_no_exemplar() -> None:
                  if name == "garrison.step.duration"]
     assert sum(point.count for point in metric) == _FLUSH_AT
     assert all(not point.exemplars for point in metric)
+
+
+def test_values_from_several_threads_while_collecting_are_each_recorded_once() -> None:
+    hooks, reader = _hooks()
+    stop = threading.Event()
+
+    def collect() -> None:
+        while not stop.is_set():
+            _count(reader)
+
+    def produce(thread: int) -> None:
+        for i in range(3000):
+            hooks._record_later(hooks._otel.step.record, 0.25,
+                                {"garrison.step.name": f"s{thread}",
+                                 "garrison.step.status": str(i % 3)})
+
+    collector = threading.Thread(target=collect)
+    producers = [threading.Thread(target=produce, args=(n,)) for n in range(4)]
+    collector.start()
+    for producer in producers:
+        producer.start()
+    for producer in producers:
+        producer.join()
+    stop.set()
+    collector.join()
+    points = metric_points(reader)["garrison.step.duration"]
+    assert len(points) == 12 and all(point.count == 1000 for point in points)
+    assert sum(point.sum for point in points) == 12_000 * 0.25  # exact: quarters add up
