@@ -15,7 +15,9 @@ registry still run), `on` (SDK providers: spans to an in-memory exporter through
 BatchSpanProcessor, as in production; metrics to an in-memory reader), `on-simple`
 (the same through a SimpleSpanProcessor: each span exported as it ends, as in tests)
 and `on-notable` (as `on`, with `step_spans="notable"`: no span for a quick successful
-step, which all of W1's and W2's steps are).
+step, which all of W1's and W2's steps are); `notable-prom` (as `on-notable`, with
+OpenTelemetry's no-op meter: metrics through Prometheus only, Garrison's own tallies,
+and no OpenTelemetry histogram record a step).
 Each mode has its own app and SQLite file (the hooks are per app); the apps stay open
 for the whole run, so their idle workers cost all modes alike.
 Targets (issue 8): on <= 10 %, off <= 1 %.
@@ -55,7 +57,7 @@ from garrison.observability import instrument
 
 W1_STEPS = 500
 W2_RUNS, W2_STEPS = 200, 10
-MODES = ("off", "noop", "on", "on-simple", "on-notable")
+MODES = ("off", "noop", "on", "on-simple", "on-notable", "notable-prom")
 
 Flow = Callable[..., Coroutine[Any, Any, Any]]
 
@@ -102,6 +104,8 @@ async def measure(rounds: int, folder: str) -> tuple[dict[str, list[float]], int
                meter_provider=meter_provider)
     instrument(apps["on-notable"][0], tracer_provider=tracer_provider,
                meter_provider=meter_provider, step_spans="notable")
+    instrument(apps["notable-prom"][0], tracer_provider=tracer_provider,
+               meter_provider=NoOpMeterProvider(), step_spans="notable")
     samples: dict[str, list[float]] = {f"{w}_{m}": [] for w in ("w1", "w2", "w1cpu", "w2cpu")
                                        for m in MODES}
     spans = 0
