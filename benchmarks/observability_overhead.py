@@ -207,7 +207,7 @@ def main() -> None:
             note = "" if mode == "off" else (
                 f"{overhead * 100:+6.1f} %;  {statistics.median(rounds):+6.1f} % "
                 f"({min(rounds):+.0f}..{max(rounds):+.0f})")
-            print(f"{workload[:2].upper()} {unit:8} {mode:10}   {summary(values)}   {note}")
+            print(f"{workload[:2].upper()} {unit:8} {mode:12}   {summary(values)}   {note}")
     print(f"spans exported with telemetry on: {spans}")
     for workload, floor in (("w1", floor_w1), ("w2", floor_w2)):
         base = statistics.median(samples[f"{workload}cpu_off"])
