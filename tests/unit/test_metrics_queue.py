@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics import MeterProvider, TraceBasedExemplarFilter
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
@@ -16,7 +16,9 @@ from tests.otel import metric_points
 
 def _hooks() -> tuple[MetricsHooks, InMemoryMetricReader]:
     reader = InMemoryMetricReader()
-    meter = MeterProvider(metric_readers=[reader]).get_meter("test")
+    # The default filter, whatever OTEL_METRICS_EXEMPLAR_FILTER says.
+    meter = MeterProvider(metric_readers=[reader],
+                          exemplar_filter=TraceBasedExemplarFilter()).get_meter("test")
     return MetricsHooks(meter, CollectorRegistry(), QueueDepth(app=None),
                         on_run=lambda: None), reader
 
@@ -77,10 +79,13 @@ def test_values_recorded_in_bulk_inside_a_span_carry_no_exemplar() -> None:
     with tracer.start_as_current_span("some run"):
         _steps(hooks, "r", _FLUSH_AT)
         assert not hooks._queued  # recorded here, under the span
-    (metric,) = [points for name, points in metric_points(reader).items()
-                 if name == "garrison.step.duration"]
-    assert sum(point.count for point in metric) == _FLUSH_AT
-    assert all(not point.exemplars for point in metric)
+        hooks._otel.duration.record(0.5, {"gen_ai.operation.name": "chat"})  # at once
+    points = metric_points(reader)
+    assert sum(point.count for point in points["garrison.step.duration"]) == _FLUSH_AT
+    assert all(not point.exemplars for point in points["garrison.step.duration"])
+    # the filter would have taken the span: a value recorded at once under it has one
+    (call,) = points["gen_ai.client.operation.duration"]
+    assert len(call.exemplars) == 1
 
 
 def test_values_from_several_threads_while_collecting_are_each_recorded_once() -> None:
@@ -100,12 +105,14 @@ def test_values_from_several_threads_while_collecting_are_each_recorded_once() -
     collector = threading.Thread(target=collect)
     producers = [threading.Thread(target=produce, args=(n,)) for n in range(4)]
     collector.start()
-    for producer in producers:
-        producer.start()
-    for producer in producers:
-        producer.join()
-    stop.set()
-    collector.join()
+    try:
+        for producer in producers:
+            producer.start()
+        for producer in producers:
+            producer.join()
+    finally:
+        stop.set()
+        collector.join()
     points = metric_points(reader)["garrison.step.duration"]
     assert len(points) == 12 and all(point.count == 1000 for point in points)
     assert sum(point.sum for point in points) == 12_000 * 0.25  # exact: quarters add up

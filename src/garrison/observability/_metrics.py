@@ -11,8 +11,9 @@ and queue waits, measured at every step and run, are queued (a deque append) and
 recorded in one loop when the metrics are collected (an observable instrument's
 callback runs before the collection reads the histograms) or once `_FLUSH_AT` values
 wait. The values and their aggregation are the same. Such a measurement carries no
-exemplar (no trace context at collection time); model-call durations and tokens are
-recorded at once and keep theirs.
+exemplar: it is recorded under an empty context (a full queue is flushed from inside
+some run, whose span is no exemplar of the other values); model-call durations and
+tokens are recorded at once and keep theirs.
 """
 
 from __future__ import annotations

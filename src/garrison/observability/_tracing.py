@@ -21,6 +21,7 @@ work (tens of microseconds) on every quick, successful step.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -108,6 +109,10 @@ class TracingHooks(EngineHooks):
         # step_spans="notable": live steps with no span yet -> (their task, start in ns);
         # a plain tuple, made at every step, where a _StepSpans would cost twice as much.
         self._quiet: dict[tuple[str, str], tuple[asyncio.Task[Any] | None, int]] = {}
+        # A synchronous step annotates from its thread, possibly while the loop ends the
+        # step (its timeout): a step's record moves from _quiet to _steps, and gets its
+        # span, under this lock, so the loop never finds it in neither place.
+        self._lock = threading.Lock()
         self._step_names: dict[str, str] = {}  # step name -> span name
 
     # -- runs ----------------------------------------------------------------------
@@ -156,10 +161,9 @@ class TracingHooks(EngineHooks):
                                   {"garrison.link": "run_started_from"}))
         # An explicit context, never the caller's: a malformed or missing stored context
         # starts a new trace rather than joining whatever task happens to be current.
-        # links=None, not [], when there are none: the SDK spends ~7 µs on an empty list.
         span = self.tracer.start_span(name, context=parent or otel_context.Context(),
                                       kind=SpanKind.INTERNAL, attributes=attributes,
-                                      links=links or None)
+                                      links=links)
         if replayed is not None:
             span.add_event("garrison.run.resumed", {"garrison.run.replayed_entries": replayed})
         token = otel_context.attach(trace.set_span_in_context(span))
@@ -233,23 +237,28 @@ class TracingHooks(EngineHooks):
         """The live step's record (made from its quiet entry if it has no span yet),
         kept for later events or taken because the step ends now."""
         key = (step.run_id, step.position)
-        spans = self._steps.get(key) if keep else self._steps.pop(key, None)
-        if spans is None:
-            quiet = self._quiet.pop(key, None)
-            if quiet is None:
-                return None
-            spans = _StepSpans(None, None, *quiet)
-            if keep:
-                self._steps[key] = spans
-        return spans
+        with self._lock:
+            spans = self._steps.get(key) if keep else self._steps.pop(key, None)
+            if spans is None:
+                quiet = self._quiet.pop(key, None)
+                if quiet is None:
+                    return None
+                spans = _StepSpans(None, None, *quiet)
+                if keep:
+                    self._steps[key] = spans
+            return spans
 
     def _notable(self, step: StepInfo, spans: _StepSpans, *, current: bool) -> Span:
         """The step's span, made now (from the step's start) if it has none yet; made
         current when asked and called from the step's own task."""
         span = spans.span
         if span is None:
-            span = spans.span = self._step_span(step, spans.started_ns)
-            if current and spans.task is not None and spans.task is _current_task():
+            with self._lock:  # one span, if the step's thread and the loop both get here
+                span = spans.span
+                made = span is None
+                if span is None:
+                    span = spans.span = self._step_span(step, spans.started_ns)
+            if made and current and spans.task is not None and spans.task is _current_task():
                 spans.token = otel_context.attach(trace.set_span_in_context(span))
         return span
 

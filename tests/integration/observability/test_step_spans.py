@@ -89,10 +89,12 @@ async def test_notable_steps_have_spans_and_quick_ones_are_counted(
     monkeypatch.setattr(trace, "get_tracer",
                         lambda name, *a, **k: telemetry.tracer_provider.get_tracer(name))
     app, mixed = _app(tmp_path)
-    telemetry.attach(app, step_spans="notable", slow_step_s=0.05)
+    instrumentation = telemetry.attach(app, step_spans="notable", slow_step_s=0.05)
     async with app:
         assert await (await app.start(mixed, run_id="m")).result(
             timeout=10) == "done"
+    tracing = instrumentation.tracing
+    assert not tracing._quiet and not tracing._steps and not tracing._segments  # no leftovers
 
     names = sorted(s.name for s in telemetry.spans() if s.name.startswith("step "))
     assert names == ["step broken", "step delegating", "step described", "step eventful",
@@ -209,11 +211,12 @@ async def test_a_quick_step_interrupted_gets_its_span_from_its_start(
     async def held(ctx: Context) -> str:
         return await waiting()
 
-    telemetry.attach(app, step_spans="notable", slow_step_s=60)
+    tracing = telemetry.attach(app, step_spans="notable", slow_step_s=60).tracing
     async with app:
         await app.start(held, run_id="h")
         await asyncio.wait_for(entered.wait(), 10)
         await asyncio.sleep(0.02)
+    assert not tracing._quiet and not tracing._steps and not tracing._segments
     step = telemetry.one("step waiting")  # closed mid-step: interrupted, so notable
     assert [e.name for e in step.events] == ["garrison.step.interrupted"]
     assert step.start_time is not None and step.end_time is not None

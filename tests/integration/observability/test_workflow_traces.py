@@ -164,7 +164,9 @@ async def test_a_run_resumed_by_another_app_continues_the_same_trace(
         assert segment.parent is not None and segment.parent.span_id == start.context.span_id
     b, a = dict(before.attributes or {}), dict(after.attributes or {})
     assert b["garrison.worker"] == "w-first" and b["garrison.run.outcome"] == "released"
+    assert "garrison.run.status" not in b  # handed back unfinished
     assert a["garrison.worker"] == "w-second" and a["garrison.run.resumed"] is True
+    assert a["garrison.run.status"] == "COMPLETED"
     assert a["garrison.run.replayed_entries"] >= 1 and a["garrison.run.outcome"] == "completed"
     assert [link.context.span_id for link in after.links] == [start.context.span_id]
     assert [e.name for e in after.events][:1] == ["garrison.run.resumed"]
