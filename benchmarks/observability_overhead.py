@@ -9,7 +9,9 @@ with no-op providers, alternated round after round in one process.
   work, and CPU time moves less than wall time on this shared machine (a stalled disk
   or a busy neighbour stretch the wall clock of every mode alike, but not evenly).
 
-Modes: `off` (no `instrument`: the engine's hook-less path), `noop` (`instrument` with
+Modes: `off` (no `instrument`: the engine's hook-less path), `off-again` (a second
+app exactly like `off`: its "overhead" is this harness's own noise, the smallest
+difference a run can tell apart), `noop` (`instrument` with
 OpenTelemetry's no-op tracer and meter providers: Garrison's hooks and the Prometheus
 registry still run), `on` (SDK providers: spans to an in-memory exporter through a
 BatchSpanProcessor, as in production; metrics to an in-memory reader), `on-simple`
@@ -57,7 +59,7 @@ from garrison.observability import instrument
 
 W1_STEPS = 500
 W2_RUNS, W2_STEPS = 200, 10
-MODES = ("off", "noop", "on", "on-simple", "on-notable", "notable-prom")
+MODES = ("off", "off-again", "noop", "on", "on-simple", "on-notable", "notable-prom")
 
 Flow = Callable[..., Coroutine[Any, Any, Any]]
 

@@ -236,6 +236,9 @@ class TracingHooks(EngineHooks):
     def _live(self, step: StepInfo, *, keep: bool) -> _StepSpans | None:
         """The live step's record (made from its quiet entry if it has no span yet),
         kept for later events or taken because the step ends now."""
+        segment = self._segments.get(step.run_id)
+        if segment is not None and not segment.traced:
+            return None  # nothing was kept for the step (step_started)
         key = (step.run_id, step.position)
         with self._lock:
             spans = self._steps.get(key) if keep else self._steps.pop(key, None)
@@ -294,9 +297,11 @@ class TracingHooks(EngineHooks):
         target.set_attributes(values)
 
     def step_completed(self, step: StepInfo, duration_s: float) -> None:
+        segment = self._segments.get(step.run_id)
+        if segment is not None and not segment.traced:
+            return  # nothing was kept for the step (step_started)
         if (duration_s < self.slow_step_s
                 and self._quiet.pop((step.run_id, step.position), None) is not None):
-            segment = self._segments.get(step.run_id)
             if segment is not None:
                 segment.unspanned += 1
             return
