@@ -22,6 +22,7 @@ from garrison.store._records import (
     StepRecord,
     StepStatus,
     StreamRecord,
+    position_key,
 )
 
 __all__ = [
@@ -168,9 +169,9 @@ FORKS_REUSING = (
 
 
 def top_position(position: str | None) -> int:
-    """The top-level position of a journal position ("4.2" -> 4; none -> 0)."""
-    head = (position or "0").split(".", 1)[0]
-    return int(head) if head.isdigit() else 0
+    """The top-level position of a journal position ("4.2" -> 4; none -> 0), as the
+    engine's fork keeps it (`position_key`)."""
+    return position_key(position)[0] if position else 0
 
 
 # Hand-back: runs of this worker (all of them when no ids are given: also those a claim
