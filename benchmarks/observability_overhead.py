@@ -19,7 +19,9 @@ BatchSpanProcessor, as in production; metrics to an in-memory reader), `on-simpl
 and `on-notable` (as `on`, with `step_spans="notable"`: no span for a quick successful
 step, which all of W1's and W2's steps are); `notable-prom` (as `on-notable`, with
 OpenTelemetry's no-op meter: metrics through Prometheus only, Garrison's own tallies,
-and no OpenTelemetry histogram record a step).
+and no OpenTelemetry histogram record a step); `notable-sampled` (as `on-notable`, with
+head sampling: `ParentBased(TraceIdRatioBased(0.1))`, one run in ten traced, the
+sampler production tracing at this rate usually runs; every metric still recorded).
 Each mode has its own app and SQLite file (the hooks are per app); the apps stay open
 for the whole run, so their idle workers cost all modes alike.
 Targets (issue 8): on <= 10 %, off <= 1 %.
@@ -51,6 +53,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import NoOpTracerProvider
 
 from garrison import Context, Garrison, __version__
@@ -59,7 +62,8 @@ from garrison.observability import instrument
 
 W1_STEPS = 500
 W2_RUNS, W2_STEPS = 200, 10
-MODES = ("off", "off-again", "noop", "on", "on-simple", "on-notable", "notable-prom")
+MODES = ("off", "off-again", "noop", "on", "on-simple", "on-notable", "notable-prom",
+         "notable-sampled")
 
 Flow = Callable[..., Coroutine[Any, Any, Any]]
 
@@ -96,6 +100,8 @@ async def measure(rounds: int, folder: str) -> tuple[dict[str, list[float]], int
     tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
     simple_provider = TracerProvider()
     simple_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    sampled_provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.1)))
+    sampled_provider.add_span_processor(BatchSpanProcessor(exporter))
     meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
     for mode in MODES:
         apps[mode] = build(f"sqlite:///{folder}/{mode}.db")
@@ -108,6 +114,8 @@ async def measure(rounds: int, folder: str) -> tuple[dict[str, list[float]], int
                meter_provider=meter_provider, step_spans="notable")
     instrument(apps["notable-prom"][0], tracer_provider=tracer_provider,
                meter_provider=NoOpMeterProvider(), step_spans="notable")
+    instrument(apps["notable-sampled"][0], tracer_provider=sampled_provider,
+               meter_provider=meter_provider, step_spans="notable")
     samples: dict[str, list[float]] = {f"{w}_{m}": [] for w in ("w1", "w2", "w1cpu", "w2cpu")
                                        for m in MODES}
     spans = 0
@@ -133,6 +141,7 @@ async def measure(rounds: int, folder: str) -> tuple[dict[str, list[float]], int
                 samples[f"w2cpu_{mode}"].append((time.process_time() - cpu) * 1e6
                                                 / (W2_RUNS * W2_STEPS))
             tracer_provider.force_flush()
+            sampled_provider.force_flush()
             spans += len(exporter.get_finished_spans())
             exporter.clear()  # memory stays flat; the exporter's work is the same
     finally:
@@ -140,6 +149,7 @@ async def measure(rounds: int, folder: str) -> tuple[dict[str, list[float]], int
             await app.close()
         tracer_provider.shutdown()
         simple_provider.shutdown()
+        sampled_provider.shutdown()
         meter_provider.shutdown()
     return samples, spans
 
@@ -193,7 +203,7 @@ def main() -> None:
         return
     print(f"garrison {__version__}, opentelemetry-sdk {opentelemetry.sdk.version.__version__}, "
           f"Python {platform.python_version()}, {platform.machine()}, {args.rounds} rounds")
-    print(f"{'':25}{'median':>8}  (min-max)        overhead vs off: of the medians; "
+    print(f"{'':28}{'median':>8}  (min-max)        overhead vs off: of the medians; "
           "per round (median, min..max)")
     for workload, unit, higher_better in (("w1", "ms/step", False), ("w2", "steps/s", True),
                                           ("w1cpu", "µs cpu", False), ("w2cpu", "µs cpu", False)):
@@ -209,7 +219,7 @@ def main() -> None:
             note = "" if mode == "off" else (
                 f"{overhead * 100:+6.1f} %;  {statistics.median(rounds):+6.1f} % "
                 f"({min(rounds):+.0f}..{max(rounds):+.0f})")
-            print(f"{workload[:2].upper()} {unit:8} {mode:12}   {summary(values)}   {note}")
+            print(f"{workload[:2].upper()} {unit:8} {mode:15}   {summary(values)}   {note}")
     print(f"spans exported with telemetry on: {spans}")
     for workload, floor in (("w1", floor_w1), ("w2", floor_w2)):
         base = statistics.median(samples[f"{workload}cpu_off"])

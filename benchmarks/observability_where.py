@@ -2,10 +2,12 @@
 and the rest (the engine's own code running slower beside the SDK's).
 
     python benchmarks/observability_where.py [--rounds 7] [--step-spans notable|all]
+                                             [--providers sdk|noop]
 
 W2 (200 workflows x 10 steps of `asyncio.sleep(0.005)`) runs alternately without
 telemetry (`off`) and with it (SDK tracer, batch processor to an in-memory exporter,
-SDK meter to an in-memory reader). Every public method of `TracingHooks` and
+SDK meter to an in-memory reader; with `--providers noop`, OpenTelemetry's no-op tracer
+and meter, as a worker exporting through Prometheus only). Every public method of `TracingHooks` and
 `MetricsHooks` is wrapped to add up the wall time spent in it (perf_counter: the hooks
 run on the loop thread and never block; the wrapper itself costs ~0.1 µs a call, part
 of it counted); a garbage collection that runs inside a hook is counted as collection.
@@ -28,11 +30,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from opentelemetry.metrics import NoOpMeterProvider
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import NoOpTracerProvider
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -70,14 +74,19 @@ def _on_gc(phase: str, info: dict[str, Any]) -> None:
         _gc["total"] += time.process_time() - _gc["began"]
 
 
-async def measure(rounds: int, step_spans: str, folder: str) -> dict[str, list[Any]]:
+async def measure(rounds: int, step_spans: str, providers: str, folder: str
+                  ) -> dict[str, list[Any]]:
     exporter = InMemorySpanExporter()
     tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
     meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
     apps = {mode: build(f"sqlite:///{folder}/{mode}.db") for mode in ("off", "on")}
-    instrument(apps["on"][0], tracer_provider=tracer_provider,
-               meter_provider=meter_provider, step_spans=step_spans)
+    if providers == "noop":
+        instrument(apps["on"][0], tracer_provider=NoOpTracerProvider(),
+                   meter_provider=NoOpMeterProvider(), step_spans=step_spans)
+    else:
+        instrument(apps["on"][0], tracer_provider=tracer_provider,
+                   meter_provider=meter_provider, step_spans=step_spans)
     samples: dict[str, list[Any]] = {"off": [], "on": []}
     for app, _, w2 in apps.values():
         await app.open()
@@ -107,19 +116,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--step-spans", choices=("notable", "all"), default="notable")
+    parser.add_argument("--providers", choices=("sdk", "noop"), default="sdk")
     args = parser.parse_args()
     _timed(TracingHooks)
     _timed(MetricsHooks)
     gc.callbacks.append(_on_gc)
     with tempfile.TemporaryDirectory() as folder:
-        samples = asyncio.run(measure(args.rounds, args.step_spans, folder))
+        samples = asyncio.run(measure(args.rounds, args.step_spans, args.providers,
+                                             folder))
     cpu = {mode: statistics.median(s[0] for s in samples[mode]) for mode in samples}
     collected = {mode: statistics.median(s[1] for s in samples[mode]) for mode in samples}
     hooks = {key: statistics.median(s[2].get(key, 0.0) for s in samples["on"])
              for key in sorted({k for s in samples["on"] for k in s[2]})}
     in_hooks = sum(hooks.values())
     extra = cpu["on"] - cpu["off"]
-    print(f"W2, step_spans={args.step_spans!r}, {args.rounds} rounds, medians, µs a step")
+    print(f"W2, {args.providers} providers, step_spans={args.step_spans!r}, "
+          f"{args.rounds} rounds, medians, µs a step")
     print(f"CPU: off {cpu['off']:.1f}, on {cpu['on']:.1f}: +{extra:.1f} "
           f"(+{extra / cpu['off'] * 100:.0f} %)")
     print(f"  in the hooks           {in_hooks:6.1f}")
