@@ -595,8 +595,19 @@ class Garrison:
         Cooperative: the run sees `CancelledError` at its current await. `force=True`
         ends it CANCELLED now, whoever executes it: its worker's further writes are
         refused (a supervisor's kill after a child's shutdown timeout). Needs a worker
-        in this process."""
+        in this process.
+
+        From workflow code (`handle.cancel()` on a child) the request is a write of the
+        run's, outside its journal, like `publish`: a replay (`app.replay`) makes none.
+        A resumed run makes it again, which changes nothing for a run already asked."""
         self._require_open("cancel")
+        branch = current_branch()
+        if branch is not None:
+            await branch.execution.workflow_write(self._cancel(run_id, force))
+            return
+        await self._cancel(run_id, force)
+
+    async def _cancel(self, run_id: str, force: bool) -> None:
         if force:
             if self.worker is None:
                 raise ConfigurationError("app.cancel(force=True) needs a worker in this "

@@ -80,6 +80,8 @@ def build(url: str, variant: str = "same", *, worker: bool = True,
     @app.workflow(name="gated")
     async def gated(ctx: Context, sku: str) -> str:
         child = await ctx.start_child(gate, sku)
+        if variant == "cancels":  # from workflow code: a write outside the journal
+            await child.cancel()
         return str(await child.result())
 
     @app.step(name="busy")

@@ -21,6 +21,7 @@ from garrison import (
     NonDeterminismError,
     RunNotFoundError,
     RunStatus,
+    WorkflowFailed,
 )
 from garrison.store import StepStatus
 from tests.integration.engine._fork_apps import build
@@ -158,6 +159,35 @@ async def test_replay_leaves_the_store_unchanged(db_url: str) -> None:
 
     assert _rows(db_url) == rows
     assert _files(db_url) == files  # SQLite: byte for byte
+
+
+async def test_replay_of_code_that_cancels_a_child_writes_nothing(db_url: str) -> None:
+    owner, _ = build(db_url)
+    async with owner:
+        parent = (await owner.start("gated", "a")).run_id
+        await _status(owner, parent, RunStatus.WAITING)
+        child = (await owner.store.list_runs(parent_run_id=parent))[0].run_id
+        await _status(owner, child, RunStatus.WAITING)
+    rows = _rows(db_url)
+
+    changed, _ = build(db_url, "cancels", worker=False)
+    async with changed:
+        report = await changed.replay(parent)
+
+    assert not report.finished  # consistent so far: it stops at the wait on the child
+    assert _rows(db_url) == rows  # the child was not asked to cancel
+
+
+async def test_a_live_run_cancelling_its_child_from_workflow_code_cancels_it(
+        db_url: str) -> None:
+    app, _ = build(db_url, "cancels")
+    async with app:
+        parent = await app.start("gated", "a")
+        with pytest.raises(WorkflowFailed, match=r"child run .* was cancelled"):
+            await parent.result(timeout=10)  # the child's end, seen by the parent
+        child = (await app.store.list_runs(parent_run_id=parent.run_id))[0]
+
+    assert child.status is RunStatus.CANCELLED
 
 
 async def test_replay_of_a_run_another_worker_is_executing_stops_at_its_step(
