@@ -113,3 +113,39 @@ def test_postgres_sigterm_lets_in_flight_runs_finish_within_the_grace(tmp_path: 
     out = stop(worker)
     assert "in-flight runs get 20 s" in out
     assert asyncio.run(outcomes(url, ids)) == [300]  # finished before the worker exited
+
+
+def _with_password(url: str) -> str:
+    """`url` with a password (the test server trusts every login: it is not checked)."""
+    scheme, rest = url.split("://", 1)
+    user, host = rest.split("@", 1)
+    return f"{scheme}://{user}:hunter2-SECRET@{host}&password=query-SECRET"
+
+
+def test_the_store_password_is_in_no_message(tmp_path: Path) -> None:
+    url = _with_password(fresh_postgres_url())
+    (tmp_path / "shop.py").write_text(APP_MODULE.format(url=url))
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "garrison", "worker", "--app", "shop:app"], cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert worker.stdout is not None
+    banner = worker.stdout.readline()  # "worker ... on <store> ..."
+    out = banner + stop(worker)
+    shown = CliRunner().invoke(cli, ["runs", "show", "nosuch", "--db", url])
+    replayed = CliRunner().invoke(cli, ["runs", "replay", "nosuch", "--db", url,
+                                        "--app", "shop:app", "--json"],
+                                  env={"PYTHONPATH": str(tmp_path)})
+
+    async def record_error() -> str:
+        async with Garrison(url, worker=False) as client:
+            try:
+                await client.handle("nosuch").record()
+            except Exception as exc:  # RunNotFoundError
+                return str(exc)
+        return ""
+
+    error = asyncio.run(record_error())
+    assert "worker" in out and shown.exit_code == 2 and "no run 'nosuch'" in error
+    for text in (out, shown.output, replayed.output, error):
+        assert "SECRET" not in text, text
+    assert "schema=" in error  # which store it is, still

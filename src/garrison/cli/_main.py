@@ -159,7 +159,7 @@ def worker(
         async with application:
             served = ", ".join(q.name for q in application.worker.queues) \
                 if application.worker is not None else "-"
-            console.print(f"worker {application.worker_id} on {application.store.url} "
+            console.print(f"worker {application.worker_id} on {application.store.safe_url} "
                           f"(pid {os.getpid()}; queues {served}); Ctrl-C to stop",
                           soft_wrap=True)
             for orphan in application.orphaned_runs:
@@ -241,8 +241,8 @@ def runs_show(
         try:
             run = await store.get_run(run_id)
             if run is None:
-                raise RunNotFoundError(f"no run {run_id!r} in {store.url}; `garrison runs list` "
-                                       "shows the runs", run_id=run_id)
+                raise RunNotFoundError(f"no run {run_id!r} in {store.safe_url}; "
+                                       "`garrison runs list` shows the runs", run_id=run_id)
             return run, await store.load_journal(run_id)
         finally:
             await store.close()

@@ -48,7 +48,7 @@ class RunHandle(Generic[R]):
         run = await self._app.store.get_run(self.run_id)
         if run is None:
             raise RunNotFoundError(
-                f"no run {self.run_id!r} in {self._app.store.url}; check the id "
+                f"no run {self.run_id!r} in {self._app.store.safe_url}; check the id "
                 "(`garrison runs list` shows the runs)",
                 run_id=self.run_id,
             )

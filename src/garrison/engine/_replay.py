@@ -407,7 +407,7 @@ def _versions(app: Garrison, name: str) -> str:
 async def _load_run(app: Garrison, run_id: str) -> RunRecord:
     run = await app.store.get_run(run_id)
     if run is None:
-        raise RunNotFoundError(f"no run {run_id!r} in {app.store.url}; check the id "
+        raise RunNotFoundError(f"no run {run_id!r} in {app.store.safe_url}; check the id "
                                "(`garrison runs list` shows the runs)", run_id=run_id)
     return run
 

@@ -149,7 +149,7 @@ async def follow_stream(app: Garrison, run_id: str, *, after: int,
     store = app.store
     if await store.get_run(run_id) is None:
         raise RunNotFoundError(
-            f"no run {run_id!r} in {getattr(store, 'safe_url', store.url)}: cannot stream it; "
+            f"no run {run_id!r} in {store.safe_url}: cannot stream it; "
             "check the id (`garrison runs list` shows the runs)", run_id=run_id)
     signals = app.stream_signals
     offset = after

@@ -7,7 +7,7 @@ the primitives the engine builds on.
 from __future__ import annotations
 
 from garrison.errors import ConfigurationError
-from garrison.store._protocol import Changes, Store
+from garrison.store._protocol import Changes, Store, safe_url
 from garrison.store._records import (
     DEFAULT_TENANT,
     EventRecord,
@@ -38,6 +38,7 @@ __all__ = [
     "open_store",
     "parse_sqlite_url",
     "position_key",
+    "safe_url",
 ]
 
 DEFAULT_URL = "sqlite:///garrison.db"
@@ -58,7 +59,7 @@ def open_store(url: str | None = None, *, create: bool = True) -> Store:
 
         return PostgresStore(url)
     raise ConfigurationError(
-        f"store URL {url!r}: unknown scheme {scheme!r}; use 'sqlite:///path.db' or "
+        f"store URL {safe_url(url)!r}: unknown scheme {scheme!r}; use 'sqlite:///path.db' or "
         "'postgresql://user@host:5432/db'",
-        url=url,
+        url=safe_url(url),
     )

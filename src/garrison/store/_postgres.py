@@ -33,7 +33,7 @@ from garrison.store._buckets import give_tokens, take_permit, take_token
 from garrison.store._buckets import one_statement as _one
 from garrison.store._claims import Dialect, Plan, claim_due, claim_one, claim_queued
 from garrison.store._leases import LeaseBook
-from garrison.store._protocol import Changes
+from garrison.store._protocol import Changes, safe_url
 from garrison.store._records import (
     EventRecord,
     QueueLimits,
@@ -162,25 +162,27 @@ def parse_postgres_url(url: str) -> tuple[str, str, int]:
     """
     parts = urlsplit(url)
     if parts.scheme not in {"postgresql", "postgres"}:
-        raise ConfigurationError(f"store URL {url!r}: expected 'postgresql://user@host/db'")
+        raise ConfigurationError(
+            f"store URL {safe_url(url)!r}: expected 'postgresql://user@host/db'")
     if not parts.path.strip("/"):
         raise ConfigurationError(
-            f"store URL {url!r}: no database name; write e.g. "
+            f"store URL {safe_url(url)!r}: no database name; write e.g. "
             "'postgresql://postgres@127.0.0.1:5432/garrison'",
-            url=url,
+            url=safe_url(url),
         )
     query = dict(parse_qsl(parts.query))
     schema = query.pop("schema", "garrison")
     if not _SCHEMA_NAME.match(schema):
         raise ConfigurationError(
-            f"store URL {url!r}: schema={schema!r} must be a lower-case SQL identifier "
+            f"store URL {safe_url(url)!r}: schema={schema!r} must be a lower-case SQL identifier "
             "(letters, digits, underscore)",
-            url=url,
+            url=safe_url(url),
         )
     pool = query.pop("pool_size", "10")
     if not pool.isdigit() or int(pool) < 2:
         raise ConfigurationError(
-            f"store URL {url!r}: pool_size={pool!r} must be a whole number >= 2", url=url
+            f"store URL {safe_url(url)!r}: pool_size={pool!r} must be a whole number >= 2",
+            url=safe_url(url),
         )
     libpq = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), ""))
     return libpq, schema, int(pool)
@@ -442,8 +444,7 @@ class PostgresStore(LeaseBook):
         self.url = url
         self._libpq, self.schema, self._pool_size = parse_postgres_url(url)
         self.channel = f"garrison_{self.schema}"[:63]  # one LISTEN channel per schema
-        parts = urlsplit(self._libpq)
-        self.safe_url = f"{parts.scheme}://{parts.hostname}:{parts.port or 5432}{parts.path}"
+        self.safe_url = safe_url(url)
         self._psycopg: Any = None
         self._pool: psycopg_pool.AsyncConnectionPool[Any] = None  # type: ignore[assignment]
         self._writer: _GroupCommit | None = None

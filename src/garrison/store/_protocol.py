@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from garrison.store._records import (
     EventRecord,
@@ -15,7 +16,27 @@ from garrison.store._records import (
     StreamRecord,
 )
 
-__all__ = ["Changes", "Store"]
+__all__ = ["Changes", "Store", "safe_url"]
+
+# libpq's query parameters that carry a secret.
+_SECRET_PARAMETERS = frozenset({"password", "sslpassword", "passfile"})
+
+
+def safe_url(url: str) -> str:
+    """`url` fit for a message or a log line: without a password (in the user part or
+    as a query parameter); the rest (host, database, schema) is kept."""
+    parts = urlsplit(url)
+    netloc, query = parts.netloc, parts.query
+    user, at, host = netloc.rpartition("@")
+    if at and ":" in user:
+        netloc = f"{user.partition(':')[0]}@{host}"
+    pairs = parse_qsl(query, keep_blank_values=True)
+    kept = [(k, v) for k, v in pairs if k.lower() not in _SECRET_PARAMETERS]
+    if len(kept) < len(pairs):
+        query = urlencode(kept, safe="/:")
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url  # nothing to hide (urlunsplit would also drop an empty netloc's //)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 @dataclass(slots=True)
@@ -67,6 +88,7 @@ class Store(Protocol):
     """
 
     url: str
+    safe_url: str  # `url` without its password: what messages and logs show
     # Whether several worker processes may share this store (PostgreSQL): then rate
     # limiters, retry budgets and bulkheads on steps keep their state in it.
     fleet: bool
