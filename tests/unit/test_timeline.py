@@ -160,3 +160,35 @@ def test_timeline_escapes_markup_in_step_names_and_errors(tmp_path: Path) -> Non
     asyncio.run(seed())
     table = show(db, "m", columns=200)
     assert "fetch[red]" in table and "bad [bold]input[/bold]" in table
+
+
+def test_runs_show_and_list_print_user_values_as_text(tmp_path: Path) -> None:
+    db = tmp_path / "g.db"
+
+    async def seed() -> None:
+        app = Garrison(f"sqlite:///{db}")
+
+        @app.step(name="boom")
+        async def boom(message: str) -> None:
+            raise ValueError(message)
+
+        @app.workflow(name="wf[/]")
+        async def wf(ctx: Context, message: str) -> None:
+            await boom(message)
+
+        async with app:
+            for run_id, message in (("[/]", "bad range [/] in config"),
+                                    ("ansi", "fine\x1b[2J\x1b[31mFAKE\rline")):
+                with contextlib.suppress(Exception):
+                    await (await app.start(wf, message, run_id=run_id)).result(timeout=5)
+
+    asyncio.run(seed())
+    shown = show(db, "[/]", columns=200)
+    assert "run [/]: wf[/] v1" in shown and "ValueError: bad range [/] in config" in shown
+    ansi = show(db, "ansi", columns=200)
+    assert "\x1b" not in ansi and "\r" not in ansi  # a message cannot drive the terminal
+    assert "fine\\x1b[2J\\x1b[31mFAKE\\rline" in ansi
+    listed = runner.invoke(cli, ["runs", "list", "--db", f"sqlite:///{db}"],
+                           env={"COLUMNS": "250"})
+    assert listed.exit_code == 0, listed.output
+    assert "[/]" in listed.output and "wf[/]" in listed.output and "\x1b" not in listed.output

@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
+from garrison.cli._console import console, fail, text
 from garrison.cli._replay import runs_fork, runs_replay
 from garrison.errors import GarrisonError
+from garrison.observability import escape_control
 from garrison.store import RunRecord, RunStatus, StepRecord, open_store
 
 __all__ = ["app", "main"]
@@ -23,7 +24,6 @@ app = typer.Typer(help="Garrison: durable execution for AI agents.", no_args_is_
                   pretty_exceptions_enable=False)
 runs_app = typer.Typer(help="Inspect runs in a store.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
-console = Console()
 
 DbOption = Annotated[str | None, typer.Option(
     "--db", envvar="GARRISON_DB",
@@ -41,11 +41,6 @@ class LogFormat(enum.StrEnum):
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-
-
-def _fail(error: Exception) -> typer.Exit:
-    console.print(f"[red]error:[/] {error}", soft_wrap=True, highlight=False)
-    return typer.Exit(2)
 
 
 def _store_url(db: str | None, app_spec: str | None) -> str | None:
@@ -71,7 +66,7 @@ def demo(
     """Agent conversations against the local LLM server with injected faults; the worker
     is SIGKILLed midway and restarted; then a report: nothing lost, nothing repeated."""
     if runs is not None and runs < 1:
-        raise _fail(ValueError(f"--runs {runs}: run at least one"))
+        raise fail(ValueError(f"--runs {runs}: run at least one"))
     from garrison.observability import configure_logging
 
     configure_logging(level="warning")  # the report is the output; only trouble is logged
@@ -85,7 +80,7 @@ def demo(
     try:
         from garrison.demo._agent_driver import run_agent_demo
     except ImportError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     agents_report = run_agent_demo(folder, runs=runs or 100, console=console)
     if agents_report.lost:
         raise typer.Exit(1)
@@ -119,7 +114,7 @@ def worker(
     from garrison.observability import configure_logging
 
     if log_level.lower() not in _LOG_LEVELS:
-        raise _fail(ValueError(f"--log-level {log_level}: use one of "
+        raise fail(ValueError(f"--log-level {log_level}: use one of "
                                + ", ".join(_LOG_LEVELS)))
     configure_logging(json={LogFormat.JSON: True, LogFormat.CONSOLE: False}.get(log_format),
                       level=log_level)
@@ -130,7 +125,7 @@ def worker(
             queues=[q.strip() for q in queues.split(",") if q.strip()] if queues else None,
             concurrency=concurrency, shutdown_grace_s=grace)
     except GarrisonError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     metrics_server = None
     if metrics_port is not None:
         try:
@@ -138,7 +133,7 @@ def worker(
 
             from garrison.observability import instrument
         except ImportError as exc:
-            raise _fail(ImportError(
+            raise fail(ImportError(
                 f"--metrics-port needs the observability extra: {exc}. "
                 "Install it with: pip install 'garrison[observability]'")) from exc
         instrumentation = instrument(application)
@@ -146,7 +141,7 @@ def worker(
             metrics_server, _ = start_http_server(metrics_port,
                                                   registry=instrumentation.registry)
         except OSError as exc:
-            raise _fail(OSError(f"--metrics-port {metrics_port}: {exc}")) from exc
+            raise fail(OSError(f"--metrics-port {metrics_port}: {exc}")) from exc
         console.print(f"metrics on http://0.0.0.0:{metrics_port}/metrics", soft_wrap=True)
 
     async def serve() -> None:
@@ -159,12 +154,14 @@ def worker(
         async with application:
             served = ", ".join(q.name for q in application.worker.queues) \
                 if application.worker is not None else "-"
-            console.print(f"worker {application.worker_id} on {application.store.safe_url} "
+            console.print(f"worker {text(application.worker_id)} on "
+                          f"{text(application.store.safe_url)} "
                           f"(pid {os.getpid()}; queues {served}); Ctrl-C to stop",
                           soft_wrap=True)
             for orphan in application.orphaned_runs:
-                console.print(f"[yellow]orphaned[/] {orphan.run_id}: {orphan.workflow_name} "
-                              f"v{orphan.workflow_version} is not registered here")
+                console.print(f"[yellow]orphaned[/] {text(orphan.run_id)}: "
+                              f"{text(orphan.workflow_name)} v{text(orphan.workflow_version)} "
+                              "is not registered here")
             await stop.wait()
             console.print(f"stopping: in-flight runs get {grace:g} s, then are handed back")
         console.print("worker stopped; unfinished runs are resumed by the fleet or the next "
@@ -173,7 +170,7 @@ def worker(
     try:
         asyncio.run(serve())
     except GarrisonError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     finally:
         if metrics_server is not None:
             metrics_server.shutdown()
@@ -193,7 +190,7 @@ def runs_list(
     from garrison.cli._render import run_json, runs_table
 
     if orphaned and not app_spec:
-        raise _fail(ValueError("--orphaned compares runs with an app's code: add --app module:app"))
+        raise fail(ValueError("--orphaned compares runs with an app's code: add --app module:app"))
 
     async def fetch() -> list[RunRecord]:
         store = open_store(_store_url(db, app_spec), create=False)
@@ -215,7 +212,7 @@ def runs_list(
     try:
         runs = asyncio.run(fetch())
     except GarrisonError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     if as_json:
         print(json.dumps([run_json(r) for r in runs], indent=2))
     else:
@@ -250,15 +247,16 @@ def runs_show(
     try:
         run, steps = asyncio.run(fetch())
     except GarrisonError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     if as_json:
         print(json.dumps(run_json(run, steps), indent=2))
         return
     console.print(timeline_table(run, steps))
     if run.error:
         error = json.loads(run.error)
-        console.print(f"[red]{error.get('type')}[/]: {error.get('message')}")
-        console.print(error.get("traceback", ""), markup=False, highlight=False)
+        console.print(f"[red]{text(error.get('type'))}[/]: {text(error.get('message'))}")
+        lines = str(error.get("traceback", "")).split("\n")  # its lines stay lines
+        console.print("\n".join(map(escape_control, lines)), markup=False, highlight=False)
 
 
 @runs_app.command("stats")
@@ -288,7 +286,7 @@ def runs_stats(
     try:
         figures = asyncio.run(fetch())
     except GarrisonError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     if as_json:
         print(json.dumps(figures.as_dict(), indent=2))
         return
@@ -298,11 +296,11 @@ def runs_stats(
 
     runs = Table("workflow", "runs", "success", "recovered", "by status", title="Runs")
     for name, w in sorted(figures.workflows.items()):
-        runs.add_row(name, str(w.runs), rate(w.success_rate), str(w.recovered),
+        runs.add_row(text(name), str(w.runs), rate(w.success_rate), str(w.recovered),
                      ", ".join(f"{k} {v}" for k, v in sorted(w.by_status.items())))
     steps = Table("step", "outcomes", "success", "retries", "waiting a retry", title="Steps")
     for name, st in sorted(figures.steps.items()):
-        steps.add_row(name, str(st.outcomes), rate(st.success_rate), str(st.retries),
+        steps.add_row(text(name), str(st.outcomes), rate(st.success_rate), str(st.retries),
                       str(st.waiting_retry))
     console.print(runs)
     console.print(steps)
@@ -311,7 +309,7 @@ def runs_stats(
                          title="Circuit breakers")
         for name, b in sorted(figures.breakers.items()):
             mttr = b.mean_time_to_recovery_s
-            breakers.add_row(name, b.state, str(b.opens), f"{b.time_open_s:.1f} s",
+            breakers.add_row(text(name), text(b.state), str(b.opens), f"{b.time_open_s:.1f} s",
                              str(b.recoveries), "-" if mttr is None else f"{mttr:.1f} s")
         console.print(breakers)
 
@@ -339,9 +337,9 @@ def runs_redrive(
     try:
         done = asyncio.run(redrive())
     except GarrisonError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     for run_id in done:
-        console.print(f"redriven {run_id}: PENDING in its queue; a worker continues it")
+        console.print(f"redriven {text(run_id)}: PENDING in its queue; a worker continues it")
 
 
 runs_app.command("replay")(runs_replay)
@@ -369,7 +367,7 @@ def llm_server(
                            faults=Faults.parse(faults, seed=seed) if faults else None,
                            host=host, port=port, seed=seed)
     except (GarrisonError, ImportError) as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
 
     def ready(url: str) -> None:
         print(f"listening on {url}", flush=True)
@@ -384,7 +382,7 @@ def llm_server(
     try:
         asyncio.run(serve())
     except GarrisonError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
 
 
 def main() -> None:

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from rich import box
-from rich.markup import escape
 from rich.table import Table
 
+from garrison.cli._console import text
 from garrison.store import RunRecord, StepRecord, position_key
 
 __all__ = ["run_json", "runs_table", "timeline_table"]
@@ -45,9 +45,10 @@ def runs_table(runs: list[RunRecord], title: str = "runs") -> Table:
         table.add_column(column)
     for run in runs:
         style = _STATUS_STYLE.get(run.status.value, "white")
-        table.add_row(run.run_id, run.workflow_name, run.workflow_version,
+        table.add_row(text(run.run_id), text(run.workflow_name), text(run.workflow_version),
                       f"[{style}]{run.status.value}[/]", _when(run.created_at),
-                      _duration(run.created_at, run.completed_at), _error_line(run.error))
+                      _duration(run.created_at, run.completed_at),
+                      text(_error_line(run.error)))
     return table
 
 
@@ -125,7 +126,8 @@ def timeline_table(run: RunRecord, steps: list[StepRecord]) -> Table:
     agentic = totals["model_calls"] > 0
     errors = any(r.step.error for r in rows)
     took = _duration(run.created_at, run.completed_at)
-    table = Table(title=f"run {run.run_id}: {run.workflow_name} v{run.workflow_version} "
+    table = Table(title=f"run {text(run.run_id)}: {text(run.workflow_name)} "
+                        f"v{text(run.workflow_version)} "
                         f"[{_STATUS_STYLE.get(run.status.value, 'white')}]{run.status.value}[/]"
                         f" ({took})", title_justify="left", box=box.SIMPLE_HEAD,
                   padding=(0, 1), collapse_padding=True, pad_edge=False)
@@ -149,16 +151,16 @@ def timeline_table(run: RunRecord, steps: list[StepRecord]) -> Table:
                           "", *blank)
         name = step.name if step.kind.value == "step" else f"{step.kind.value} {step.name}"
         status_style = {"completed": "green", "failed": "red"}.get(step.status.value, "")
-        cells = [step.position, escape(name),
+        cells = [step.position, text(name),
                  f"[{status_style}]{step.status.value}[/]" if status_style
                  else step.status.value,
                  str(step.attempts), _duration(step.started_at, step.completed_at),
                  labels.get(step.worker or "", "-")]
         if agentic:
             cells += ([f"{call.input_tokens:,}/{call.output_tokens:,}", _cost(call.cost_usd),
-                       escape(call.served_by or call.model or "")] if call else ["", "", ""])
+                       text(call.served_by or call.model or "")] if call else ["", "", ""])
         if errors:
-            cells.append(escape(_error_line(step.error)))
+            cells.append(text(_error_line(step.error)))
         table.add_row(*cells)
     table.add_section()
     total = ["total", f"{totals['steps']} steps", "", str(totals["attempts"]), took,
@@ -169,7 +171,7 @@ def timeline_table(run: RunRecord, steps: list[StepRecord]) -> Table:
     table.add_row(*total, *([""] * errors), style="bold")
     if labels:
         resumes = totals["resumes"]
-        workers = ", ".join(f"{label} = {escape(worker)}" for worker, label in labels.items())
+        workers = ", ".join(f"{label} = {text(worker)}" for worker, label in labels.items())
         table.caption = (("tokens: in/out; " if agentic else "") + f"workers: {workers}"
                          + (f"; resumed {resumes}x" if resumes else ""))
         table.caption_justify = "left"

@@ -11,20 +11,14 @@ import json
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
+from garrison.cli._console import console, fail, text
 from garrison.engine import Garrison
 from garrison.errors import GarrisonError, NonDeterminismError
 from garrison.store import open_store
 
 __all__ = ["runs_fork", "runs_replay"]
 
-console = Console()
-
-
-def _fail(error: Exception) -> typer.Exit:
-    console.print(f"[red]error:[/] {error}", soft_wrap=True, highlight=False)
-    return typer.Exit(2)
 
 
 def _client(app_spec: str, db: str | None) -> Garrison:
@@ -70,7 +64,7 @@ def runs_replay(
     try:
         client = _client(app_spec, db)
     except GarrisonError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
 
     async def replay() -> list[dict[str, Any]]:
         lines = []
@@ -87,21 +81,21 @@ def runs_replay(
     try:
         lines = asyncio.run(replay())
     except GarrisonError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     if as_json:
         print(json.dumps(lines, indent=2))
     for line in [] if as_json else lines:
         if line["status"] == "ok":
             how = ("finished" if line["finished"] else
                    f"consistent so far, stopped at {', '.join(line['stopped_at'])}")
-            console.print(f"ok {line['run_id']}: {line['entries']} entries, {how} "
-                          f"({line['workflow']} v{line['version']})", soft_wrap=True,
-                          highlight=False, markup=False)
+            console.print(f"ok {text(line['run_id'])}: {line['entries']} entries, "
+                          f"{text(how)} ({text(line['workflow'])} v{text(line['version'])})",
+                          soft_wrap=True, highlight=False)
         else:
             where = (f" at position {line['position']}" if line.get("position")
                      else "")
-            console.print(f"{line['status']} {line['run_id']}{where}: {line['message']}",
-                          soft_wrap=True, highlight=False, markup=False)
+            console.print(f"{line['status']} {text(line['run_id'])}{text(where)}: "
+                          f"{text(line['message'])}", soft_wrap=True, highlight=False)
     statuses = {line["status"] for line in lines}
     if "diverged" in statuses:
         raise typer.Exit(1)
@@ -129,11 +123,11 @@ def runs_fork(
     try:
         inputs = json.loads(args) if args is not None else None
     except json.JSONDecodeError as exc:
-        raise _fail(ValueError(f"--args {args!r}: not JSON ({exc})")) from exc
+        raise fail(ValueError(f"--args {args!r}: not JSON ({exc})")) from exc
     try:
         client = _client(app_spec, db)
     except GarrisonError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
 
     async def fork() -> str:
         async with client:
@@ -143,5 +137,5 @@ def runs_fork(
     try:
         forked = asyncio.run(fork())
     except GarrisonError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     print(forked)

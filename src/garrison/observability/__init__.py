@@ -21,6 +21,7 @@ from garrison.observability._logging import (
     add_run_context,
     add_trace_context,
     configure_logging,
+    escape_control,
     is_secret_key,
     mask_secrets,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "add_run_context",
     "add_trace_context",
     "configure_logging",
+    "escape_control",
     "instrument",
     "is_secret_key",
     "mask_secrets",

@@ -37,6 +37,7 @@ __all__ = [
     "add_run_context",
     "add_trace_context",
     "configure_logging",
+    "escape_control",
     "is_secret_key",
     "mask_secrets",
 ]
@@ -108,7 +109,10 @@ def _escape_char(match: re.Match[str]) -> str:
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
-def _escape_text(text: str) -> str:
+def escape_control(text: str) -> str:
+    """`text` with its control characters (newlines, escape sequences, bidi overrides)
+    written as visible escapes (`\\n`, `\\x1b`): a user's value cannot forge a line
+    or drive a terminal."""
     return text if text.isprintable() else _CONTROL.sub(_escape_char, text)
 
 
@@ -116,7 +120,7 @@ def _escape_keeping_lines(text: str) -> str:
     # Console traceback: its lines stay lines; every other control character is escaped.
     if text.isprintable():
         return text
-    return "\n".join(_escape_text(line) for line in text.split("\n"))
+    return "\n".join(escape_control(line) for line in text.split("\n"))
 
 
 def _strip_text(text: str) -> str:
@@ -187,14 +191,14 @@ class ControlCharEscaper:
                     elif key == "exception":
                         event_dict[key] = _escape_keeping_lines(value)
                     else:
-                        event_dict[key] = (_escape_text(value) if key == "event"
+                        event_dict[key] = (escape_control(value) if key == "event"
                                            else _Escaped(value))
             elif strip and isinstance(value, Mapping | list | tuple) \
                     and key not in _STRUCTLOG_KEYS:
                 event_dict[key] = _clean(value, _strip_text, 1)
             if not key.isprintable():
                 dirty = [*(dirty or ()), key]
-        fix = _strip_text if strip else _escape_text
+        fix = _strip_text if strip else escape_control
         for key in dirty or ():
             event_dict[fix(key)] = event_dict.pop(key)
         return event_dict
