@@ -8,13 +8,14 @@ global propagator is). The parse accepts what OpenTelemetry's W3C propagator acc
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
 
-__all__ = ["context_text", "parent_context", "span_text"]
+__all__ = ["context_text", "derived_context", "parent_context", "span_text"]
 
 # version-trace_id-parent_id-flags, lower-case hex; a later version may append fields.
 _TRACEPARENT = re.compile(
@@ -54,4 +55,19 @@ def parent_context(text: str | None) -> Context | None:
         else None)
     if not span_context.is_valid:  # an all-zero trace or span id
         return None
+    return trace.set_span_in_context(NonRecordingSpan(span_context), Context())
+
+
+def derived_context(run_id: str) -> Context:
+    """The parent of the segments of a run stored without a trace context (started by a
+    process without `instrument`): a remote span context made from the run id, the same
+    in every worker, so all of the run's segments are in one trace. No span has that id
+    (the trace shows a missing root); it is flagged sampled, so a parent-based sampler
+    records the run."""
+    digest = hashlib.blake2b(run_id.encode(), digest_size=24,
+                             person=b"garrison-trace").digest()
+    trace_id = int.from_bytes(digest[:16], "big") or 1
+    span_id = int.from_bytes(digest[16:], "big") or 1
+    span_context = SpanContext(trace_id, span_id, is_remote=True,
+                               trace_flags=TraceFlags(TraceFlags.SAMPLED))
     return trace.set_span_in_context(NonRecordingSpan(span_context), Context())

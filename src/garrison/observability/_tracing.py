@@ -33,7 +33,12 @@ from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer
 
 from garrison.engine import EngineHooks, StepInfo
 from garrison.observability._content import CONTENT_ATTRIBUTES, Redactor, content_json
-from garrison.observability._propagation import context_text, parent_context, span_text
+from garrison.observability._propagation import (
+    context_text,
+    derived_context,
+    parent_context,
+    span_text,
+)
 from garrison.store import RunRecord, RunStatus
 
 __all__ = ["STEP_SPANS", "TracingHooks"]
@@ -154,9 +159,12 @@ class TracingHooks(EngineHooks):
             attributes["gen_ai.operation.name"] = "invoke_agent"
             attributes["gen_ai.agent.name"] = agent
         links: list[Link] = []
+        derived = parent is None and run.trace_context is None
+        if derived:  # started untraced: a parent made from the run id, one per run
+            parent = derived_context(run.run_id)
         if replayed is not None:
             attributes["garrison.run.replayed_entries"] = replayed
-            if parent is not None:
+            if parent is not None and not derived:  # no link to a span never made
                 links.append(Link(trace.get_current_span(parent).get_span_context(),
                                   {"garrison.link": "run_started_from"}))
         # An explicit context, never the caller's: a malformed or missing stored context
@@ -164,6 +172,12 @@ class TracingHooks(EngineHooks):
         span = self.tracer.start_span(name, context=parent or otel_context.Context(),
                                       kind=SpanKind.INTERNAL, attributes=attributes,
                                       links=links)
+        if derived and span.get_span_context() == (
+                trace.get_current_span(parent).get_span_context()):
+            # A tracer that makes nothing passes its parent on (an SDK's span, even one
+            # sampled out, has an id of its own): the derived context would reach
+            # outbound calls as a trace nobody records. Untraced, as before.
+            span = self.tracer.start_span(name, context=otel_context.Context())
         if replayed is not None:
             span.add_event("garrison.run.resumed", {"garrison.run.replayed_entries": replayed})
         token = otel_context.attach(trace.set_span_in_context(span))

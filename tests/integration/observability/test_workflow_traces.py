@@ -178,6 +178,42 @@ async def test_a_run_resumed_by_another_app_continues_the_same_trace(
     assert [e.name for e in slow[0].events] == ["garrison.step.interrupted"]
 
 
+async def test_a_run_started_without_telemetry_is_one_trace_across_its_segments(
+        tmp_path: Path, telemetry: Telemetry) -> None:
+    url = f"sqlite:///{tmp_path}/g.db"
+
+    def define(app: Garrison) -> Any:
+        @app.step(name="work")
+        async def work(i: int) -> int:
+            return i
+
+        @app.workflow(name="napper")
+        async def napper(ctx: Context) -> int:
+            await work(1)
+            await ctx.sleep(0.2)  # parks: the wake-up is a second segment
+            return await work(2)
+
+        return napper
+
+    client = Garrison(url, worker=False)  # an API process, not instrumented
+    napper = define(client)
+    worker = Garrison(url, claim_interval_s=0.05)
+    define(worker)
+    telemetry.attach(worker)
+    async with client, worker:
+        handle = await client.start(napper, run_id="n-1")
+        assert (await handle.record()).trace_context is None  # nothing to continue
+        assert await handle.result(timeout=20) == 2
+
+    segments = sorted(telemetry.named("invoke_workflow napper"),
+                      key=lambda s: s.start_time or 0)
+    assert len(segments) == 2 and dict(segments[1].attributes or {})["garrison.run.resumed"]
+    assert len({s.context.trace_id for s in telemetry.spans()}) == 1
+    parents = {s.parent.span_id for s in segments if s.parent is not None}
+    assert len(parents) == 1  # both under the same (derived) parent
+    assert all(not s.links for s in segments)  # no link to a span that was never made
+
+
 class _GarbageTraceContext(EngineHooks):
     def trace_context(self, run: RunRecord) -> str | None:
         return "00-not-a-trace-01 junk=1"
