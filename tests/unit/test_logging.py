@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import structlog
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 from garrison import Context, Garrison
 from garrison.observability import MASK, configure_logging, is_secret_key
@@ -156,6 +157,19 @@ def test_trace_and_span_ids_come_from_the_recording_otel_span() -> None:
     assert inside["trace_id"] == format(context.trace_id, "032x")
     assert inside["span_id"] == format(context.span_id, "016x")
     assert "trace_id" not in outside
+
+
+def test_a_sampled_out_span_still_gives_its_trace_id() -> None:
+    # Its context still goes out on outbound calls (traceparent): a log line must tell
+    # which trace it belongs to, whether this process records it or not.
+    out = io.StringIO()
+    configure_logging(json=True, file=out)
+    tracer = TracerProvider(sampler=ALWAYS_OFF).get_tracer("tests")
+    with tracer.start_as_current_span("work") as span:
+        assert not span.is_recording()
+        log.info("inside")
+        context = span.get_span_context()
+    assert lines(out)[0]["trace_id"] == format(context.trace_id, "032x")
 
 
 async def test_at_info_the_engines_debug_events_are_filtered_before_any_processor(

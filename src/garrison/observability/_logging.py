@@ -213,19 +213,18 @@ def add_run_context(logger: Any, method: str, event_dict: EventDict) -> EventDic
 
 
 def add_trace_context(logger: Any, method: str, event_dict: EventDict) -> EventDict:
-    """Add `trace_id` and `span_id` (hex) of the current OpenTelemetry span when one is
-    recording. OpenTelemetry is never imported here: if the application has not
-    imported it, no span can be active."""
+    """Add `trace_id` and `span_id` (hex) of the current OpenTelemetry span when there
+    is one, recorded here or sampled out (its context still goes out on outbound calls).
+    OpenTelemetry is never imported here: if the application has not imported it, no
+    span can be active."""
     trace = sys.modules.get("opentelemetry.trace")
     get_current_span = getattr(trace, "get_current_span", None)
     if get_current_span is None:
         return event_dict
-    span = get_current_span()
-    if span.is_recording():
-        context = span.get_span_context()
-        if context.is_valid:
-            event_dict.setdefault("trace_id", format(context.trace_id, "032x"))
-            event_dict.setdefault("span_id", format(context.span_id, "016x"))
+    context = get_current_span().get_span_context()
+    if context.is_valid:
+        event_dict.setdefault("trace_id", format(context.trace_id, "032x"))
+        event_dict.setdefault("span_id", format(context.span_id, "016x"))
     return event_dict
 
 

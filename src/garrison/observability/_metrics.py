@@ -162,11 +162,14 @@ class _MeterView:
         # not leave a cumulative sum (a backend would read a reset), nor its queue.
         self._hooks: list[MetricsHooks] = []
         self._lock = threading.Lock()  # apps join on their threads; collections read
+        # In seconds, with the Prometheus twins' buckets (the SDK's default ones are ms).
         self.step = meter.create_histogram(
-            "garrison.step.duration", unit="s", description="Live step attempts")
+            "garrison.step.duration", unit="s", description="Live step attempts",
+            explicit_bucket_boundaries_advisory=list(_STEP_BUCKETS))
         self.wait = meter.create_histogram(
             "garrison.queue.wait_time", unit="s",
-            description="Time from a run's creation to its first start")
+            description="Time from a run's creation to its first start",
+            explicit_bucket_boundaries_advisory=list(_STEP_BUCKETS))
         self.breaker = meter.create_gauge(
             "garrison.breaker.state", description="0 closed, 1 half-open, 2 open, "
             "3 forced open, 4 disabled")

@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from garrison import Context, Garrison
 from garrison.agents import Agent, OpenAIModel
 from garrison.observability import instrument
+from garrison.observability._metrics import _STEP_BUCKETS
 from garrison.resilience import Retry
 from garrison.testing import LLMServer
 from tests.integration.observability.conftest import Telemetry
@@ -72,6 +73,10 @@ async def test_metrics_count_runs_steps_retries_and_model_tokens(
     for status in ("retried", "completed"):
         key = (("garrison.step.name", "charge"), ("garrison.step.status", status))
         assert steps[key].count == 1
+    # seconds, in the Prometheus histograms' buckets (the SDK's default ones are for ms)
+    for metric in ("garrison.step.duration", "garrison.queue.wait_time"):
+        for point in telemetry.points(metric):
+            assert tuple(point.explicit_bounds) == _STEP_BUCKETS, metric  # type: ignore[attr-defined]
     tokens = {dict(p.attributes)["gen_ai.token.type"]: p  # type: ignore[attr-defined]
               for p in telemetry.points("gen_ai.client.token.usage")}
     assert set(tokens) == {"input", "output"}
