@@ -575,15 +575,17 @@ class RunExecution:
                 self._emit(self.worker.hooks.step_interrupted, info, exc)
                 raise
             leave_step(tokens)
-            self._emit(self.worker.hooks.step_completed, info, time.perf_counter() - began)
+            took = time.perf_counter() - began
             try:
                 output, value = roundtrip(result, what=f"{where}: result")
-            except SerializationError as exc:
+            except SerializationError as exc:  # journaled FAILED: reported as a failure
+                self._emit(self.worker.hooks.step_failed, info, exc, False)
                 record = self._record(position, StepKind.STEP, step.name, StepStatus.FAILED,
                                       started_at=started_at, arity=arity, inputs=inputs,
                                       error=json.dumps(error_to_data(exc)), attempts=attempt)
                 await self._commit(record)
                 raise
+            self._emit(self.worker.hooks.step_completed, info, took)
             succeeded = getattr(step.retry, "succeeded", None)
             if callable(succeeded):
                 succeeded(attempt)  # e.g. refund a retry budget

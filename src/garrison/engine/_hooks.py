@@ -36,7 +36,9 @@ class EngineHooks:
         """A step's body is about to run (not replayed: replays return from the journal)."""
 
     def step_completed(self, step: StepInfo, duration_s: float) -> None:
-        """A step's body returned; its result is not committed yet."""
+        """A step's body returned a result that can be stored; it is not committed yet.
+        (A result that cannot be stored is a `step_failed`, `will_retry=False`: it is
+        journaled FAILED.)"""
 
     def step_committed(self, step: StepInfo) -> None:
         """A step's outcome is durable in the journal."""

@@ -281,3 +281,28 @@ async def test_breaker_transitions_and_rejections_are_span_events_and_a_gauge(
     gauge = instrumentation.registry.get_sample_value("garrison_breaker_state",
                                                       {"breaker": "payments"})
     assert gauge == 2  # open
+
+
+async def test_a_step_whose_result_cannot_be_stored_is_reported_failed(
+        tmp_path: Path, telemetry: Telemetry) -> None:
+    app = Garrison(f"sqlite:///{tmp_path}/g.db")
+
+    @app.step(name="opaque")
+    async def opaque() -> object:
+        return object()  # no JSON for it: journaled FAILED
+
+    @app.workflow(name="wf", quarantine=False)
+    async def wf(ctx: Context) -> None:
+        await opaque()
+
+    metrics = telemetry.attach(app).metrics
+    async with app:
+        with contextlib.suppress(Exception):
+            await (await app.start(wf, run_id="u")).result(timeout=10)
+        [entry] = await app.store.load_journal("u")
+        assert entry.status.value == "failed"
+
+    span = telemetry.one("step opaque")
+    assert span.status.status_code is StatusCode.ERROR
+    assert dict(span.attributes or {})["error.type"] == "SerializationError"
+    assert {key for key, _ in metrics.step_durations.snapshot()} == {("opaque", "failed")}
