@@ -145,6 +145,22 @@ def test_secret_looking_fields_are_masked_and_token_counts_kept() -> None:
     assert not is_secret_key("usage") and is_secret_key("SESSION_COOKIE")
 
 
+def test_key_and_credential_names_and_passwords_in_urls_are_masked() -> None:
+    out = io.StringIO()
+    configure_logging(json=True, file=out)
+    log.info("connect", private_key="-----BEGIN KEY-----", credentials="user:pw",
+             bearer="b", dsn="postgresql://u:hunter2@h/db", credential_count=None,
+             target="connecting to postgresql://app:hunter2@db:5432/prod?schema=x now",
+             plain="https://example.com/a:b@c", nested={"url": "redis://:hunter2@cache"})
+    line = lines(out)[0]
+    for key in ("private_key", "credentials", "bearer", "dsn"):
+        assert line[key] == MASK, key
+    assert line["target"] == "connecting to postgresql://app:***@db:5432/prod?schema=x now"
+    assert line["nested"] == {"url": "redis://:***@cache"}
+    assert line["plain"] == "https://example.com/a:b@c"  # a path, not a password
+    assert "hunter2" not in out.getvalue()
+
+
 def test_trace_and_span_ids_come_from_the_recording_otel_span() -> None:
     out = io.StringIO()
     configure_logging(json=True, file=out)

@@ -48,13 +48,15 @@ MASK = "***"
 """What a secret-looking field's value is replaced with."""
 
 SECRET_KEY_PARTS = ("api_key", "apikey", "authorization", "password", "passwd", "secret",
-                    "cookie", "token")
+                    "cookie", "token", "private_key", "credential", "bearer", "dsn")
 """A field is masked when its key, lower-cased with `-` read as `_`, contains one of
 these; `token` only when not followed by `s`, so counts such as `input_tokens`,
 `output_tokens`, `max_tokens` and `tokens_left` are kept."""
 
 _SECRET = re.compile("|".join(
     re.escape(part) + ("(?!s)" if part == "token" else "") for part in SECRET_KEY_PARTS))
+# The password of a URL's user part, in any string value: `scheme://user:PASSWORD@host`.
+_URL_PASSWORD = re.compile(r"([a-z][a-z0-9+.-]*://[^\s/@:]*):[^\s/@]*@", re.IGNORECASE)
 
 # CSI/OSC escape sequences as a whole (so JSON mode drops "\x1b[31m", not just the ESC),
 # then any other character that is not printable: C0/C1 controls, DEL, line and
@@ -77,6 +79,8 @@ def is_secret_key(key: str) -> bool:
 
 
 def _mask(value: Any, depth: int) -> Any:
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(rf"\1:{MASK}@", value) if "://" in value else value
     if depth > _MAX_DEPTH:
         return value
     if isinstance(value, Mapping):
@@ -95,7 +99,7 @@ def mask_secrets(logger: Any, method: str, event_dict: EventDict) -> EventDict:
             continue
         if is_secret_key(key):
             event_dict[key] = MASK
-        elif isinstance(value, Mapping | list | tuple):
+        elif isinstance(value, str | Mapping | list | tuple):
             event_dict[key] = _mask(value, 1)
     return event_dict
 
