@@ -98,6 +98,7 @@ def worker(
         help="On SIGTERM/SIGINT: seconds for in-flight runs to finish or park before they "
              "are handed back to the fleet.")] = 10.0,
     metrics_port: Annotated[int | None, typer.Option(
+        min=0, max=65535,
         help="Serve Prometheus metrics on this port (/metrics) and trace with the global "
              "OpenTelemetry providers; needs garrison[observability].")] = None,
     log_format: Annotated[LogFormat, typer.Option(

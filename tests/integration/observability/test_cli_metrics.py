@@ -11,8 +11,10 @@ import textwrap
 from pathlib import Path
 
 import httpx2 as httpx
+from typer.testing import CliRunner
 
 from garrison import Context, Garrison
+from garrison.cli import app as cli
 
 APP_MODULE = textwrap.dedent("""
     from garrison import Context, Garrison
@@ -72,3 +74,12 @@ def test_worker_serves_prometheus_metrics_of_the_runs_it_executes(tmp_path: Path
     finally:
         if worker.poll() is None:
             worker.kill()
+
+
+def test_a_port_out_of_range_is_a_usage_error_naming_the_option(tmp_path: Path) -> None:
+    (tmp_path / "shop.py").write_text("from garrison import Garrison\n"
+                                      f"app = Garrison('sqlite:///{tmp_path}/g.db')\n")
+    result = CliRunner().invoke(cli, ["worker", "--app", "shop:app", "--metrics-port",
+                                      "99999"], env={"PYTHONPATH": str(tmp_path)})
+    assert result.exit_code == 2, result.output
+    assert "--metrics-port" in result.output and "65535" in result.output
