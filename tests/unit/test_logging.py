@@ -93,6 +93,20 @@ def test_newlines_and_ansi_in_user_values_are_escaped_in_console_mode() -> None:
     assert "bad\\nkey=1" in text
 
 
+def test_a_console_traceback_is_marked_so_its_message_cannot_forge_a_line() -> None:
+    out = io.StringIO()
+    configure_logging(json=False, file=out)
+    try:
+        raise ValueError("boom\n2026-01-01 00:00:00 [info     ] forged.line")
+    except ValueError:
+        log.exception("step.crashed")
+    lines_ = out.getvalue().splitlines()
+    assert "step.crashed" in lines_[0]
+    assert all(line.startswith("│ ") for line in lines_[1:] if line), lines_
+    assert any("forged.line" in line for line in lines_[1:])
+    assert any("Traceback (most recent call last)" in line for line in lines_[1:])
+
+
 def test_console_mode_escapes_a_value_it_would_print_unquoted_and_the_event() -> None:
     out = io.StringIO()
     configure_logging(json=False, file=out)

@@ -64,6 +64,7 @@ _URL_PASSWORD = re.compile(r"([a-z][a-z0-9+.-]*://[^\s/@:]*):[^\s/@]*@", re.IGNO
 _ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?)")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_TRACEBACK_MARK = "│ "  # begins every line of a console traceback
 _MAX_DEPTH = 4
 _LEVELS = ("debug", "info", "warning", "error", "critical")
 # What every LogRecord holds, and what formatters add to one: not `extra=` fields.
@@ -121,10 +122,11 @@ def escape_control(text: str) -> str:
 
 
 def _escape_keeping_lines(text: str) -> str:
-    # Console traceback: its lines stay lines; every other control character is escaped.
-    if text.isprintable():
-        return text
-    return "\n".join(escape_control(line) for line in text.split("\n"))
+    # Console traceback: its lines stay lines, each marked as the traceback's (so a
+    # newline in an exception's message cannot start what looks like a log line);
+    # every other control character is escaped.
+    return "\n".join(_TRACEBACK_MARK + escape_control(line) if line else line
+                     for line in text.split("\n"))
 
 
 def _strip_text(text: str) -> str:
@@ -172,8 +174,9 @@ class ControlCharEscaper:
     and escaped, `'a\\nb\\x1b[31m'` (it becomes an object whose `repr` is that, since
     the console renderer shows objects by `repr`, which also escapes nested strings);
     the event name and keys are escaped in place, and a formatted traceback
-    (`exception`) keeps its lines with every other control character escaped. So a
-    value can neither start a fake line nor recolour the terminal. JSON mode
+    (`exception`) keeps its lines, each begun with `│ `, with every other control
+    character escaped. So a value, an exception's message included, can neither start
+    a fake line nor recolour the terminal. JSON mode
     (`strip=True`): the encoder already quotes and escapes; ANSI sequences and control
     characters other than newline, CR and tab are removed from strings at any depth, so
     `jq -r` or a log viewer cannot be steered.
