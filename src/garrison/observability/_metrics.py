@@ -30,7 +30,7 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from prometheus_client import CollectorRegistry, Gauge
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from garrison.engine import EngineHooks, StepInfo
@@ -95,17 +95,90 @@ class QueueDepth:
         return depth
 
 
-class _QueueDepthCollector(Collector):
-    def __init__(self, depth: QueueDepth) -> None:
-        self.depth = depth
+def _total_depth(hooks: Iterable[MetricsHooks]) -> dict[str, int]:
+    """Runs waiting per queue over the stores of `hooks` (apps sharing a store see the
+    same queues: each store is counted once)."""
+    depth: dict[str, int] = {}
+    stores: set[object] = set()
+    for each in hooks:
+        if each.depth.store_key in stores:
+            continue
+        stores.add(each.depth.store_key)
+        for queue, count in (each.depth.read() or {}).items():
+            depth[queue] = depth.get(queue, 0) + count
+    return depth
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
-        family = GaugeMetricFamily("garrison_queue_depth", "Runs waiting in each queue "
-                                   "(PENDING), read from the store at scrape time.",
-                                   labels=["queue"])
-        for queue, count in sorted((self.depth.read() or {}).items()):
+
+class _Members:
+    """The `MetricsHooks` sharing one exporter-side object (a meter, a registry)."""
+
+    def __init__(self) -> None:
+        # Held for the object's life: an app's counts must not leave a cumulative sum
+        # (a backend would read a reset), nor its queue.
+        self._hooks: list[MetricsHooks] = []
+        self._lock = threading.Lock()  # apps join on their threads; collections read
+
+    def join(self, hooks: MetricsHooks) -> None:
+        with self._lock:
+            self._hooks.append(hooks)
+
+    def members(self) -> list[MetricsHooks]:
+        with self._lock:
+            return list(self._hooks)
+
+
+class _RegistryView(_Members, Collector):
+    """Garrison's Prometheus metrics on one registry, summed over every `MetricsHooks`
+    using it (a registry refuses a second collector of the same names): counters and
+    histograms from the hooks' tallies, queue depth from their stores, and the breaker
+    gauge they all set."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self.registry = registry
+        self.breaker = Gauge("garrison_breaker_state", "Circuit breaker state: 0 closed, "
+                             "1 half-open, 2 open, 3 forced open, 4 disabled.", ["breaker"],
+                             registry=registry)
+        self._registered = False
+
+    def join(self, hooks: MetricsHooks) -> None:
+        super().join(hooks)
+        with self._lock:  # registered with its first member: describe() names its metrics
+            if self._registered:
+                return
+            self._registered = True
+        self.registry.register(self)
+
+    def _view(self) -> PrometheusView | None:
+        members = self.members()
+        if not members:
+            return None
+        first = members[0]
+        return PrometheusView(
+            [getattr(first, c.attr).merged(getattr(h, c.attr) for h in members)
+             for c in _COUNTERS],
+            [getattr(first, attr).merged(getattr(h, attr) for h in members)
+             for attr in _HISTOGRAMS])
+
+    def describe(self) -> Iterable[Metric]:
+        view = self._view()
+        if view is not None:
+            yield from view.describe()
+        yield GaugeMetricFamily("garrison_queue_depth", _DEPTH_DOC, labels=["queue"])
+
+    def collect(self) -> Iterable[Metric]:
+        view = self._view()
+        if view is not None:
+            yield from view.collect()
+        family = GaugeMetricFamily("garrison_queue_depth", _DEPTH_DOC, labels=["queue"])
+        for queue, count in sorted(_total_depth(self.members()).items()):
             family.add_metric([queue], count)
         yield family
+
+
+_DEPTH_DOC = "Runs waiting in each queue (PENDING), read from the store at scrape time."
+# The MetricsHooks attributes holding Prometheus histograms (`Buckets`).
+_HISTOGRAMS = ("step_durations", "queue_waits", "token_usage", "call_durations")
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +223,7 @@ _COUNTERS = (
 )
 
 
-class _MeterView:
+class _MeterView(_Members):
     """The OpenTelemetry instruments on one meter, shared by every `MetricsHooks` using
     that meter: the SDK hands a second instrument of the same name back as the first,
     so a second app's callbacks would never run. Counters are observable instruments
@@ -158,10 +231,7 @@ class _MeterView:
     and queue waits in bulk, from each hooks' queue, before a collection reads them)."""
 
     def __init__(self, meter: Meter) -> None:
-        # Held for the meter's life, as the SDK holds a callback: an app's counts must
-        # not leave a cumulative sum (a backend would read a reset), nor its queue.
-        self._hooks: list[MetricsHooks] = []
-        self._lock = threading.Lock()  # apps join on their threads; collections read
+        super().__init__()  # members held for the meter's life, as it holds a callback
         # In seconds, with the Prometheus twins' buckets (the SDK's default ones are ms).
         self.step = meter.create_histogram(
             "garrison.step.duration", unit="s", description="Live step attempts",
@@ -188,14 +258,6 @@ class _MeterView:
         meter.create_observable_gauge("garrison.queue.depth", [self._observe_depth],
                                       unit="{run}", description="Runs waiting per queue")
 
-    def join(self, hooks: MetricsHooks) -> None:
-        with self._lock:
-            self._hooks.append(hooks)
-
-    def members(self) -> list[MetricsHooks]:
-        with self._lock:
-            return list(self._hooks)
-
     def _observer(self, counter: _Counter) -> Callable[[CallbackOptions],
                                                        Iterable[Observation]]:
         def observe(options: CallbackOptions) -> Iterable[Observation]:
@@ -211,16 +273,8 @@ class _MeterView:
         hooks = self.members()
         for each in hooks:  # the collection reads the histograms after the callbacks
             each.flush()
-        depth: dict[str, int] = {}
-        stores: set[object] = set()  # apps sharing a store see the same queues: count once
-        for each in hooks:
-            if each.depth.store_key in stores:
-                continue
-            stores.add(each.depth.store_key)
-            for queue, count in (each.depth.read() or {}).items():
-                depth[queue] = depth.get(queue, 0) + count
         return [Observation(count, {"garrison.queue": queue})
-                for queue, count in depth.items()]
+                for queue, count in _total_depth(hooks).items()]
 
 
 _VIEWS: weakref.WeakKeyDictionary[Meter, _MeterView] = weakref.WeakKeyDictionary()
@@ -232,6 +286,18 @@ def _meter_view(meter: Meter) -> _MeterView:
         view = _VIEWS.get(meter)
         if view is None:
             view = _VIEWS[meter] = _MeterView(meter)
+        return view
+
+
+_REGISTRIES: weakref.WeakKeyDictionary[CollectorRegistry, _RegistryView] = (
+    weakref.WeakKeyDictionary())
+
+
+def _registry_view(registry: CollectorRegistry) -> _RegistryView:
+    with _VIEWS_LOCK:
+        view = _REGISTRIES.get(registry)
+        if view is None:
+            view = _REGISTRIES[registry] = _RegistryView(registry)
         return view
 
 
@@ -267,13 +333,8 @@ class MetricsHooks(EngineHooks):
                                       "Model call duration.",
                                       ["operation", "provider", "model", "error_type"],
                                       _DURATION_BUCKETS)
-        self._p_breaker = Gauge("garrison_breaker_state", "Circuit breaker state: 0 closed, "
-                                "1 half-open, 2 open, 3 forced open, 4 disabled.", ["breaker"],
-                                registry=registry)
-        registry.register(PrometheusView(
-            [getattr(self, counter.attr) for counter in _COUNTERS],
-            [self.step_durations, self.queue_waits, self.token_usage, self.call_durations]))
-        registry.register(_QueueDepthCollector(depth))
+        self._prometheus = _registry_view(registry)  # shared by the apps using registry
+        self._prometheus.join(self)
 
     started: Tally
     finished: Tally
@@ -345,7 +406,7 @@ class MetricsHooks(EngineHooks):
     def breaker_changed(self, name: str, state: str) -> None:
         value = BREAKER_STATES.get(state, -1)
         self._otel.breaker.set(value, {"garrison.breaker.name": name})
-        self._p_breaker.labels(name).set(value)
+        self._prometheus.breaker.labels(name).set(value)
 
     # -- steps ---------------------------------------------------------------------
 

@@ -63,6 +63,18 @@ class Tally:
     def snapshot(self) -> list[tuple[Key, float]]:
         return list(self.values.items())  # one C-level copy: safe from another thread
 
+    def merged(self, parts: Iterable[Tally]) -> Tally:
+        """A tally like this one holding the sum of `parts` (the apps sharing one
+        Prometheus registry), each series created when its first part's was."""
+        total = Tally(self.name, self.doc, self.labels)
+        for part in parts:
+            values, created = part.snapshot(), part.created.copy()  # as collect() reads
+            for key, value in values:
+                total.values[key] = total.values.get(key, 0) + value
+                when = created.get(key, total.created.get(key, time.time()))
+                total.created[key] = min(when, total.created.get(key, when))
+        return total
+
 
 def _created_series() -> bool:
     """Whether `_created` samples are exposed: prometheus-client's
@@ -97,6 +109,20 @@ class Buckets:
             row = self.series[key] = [0] * (self._width + 1)
         row[bisect_left(self.bounds, value)] += 1
         row[-1] += value
+
+    def merged(self, parts: Iterable[Buckets]) -> Buckets:
+        """A histogram like this one holding the sum of `parts`, as `Tally.merged`."""
+        total = Buckets(self.name, self.doc, self.labels, self.bounds)
+        for part in parts:
+            rows, created = list(part.series.items()), part.created.copy()
+            for key, row in rows:
+                row = row.copy()
+                kept = total.series.get(key)
+                total.series[key] = row if kept is None else [a + b for a, b in
+                                                              zip(kept, row, strict=True)]
+                when = created.get(key, total.created.get(key, time.time()))
+                total.created[key] = min(when, total.created.get(key, when))
+        return total
 
     def snapshot(self) -> list[tuple[Key, list[float]]]:
         """Per series, the cumulative counts (one per bound, then +Inf) and the sum."""

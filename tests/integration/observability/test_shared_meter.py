@@ -9,9 +9,11 @@ from typing import Any, cast
 from opentelemetry import metrics
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from prometheus_client import CollectorRegistry, generate_latest
 
 from garrison import Context, Garrison
 from garrison.observability import instrument
+from garrison.resilience import CircuitBreaker
 from tests.otel import metric_points
 
 
@@ -63,3 +65,32 @@ async def test_apps_on_meters_of_one_provider_are_all_counted(tmp_path: Path) ->
     [steps] = points["garrison.step.duration"]
     assert steps.count == 3  # both apps' queues flushed
     provider.shutdown()
+
+
+async def test_apps_on_one_prometheus_registry_are_all_exposed(tmp_path: Path) -> None:
+    registry = CollectorRegistry(auto_describe=True)
+    apps = [Garrison(f"sqlite:///{tmp_path}/{name}.db") for name in ("one", "two")]
+    for app in apps:
+        @app.step(name="work")
+        async def work() -> int:
+            return 1
+
+        @app.workflow(name="job")
+        async def job(ctx: Context) -> int:
+            return await work()
+
+        app.share_breaker(CircuitBreaker(f"llm-{Path(app.store.url).stem}"))
+        instrument(app, registry=registry, meter_provider=metrics.NoOpMeterProvider())
+    for index, app in enumerate(apps):
+        async with app:
+            for n in range(index + 1):  # one run in the first app, two in the second
+                await (await app.start("job", run_id=f"r{n}")).result(timeout=10)
+    value = registry.get_sample_value
+    assert value("garrison_runs_started_total", {"workflow": "job"}) == 3
+    assert value("garrison_step_duration_seconds_count",
+                 {"step": "work", "status": "completed"}) == 3
+    for app in apps:  # each app's breakers, on the one gauge
+        for name in app.breakers:
+            assert value("garrison_breaker_state", {"breaker": name}) == 0
+    text = generate_latest(registry).decode()
+    assert text.count("# TYPE garrison_runs_started_total counter") == 1
