@@ -68,7 +68,7 @@ def test_observability_names_are_pinned() -> None:
     assert garrison.observability.__all__ == [
         "ControlCharEscaper", "Instrumentation", "MASK", "Redactor", "SECRET_KEY_PARTS",
         "add_record_extras", "add_run_context", "add_trace_context", "configure_logging",
-        "instrument",
+        "escape_control", "instrument",
         "is_secret_key", "mask_secrets", "no_redaction",
     ]
     for name in garrison.observability.__all__:
