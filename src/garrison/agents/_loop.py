@@ -314,7 +314,8 @@ async def _run_tool_calls(ctx: Context, app: Garrison, state: _State,
                 continue
         state.usage += Usage(tool_calls=1)
         if isinstance(target, AgentTool):
-            text, is_error = await _delegate(ctx, app, state, target, arguments["input"])
+            text, is_error = await _delegate(ctx, app, state, target, call,
+                                             arguments["input"])
         else:
             text, is_error = await _call_tool(active.bind(app).tool_steps[call.name],
                                               call, arguments)
@@ -337,8 +338,19 @@ async def _call_tool(step: Callable[..., Any], call: ToolCall,
 
 
 async def _delegate(ctx: Context, app: Garrison, state: _State, target: Any,
-                    prompt: str) -> tuple[str, bool]:
-    """Run another agent as a child run; its usage and cost count here too."""
+                    call: ToolCall, prompt: str) -> tuple[str, bool]:
+    """Run another agent as a child run; its usage and cost count here too. The two
+    events tell observability which tool call the child run is (`execute_tool` span)."""
+    tool = {"gen_ai.tool.name": call.name, "gen_ai.tool.call.id": call.id}
+    record_event("garrison.agent.tool_call", **tool)
+    text, is_error = await _run_child(ctx, app, state, target, prompt)
+    record_event("garrison.agent.tool_result", **tool,
+                 **({"error.type": "AgentToolError"} if is_error else {}))
+    return text, is_error
+
+
+async def _run_child(ctx: Context, app: Garrison, state: _State, target: Any,
+                     prompt: str) -> tuple[str, bool]:
     child = target.agent
     budget = target.budget or child.budget
     handle = await ctx.start_child(child.bind(app).workflow, prompt, [],

@@ -48,6 +48,10 @@ STEP_SPANS = ("all", "notable")  # instrument(step_spans=...)
 # GenAI operations that are calls to a model: their span is a CLIENT span of its own.
 _CLIENT_OPERATIONS = frozenset({"chat", "text_completion", "generate_content", "embeddings"})
 _SPAN_NAME = "garrison.span.name"
+# An agent used as another's tool runs as a child run started from workflow code, with
+# no step: the agent loop reports the tool call around it (`record_event`), and the
+# child's start is made under an `execute_tool` span of its own.
+_TOOL_CALL, _TOOL_RESULT = "garrison.agent.tool_call", "garrison.agent.tool_result"
 _ERROR_STATUSES = frozenset({RunStatus.FAILED, RunStatus.QUARANTINED})
 
 
@@ -119,12 +123,26 @@ class TracingHooks(EngineHooks):
         # span, under this lock, so the loop never finds it in neither place.
         self._lock = threading.Lock()
         self._step_names: dict[str, str] = {}  # step name -> span name
+        # run id -> the tool call its next child run is (until that child starts), then
+        # that call's `execute_tool` span (until its result, or the segment's end)
+        self._tool_calls: dict[str, dict[str, Any]] = {}
+        self._tool_spans: dict[str, Span] = {}
 
     # -- runs ----------------------------------------------------------------------
 
     def trace_context(self, run: RunRecord) -> str | None:
         if run.parent_run_id is not None:  # ctx.start_child: the parent segment's span
-            return context_text()
+            call = self._tool_calls.pop(run.parent_run_id, None)
+            if call is None:
+                return context_text()
+            # an agent used as a tool: its run is a child of the call's span
+            span = self.tracer.start_span(
+                f"execute_tool {call.get('gen_ai.tool.name', '')}".strip(),
+                attributes={**call, "gen_ai.operation.name": "execute_tool",
+                            "gen_ai.tool.type": "agent"})
+            self._end_tool(run.parent_run_id)  # one at a time: a left one ends here
+            self._tool_spans[run.parent_run_id] = span
+            return span_text(span.get_span_context())
         # app.start: a short span marks the enqueue (under the caller's span, if any);
         # every segment of the run is its child.
         span = self.tracer.start_span(
@@ -206,7 +224,17 @@ class TracingHooks(EngineHooks):
             segment.outcome = "lease_lost"
             segment.span.add_event("garrison.run.lease_lost")
 
+    def _end_tool(self, run_id: str, error_type: str | None = None) -> None:
+        span = self._tool_spans.pop(run_id, None)
+        if span is not None:
+            if error_type is not None:
+                span.set_status(Status(StatusCode.ERROR, error_type))
+                span.set_attribute("error.type", error_type)
+            span.end()
+
     def run_detached(self, run_id: str) -> None:
+        self._tool_calls.pop(run_id, None)
+        self._end_tool(run_id)  # the run parks waiting for the child: the span ends here
         segment = self._segments.pop(run_id, None)
         if segment is None:
             return
@@ -363,6 +391,14 @@ class TracingHooks(EngineHooks):
                   attributes: Mapping[str, Any]) -> None:
         values = {key: converted for key, value in attributes.items()
                   if (converted := _attribute(value)) is not None}
+        if step is None and name == _TOOL_CALL:
+            self._tool_calls[run_id] = values  # its span comes with the child's start
+            return
+        if step is None and name == _TOOL_RESULT:
+            self._tool_calls.pop(run_id, None)
+            error_type = values.get("error.type")
+            self._end_tool(run_id, str(error_type) if error_type is not None else None)
+            return
         if step is not None:
             spans = self._live(step, keep=True)
             if spans is not None:

@@ -147,7 +147,13 @@ async def test_multi_agent_run_with_a_crash_is_one_trace_with_genai_spans(
     assert attrs(tools[1])["gen_ai.tool.call.id"]
 
     [child] = telemetry.named("invoke_agent researcher")  # the agent used as a tool
-    assert by_id[child.parent.span_id] in segments  # type: ignore[union-attr]
+    delegated = by_id[child.parent.span_id]  # type: ignore[union-attr]
+    assert delegated.name.startswith("execute_tool ") and delegated.end_time is not None
+    d = attrs(delegated)
+    assert d["gen_ai.operation.name"] == "execute_tool" and d["gen_ai.tool.type"] == "agent"
+    assert d["gen_ai.tool.call.id"] and delegated.name == f"execute_tool {d['gen_ai.tool.name']}"
+    assert by_id[delegated.parent.span_id] in segments  # type: ignore[union-attr]
+    assert (delegated.end_time or 0) >= (child.end_time or 0)  # it spans the child's work
     assert attrs(child)["garrison.run.parent_id"] == "conv"
     [child_chat] = [c for c in chats if by_id[by_id[c.parent.span_id].parent.span_id]  # type: ignore[union-attr]
                     is child]
