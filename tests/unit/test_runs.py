@@ -242,6 +242,36 @@ async def test_cancel_is_recorded_and_propagates_to_children(db_url: str) -> Non
                         "p/2": RunStatus.CANCELLED}
 
 
+async def test_cancelling_a_parent_cancels_its_child_running_a_step_here(db_url: str) -> None:
+    app = Garrison(db_url)
+    entered = asyncio.Event()
+
+    @app.step()
+    async def slow(tag: str) -> str:
+        if tag == "child":
+            entered.set()
+        await asyncio.sleep(30)
+        return tag
+
+    @app.workflow(name="child")
+    async def child(ctx: Context) -> str:
+        return await slow("child")
+
+    @app.workflow(name="parent")
+    async def parent(ctx: Context) -> str:
+        await ctx.start_child(child, run_id="c")
+        return await slow("parent")
+
+    async with app:
+        handle = await app.start(parent, run_id="p")
+        await asyncio.wait_for(entered.wait(), 10)
+        await handle.cancel()
+        for run_id in ("p", "c"):  # the child is live in this worker, inside its step
+            with pytest.raises(WorkflowCancelled):
+                await app.handle(run_id).result(timeout=10)
+        assert "p" not in app.worker.live  # type: ignore[union-attr]
+
+
 async def test_cancel_of_a_live_run_raises_cancelled_error_inside_it(db_url: str) -> None:
     app = Garrison(db_url)
     entered = asyncio.Event()

@@ -529,7 +529,9 @@ class Worker:
         if status is RunStatus.CANCELLED:
             for child in await self.store.list_runs(parent_run_id=run.run_id, limit=10_000):
                 if not child.status.is_terminal:
-                    await self.app.cancel(child.run_id)
+                    # The engine's own cascade, not workflow code's cancel (this may run
+                    # inside the ending run's branch, which refuses writes by then).
+                    await self.app._cancel(child.run_id, False)
         return True
 
     def notify_event(self, run_id: str, name: str) -> None:
