@@ -584,6 +584,7 @@ class RunExecution:
                                       started_at=started_at, arity=arity, inputs=inputs,
                                       error=json.dumps(error_to_data(exc)), attempts=attempt)
                 await self._commit(record)
+                self._emit(self.worker.hooks.step_committed, info)
                 raise
             self._emit(self.worker.hooks.step_completed, info, took)
             succeeded = getattr(step.retry, "succeeded", None)

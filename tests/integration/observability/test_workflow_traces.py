@@ -283,9 +283,24 @@ async def test_breaker_transitions_and_rejections_are_span_events_and_a_gauge(
     assert gauge == 2  # open
 
 
+class _StepEvents(EngineHooks):
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def step_completed(self, step: Any, duration_s: float) -> None:
+        self.seen.append("completed")
+
+    def step_failed(self, step: Any, error: BaseException, will_retry: bool) -> None:
+        self.seen.append(f"failed retry={will_retry}")
+
+    def step_committed(self, step: Any) -> None:
+        self.seen.append("committed")
+
+
 async def test_a_step_whose_result_cannot_be_stored_is_reported_failed(
         tmp_path: Path, telemetry: Telemetry) -> None:
-    app = Garrison(f"sqlite:///{tmp_path}/g.db")
+    events = _StepEvents()
+    app = Garrison(f"sqlite:///{tmp_path}/g.db", hooks=[events])
 
     @app.step(name="opaque")
     async def opaque() -> object:
@@ -306,3 +321,4 @@ async def test_a_step_whose_result_cannot_be_stored_is_reported_failed(
     assert span.status.status_code is StatusCode.ERROR
     assert dict(span.attributes or {})["error.type"] == "SerializationError"
     assert {key for key, _ in metrics.step_durations.snapshot()} == {("opaque", "failed")}
+    assert events.seen == ["failed retry=False", "committed"]  # as any journaled failure
