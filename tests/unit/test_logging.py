@@ -175,6 +175,18 @@ def test_key_and_credential_names_and_passwords_in_urls_are_masked() -> None:
     assert "hunter2" not in out.getvalue()
 
 
+@pytest.mark.parametrize("json_mode", [True, False])
+def test_a_url_password_in_an_exception_is_masked(json_mode: bool) -> None:
+    out = io.StringIO()
+    configure_logging(json=json_mode, file=out)
+    try:
+        raise RuntimeError("GET https://app:hun@ter2@api.example/v1 failed")
+    except RuntimeError:
+        log.exception("call.failed")
+        logging.getLogger("lib").exception("lib failed")
+    assert "ter2" not in out.getvalue() and "https://app:***@api.example/v1" in out.getvalue()
+
+
 def test_trace_and_span_ids_come_from_the_recording_otel_span() -> None:
     out = io.StringIO()
     configure_logging(json=True, file=out)

@@ -56,7 +56,8 @@ these; `token` only when not followed by `s`, so counts such as `input_tokens`,
 _SECRET = re.compile("|".join(
     re.escape(part) + ("(?!s)" if part == "token" else "") for part in SECRET_KEY_PARTS))
 # The password of a URL's user part, in any string value: `scheme://user:PASSWORD@host`.
-_URL_PASSWORD = re.compile(r"([a-z][a-z0-9+.-]*://[^\s/@:]*):[^\s/@]*@", re.IGNORECASE)
+# The password runs to the user part's last `@` (a password may hold one).
+_URL_PASSWORD = re.compile(r"([a-z][a-z0-9+.-]*://[^\s/@:]*):[^\s/]*@", re.IGNORECASE)
 
 # CSI/OSC escape sequences as a whole (so JSON mode drops "\x1b[31m", not just the ESC),
 # then any other character that is not printable: C0/C1 controls, DEL, line and
@@ -90,6 +91,14 @@ def _mask(value: Any, depth: int) -> Any:
     if isinstance(value, list | tuple):
         return [_mask(v, depth + 1) for v in value]
     return value
+
+
+def _mask_exception(logger: Any, method: str, event_dict: EventDict) -> EventDict:
+    # The formatted traceback: an HTTP or database error often names its URL.
+    text = event_dict.get("exception")
+    if isinstance(text, str) and "://" in text:
+        event_dict["exception"] = _mask(text, 1)
+    return event_dict
 
 
 def mask_secrets(logger: Any, method: str, event_dict: EventDict) -> EventDict:
@@ -331,7 +340,7 @@ def configure_logging(*, json: bool | None = None, level: str = "info",
     ]
     # A traceback becomes the `exception` text before escaping, in both modes, so no
     # exception formatter writes a control character from an exception's message.
-    render: list[Any] = [structlog.processors.format_exc_info]
+    render: list[Any] = [structlog.processors.format_exc_info, _mask_exception]
     if json:
         render += [ControlCharEscaper(strip=True),
                    structlog.processors.JSONRenderer(default=str)]
