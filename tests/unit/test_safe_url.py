@@ -17,6 +17,11 @@ from garrison.store import open_store, safe_url
     ("postgresql://app@db/prod", "postgresql://app@db/prod"),
     ("sqlite:///var/lib/garrison.db?synchronous=NORMAL",
      "sqlite:///var/lib/garrison.db?synchronous=NORMAL"),
+    ("postgresql:///prod?host=/tmp&user=app&password=x",  # no host part: // kept
+     "postgresql:///prod?host=/tmp&user=app"),
+    ("host=db user=app password=s3cret dbname=prod",  # a libpq DSN, not a URL
+     "host=db user=app password=*** dbname=prod"),
+    ("mysql://u:p@[::1/db", "mysql://(unparseable)"),
 ])
 def test_safe_url_drops_the_password_and_keeps_the_rest(url: str, shown: str) -> None:
     assert safe_url(url) == shown
@@ -27,3 +32,9 @@ def test_a_bad_postgres_url_is_reported_without_its_password() -> None:
         open_store("postgresql://app:s3cret@db/prod?schema=Not-An-Identifier")
     assert "s3cret" not in str(caught.value) and "app@db/prod" in str(caught.value)
     assert "s3cret" not in str(getattr(caught.value, "url", ""))
+
+
+def test_a_dsn_that_is_not_a_url_is_refused_without_its_password() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        open_store("host=db user=app password=s3cret dbname=prod")
+    assert "s3cret" not in str(caught.value) and "not a URL" in str(caught.value)

@@ -59,7 +59,9 @@ def open_store(url: str | None = None, *, create: bool = True) -> Store:
 
         return PostgresStore(url)
     raise ConfigurationError(
-        f"store URL {safe_url(url)!r}: unknown scheme {scheme!r}; use 'sqlite:///path.db' or "
+        f"store URL {safe_url(url)!r}: "
+        + (f"unknown scheme {scheme!r}" if "://" in url else "not a URL")
+        + "; use 'sqlite:///path.db' or "
         "'postgresql://user@host:5432/db'",
         url=safe_url(url),
     )

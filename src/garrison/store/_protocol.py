@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from garrison.store._records import (
     EventRecord,
@@ -24,8 +25,14 @@ _SECRET_PARAMETERS = frozenset({"password", "sslpassword", "passfile"})
 
 def safe_url(url: str) -> str:
     """`url` fit for a message or a log line: without a password (in the user part or
-    as a query parameter); the rest (host, database, schema) is kept."""
-    parts = urlsplit(url)
+    as a query parameter, or a libpq `password=` keyword in a DSN that is not a URL);
+    the rest (host, database, schema) is kept."""
+    if "://" not in url:
+        return _DSN_PASSWORD.sub(r"\1***", url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unclosed IPv6 bracket: show no more than the scheme
+        return url.partition("://")[0] + "://(unparseable)"
     netloc, query = parts.netloc, parts.query
     user, at, host = netloc.rpartition("@")
     if at and ":" in user:
@@ -35,8 +42,13 @@ def safe_url(url: str) -> str:
     if len(kept) < len(pairs):
         query = urlencode(kept, safe="/:")
     if (netloc, query) == (parts.netloc, parts.query):
-        return url  # nothing to hide (urlunsplit would also drop an empty netloc's //)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+        return url  # nothing to hide
+    # by hand: urlunsplit drops the // of an empty host (postgresql:///db?host=/tmp)
+    return (f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+            + (f"#{parts.fragment}" if parts.fragment else ""))
+
+
+_DSN_PASSWORD = re.compile(r"((?:^|\s)password\s*=\s*)\S+", re.IGNORECASE)
 
 
 @dataclass(slots=True)
