@@ -192,3 +192,13 @@ def test_runs_show_and_list_print_user_values_as_text(tmp_path: Path) -> None:
                            env={"COLUMNS": "250"})
     assert listed.exit_code == 0, listed.output
     assert "[/]" in listed.output and "wf[/]" in listed.output and "\x1b" not in listed.output
+
+
+def test_a_value_ending_in_a_backslash_prints_as_written_before_more_text() -> None:
+    from rich.console import Console
+
+    from garrison.cli._console import text
+
+    console = Console(record=True, width=80)
+    console.print(f"run {text('a' + chr(92))} then [red]{text('[b]')}[/]")
+    assert console.export_text().strip() == "run a" + chr(92) + " then [b]"

@@ -17,7 +17,9 @@ def text(value: object) -> str:
     """A value from the store or the user (a run id, a name, an error message) for a
     rich markup string: its markup and control characters shown as written, never
     interpreted (a message cannot break the output or drive the terminal)."""
-    return escape(escape_control(str(value)))
+    # rich doubles a trailing backslash (right only at the end of the markup): escape
+    # with a space after it, then drop the space, so the value reads the same anywhere.
+    return escape(escape_control(str(value)) + " ")[:-1]
 
 
 def fail(error: Exception) -> typer.Exit:

@@ -143,7 +143,8 @@ def worker(
                                                   registry=instrumentation.registry)
         except OSError as exc:
             raise fail(OSError(f"--metrics-port {metrics_port}: {exc}")) from exc
-        console.print(f"metrics on http://0.0.0.0:{metrics_port}/metrics", soft_wrap=True)
+        bound = getattr(metrics_server, "server_port", metrics_port)  # 0: the OS's pick
+        console.print(f"metrics on http://0.0.0.0:{bound}/metrics", soft_wrap=True)
 
     async def serve() -> None:
         # Every line of this worker names it, inside runs and out (tasks copy the context).

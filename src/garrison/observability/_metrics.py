@@ -135,19 +135,19 @@ class _RegistryView(_Members, Collector):
 
     def __init__(self, registry: CollectorRegistry) -> None:
         super().__init__()
-        self.registry = registry
+        # The registry is not kept here: `_REGISTRIES` holds this view by it, weakly.
         self.breaker = Gauge("garrison_breaker_state", "Circuit breaker state: 0 closed, "
                              "1 half-open, 2 open, 3 forced open, 4 disabled.", ["breaker"],
                              registry=registry)
         self._registered = False
 
-    def join(self, hooks: MetricsHooks) -> None:
-        super().join(hooks)
+    def join_on(self, registry: CollectorRegistry, hooks: MetricsHooks) -> None:
+        self.join(hooks)
         with self._lock:  # registered with its first member: describe() names its metrics
             if self._registered:
                 return
             self._registered = True
-        self.registry.register(self)
+        registry.register(self)
 
     def _view(self) -> PrometheusView | None:
         members = self.members()
@@ -334,7 +334,7 @@ class MetricsHooks(EngineHooks):
                                       ["operation", "provider", "model", "error_type"],
                                       _DURATION_BUCKETS)
         self._prometheus = _registry_view(registry)  # shared by the apps using registry
-        self._prometheus.join(self)
+        self._prometheus.join_on(registry, self)
 
     started: Tally
     finished: Tally

@@ -83,3 +83,23 @@ def test_a_port_out_of_range_is_a_usage_error_naming_the_option(tmp_path: Path) 
                                       "99999"], env={"PYTHONPATH": str(tmp_path)})
     assert result.exit_code == 2, result.output
     assert "--metrics-port" in result.output and "65535" in result.output
+
+
+def test_port_zero_serves_on_the_port_the_system_picked_and_says_which(
+        tmp_path: Path) -> None:
+    (tmp_path / "shop.py").write_text(APP_MODULE.format(db=tmp_path / "g.db"))
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "garrison", "worker", "--app", "shop:app",
+         "--metrics-port", "0"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert worker.stdout is not None
+        banner = worker.stdout.readline()
+        port = int(banner.rsplit(":", 1)[1].split("/")[0])
+        assert port > 0, banner
+        assert "garrison_runs_started" in httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        worker.send_signal(signal.SIGTERM)
+        worker.communicate(timeout=10)
+    finally:
+        if worker.poll() is None:
+            worker.kill()

@@ -94,3 +94,17 @@ async def test_apps_on_one_prometheus_registry_are_all_exposed(tmp_path: Path) -
             assert value("garrison_breaker_state", {"breaker": name}) == 0
     text = generate_latest(registry).decode()
     assert text.count("# TYPE garrison_runs_started_total counter") == 1
+
+
+def test_a_registry_no_longer_used_is_not_kept() -> None:
+    import gc
+    import weakref
+
+    from garrison.observability import _metrics
+
+    registry = CollectorRegistry()
+    _metrics._registry_view(registry)
+    gone = weakref.ref(registry)
+    del registry
+    gc.collect()
+    assert gone() is None  # the view does not hold its key alive
