@@ -25,7 +25,7 @@ import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from opentelemetry import context as otel_context
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
@@ -277,28 +277,29 @@ class _MeterView(_Members):
                 for queue, count in _total_depth(hooks).items()]
 
 
+# One view per meter and per registry, held weakly by it (a view never refers to it).
 _VIEWS: weakref.WeakKeyDictionary[Meter, _MeterView] = weakref.WeakKeyDictionary()
+_REGISTRIES: weakref.WeakKeyDictionary[CollectorRegistry, _RegistryView] = (
+    weakref.WeakKeyDictionary())
 _VIEWS_LOCK = threading.Lock()
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _view_for(views: weakref.WeakKeyDictionary[K, V], key: K, make: Callable[[K], V]) -> V:
+    with _VIEWS_LOCK:
+        view = views.get(key)
+        if view is None:
+            view = views[key] = make(key)
+        return view
 
 
 def _meter_view(meter: Meter) -> _MeterView:
-    with _VIEWS_LOCK:
-        view = _VIEWS.get(meter)
-        if view is None:
-            view = _VIEWS[meter] = _MeterView(meter)
-        return view
-
-
-_REGISTRIES: weakref.WeakKeyDictionary[CollectorRegistry, _RegistryView] = (
-    weakref.WeakKeyDictionary())
+    return _view_for(_VIEWS, meter, _MeterView)
 
 
 def _registry_view(registry: CollectorRegistry) -> _RegistryView:
-    with _VIEWS_LOCK:
-        view = _REGISTRIES.get(registry)
-        if view is None:
-            view = _REGISTRIES[registry] = _RegistryView(registry)
-        return view
+    return _view_for(_REGISTRIES, registry, _RegistryView)
 
 
 class MetricsHooks(EngineHooks):

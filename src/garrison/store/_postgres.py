@@ -201,8 +201,7 @@ def _import_psycopg() -> tuple[Any, Any]:
 
 def _connect_error(exc: Exception, url: str) -> ConfigurationError | StoreError:
     text = " ".join(str(exc).split())  # libpq's messages span lines
-    parts = urlsplit(url)  # never echo credentials: scheme://host:port/db only
-    safe = f"{parts.scheme}://{parts.hostname}:{parts.port or 5432}{parts.path}"
+    safe = safe_url(url)  # never echo a password
     if "does not exist" in text and "database" in text:
         hint = "create it (createdb NAME) or fix the database name in the URL"
         return ConfigurationError(f"PostgreSQL store {safe}: {text}; {hint}", url=safe)

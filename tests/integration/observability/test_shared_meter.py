@@ -40,10 +40,8 @@ class _MeterPerCall(metrics.MeterProvider):
                                                               attributes)))
 
 
-async def test_apps_on_meters_of_one_provider_are_all_counted(tmp_path: Path) -> None:
-    reader = InMemoryMetricReader()
-    provider = MeterProvider(metric_readers=[reader])
-    per_call = _MeterPerCall(provider)
+def _job_apps(tmp_path: Path) -> list[Garrison]:
+    """Two apps, each with a one-step workflow `job`."""
     apps = [Garrison(f"sqlite:///{tmp_path}/{name}.db") for name in ("one", "two")]
     for app in apps:
         @app.step(name="work")
@@ -54,11 +52,24 @@ async def test_apps_on_meters_of_one_provider_are_all_counted(tmp_path: Path) ->
         async def job(ctx: Context) -> int:
             return await work()
 
-        instrument(app, meter_provider=per_call)
+    return apps
+
+
+async def _run_jobs(apps: list[Garrison]) -> None:
     for index, app in enumerate(apps):
         async with app:
             for n in range(index + 1):  # one run in the first app, two in the second
                 await (await app.start("job", run_id=f"r{n}")).result(timeout=10)
+
+
+async def test_apps_on_meters_of_one_provider_are_all_counted(tmp_path: Path) -> None:
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    per_call = _MeterPerCall(provider)
+    apps = _job_apps(tmp_path)
+    for app in apps:
+        instrument(app, meter_provider=per_call)
+    await _run_jobs(apps)
     points = metric_points(reader)
     [started] = points["garrison.runs.started"]
     assert started.value == 3
@@ -69,22 +80,11 @@ async def test_apps_on_meters_of_one_provider_are_all_counted(tmp_path: Path) ->
 
 async def test_apps_on_one_prometheus_registry_are_all_exposed(tmp_path: Path) -> None:
     registry = CollectorRegistry(auto_describe=True)
-    apps = [Garrison(f"sqlite:///{tmp_path}/{name}.db") for name in ("one", "two")]
+    apps = _job_apps(tmp_path)
     for app in apps:
-        @app.step(name="work")
-        async def work() -> int:
-            return 1
-
-        @app.workflow(name="job")
-        async def job(ctx: Context) -> int:
-            return await work()
-
         app.share_breaker(CircuitBreaker(f"llm-{Path(app.store.url).stem}"))
         instrument(app, registry=registry, meter_provider=metrics.NoOpMeterProvider())
-    for index, app in enumerate(apps):
-        async with app:
-            for n in range(index + 1):  # one run in the first app, two in the second
-                await (await app.start("job", run_id=f"r{n}")).result(timeout=10)
+    await _run_jobs(apps)
     value = registry.get_sample_value
     assert value("garrison_runs_started_total", {"workflow": "job"}) == 3
     assert value("garrison_step_duration_seconds_count",
