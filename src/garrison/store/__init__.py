@@ -10,6 +10,7 @@ from garrison.errors import ConfigurationError
 from garrison.store._protocol import Changes, Store, safe_url
 from garrison.store._records import (
     DEFAULT_TENANT,
+    ClaimReason,
     EventRecord,
     QueueLimits,
     RunRecord,
@@ -24,6 +25,7 @@ from garrison.store._sqlite import SQLiteStore, parse_sqlite_url
 
 __all__ = [
     "Changes",
+    "ClaimReason",
     "DEFAULT_TENANT",
     "EventRecord",
     "QueueLimits",

@@ -9,7 +9,9 @@ serialises claims on a limited queue with a transaction-scoped advisory lock (so
 fleet-wide count stays exact); SQLite has one writer already.
 
 A claim moves a run to RUNNING, makes the worker its owner until `lease_until`, and
-adds one to its `fence`: any write of an earlier owner then fails its fence check.
+adds one to its `fence`: any write of an earlier owner then fails its fence check. It
+also records why the run was claimed (`claim_reason`) and who held it before
+(`previous_owner`), from the row it replaces.
 """
 
 from __future__ import annotations
@@ -53,9 +55,14 @@ def _queue_filter(queues: Sequence[str] | None) -> tuple[str, list[Any]]:
     return f"AND queue IN ({in_list(queues)}) ", list(queues)
 
 
+# The claim reason and previous owner are read off the row being replaced: a SET
+# expression sees the row as it was (`ClaimReason`; the `?` in it is the claimer).
 _TAKE = (
     "UPDATE runs SET status = 'RUNNING', owner = ?, fence = fence + 1, lease_until = ?, "
-    "wake_at = NULL, updated_at = ?{started} WHERE run_id IN ({subquery}) "
+    "wake_at = NULL, updated_at = ?, previous_owner = owner, claim_reason = CASE "
+    "WHEN status = 'WAITING' THEN 'wake_up' WHEN status <> 'RUNNING' THEN 'start' "
+    "WHEN owner = ? THEN 'retry' WHEN lease_until IS NULL THEN 'handed_back' "
+    "ELSE 'abandoned' END{started} WHERE run_id IN ({subquery}) "
     f"RETURNING {RUN_COLUMNS}"
 )
 
@@ -83,7 +90,7 @@ def claim_due(dialect: Dialect, worker_id: str, *, now: float, wall: float,
     )
     rows = yield (
         _TAKE.format(started="", subquery=subquery),
-        [worker_id, lease_until, wall, now, wall, *queue_params, *wf_params,
+        [worker_id, lease_until, wall, worker_id, now, wall, *queue_params, *wf_params,
          min(limit, _DUE_BATCH)],
     )
     return [run_from_row(r) for r in rows]
@@ -102,7 +109,8 @@ def claim_one(dialect: Dialect, worker_id: str, run_id: str, *, now: float, wall
     )
     rows = yield (
         _TAKE.format(started="", subquery=subquery),
-        [worker_id, lease_until, wall, run_id, wall, *([worker_id] if mine else [])],
+        [worker_id, lease_until, wall, worker_id, run_id, wall,
+         *([worker_id] if mine else [])],
     )
     return [run_from_row(r) for r in rows]
 
@@ -147,7 +155,7 @@ def claim_queued(dialect: Dialect, worker_id: str, limits: QueueLimits, slots: i
                 f"AND status = 'PENDING'{dialect.skip_locked}")
     rows = yield (
         _TAKE.format(started=", started_at = ?", subquery=subquery),
-        [worker_id, lease_until, wall, wall, *chosen],
+        [worker_id, lease_until, wall, worker_id, wall, *chosen],
     )
     turn = {run_id: i for i, run_id in enumerate(chosen)}  # RETURNING has no order
     return sorted((run_from_row(r) for r in rows), key=lambda run: turn[run.run_id])

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 __all__ = [
     "DEFAULT_TENANT",
-    "EventRecord", "QueueLimits", "RunRecord", "RunStatus", "StepKind", "StepRecord", "StepStatus",
+    "ClaimReason", "EventRecord", "QueueLimits", "RunRecord", "RunStatus", "StepKind",
+    "StepRecord", "StepStatus",
     "StreamRecord",
     "position_key",
 ]
@@ -34,6 +35,29 @@ class RunStatus(enum.StrEnum):
 
 _TERMINAL = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED,
                        RunStatus.QUARANTINED})
+
+
+class ClaimReason(enum.StrEnum):
+    """How a run's current owner came to hold it: what the run was when it was claimed.
+
+    A recovery (`is_recovery`) is a take-over of a run that was RUNNING: its segment
+    ended without the run parking or finishing, and the new owner resumes it from its
+    journal.
+    """
+
+    START = "start"  # PENDING: a first start (or a claim to cancel a run never started)
+    WAKE_UP = "wake_up"  # WAITING: a parked run whose timer or event came
+    ABANDONED = "abandoned"  # RUNNING, its owner's lease ran out (a crash, a hang, a
+    # lost connection), or the earlier process on its SQLite file is gone
+    HANDED_BACK = "handed_back"  # RUNNING, released by a stopping worker
+    RETRY = "retry"  # RUNNING and held by this worker: resumed after a failed write
+
+    @property
+    def is_recovery(self) -> bool:
+        return self in _RECOVERIES
+
+
+_RECOVERIES = frozenset({ClaimReason.ABANDONED, ClaimReason.HANDED_BACK, ClaimReason.RETRY})
 
 
 class StepKind(enum.StrEnum):
@@ -88,6 +112,8 @@ class RunRecord:
     started_at: float | None = None
     forked_from: str | None = None  # `app.fork`: the run whose journal this one reuses
     forked_at: int | None = None  # ... up to this top-level position (its `at_step`)
+    claim_reason: ClaimReason | None = None  # set by each claim (None until claimed)
+    previous_owner: str | None = None  # the owner before the last claim, if any
 
 
 @dataclass(frozen=True, slots=True)

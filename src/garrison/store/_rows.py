@@ -16,6 +16,7 @@ from garrison.errors import (
     WorkflowError,
 )
 from garrison.store._records import (
+    ClaimReason,
     RunRecord,
     RunStatus,
     StepKind,
@@ -73,7 +74,8 @@ RUN_COLUMNS = (
     "run_id, workflow_name, workflow_version, status, inputs, created_at, updated_at, "
     "tenant_id, result, error, parent_run_id, parent_position, queue, completed_at, "
     "wake_at, deadline_at, trace_context, cancel_requested, owner, priority, partition_key, "
-    "dedup_id, fence, lease_until, started_at, forked_from, forked_at"
+    "dedup_id, fence, lease_until, started_at, forked_from, forked_at, claim_reason, "
+    "previous_owner"
 )
 STEP_COLUMNS = (
     "run_id, position, kind, name, status, started_at, arity, inputs, output, error, "
@@ -90,7 +92,8 @@ def run_from_row(row: Sequence[Any]) -> RunRecord:
         deadline_at=row[15], trace_context=row[16], cancel_requested=bool(row[17]),
         owner=row[18], priority=row[19], partition_key=row[20], dedup_id=row[21],
         fence=row[22], lease_until=row[23], started_at=row[24], forked_from=row[25],
-        forked_at=row[26],
+        forked_at=row[26], claim_reason=ClaimReason(row[27]) if row[27] else None,
+        previous_owner=row[28],
     )
 
 
@@ -110,7 +113,7 @@ def run_values(run: RunRecord) -> tuple[Any, ...]:
         run.parent_run_id, run.parent_position, run.queue, run.completed_at, run.wake_at,
         run.deadline_at, run.trace_context, int(run.cancel_requested), run.owner,
         run.priority, run.partition_key, run.dedup_id, run.fence, run.lease_until,
-        run.started_at, run.forked_from, run.forked_at,
+        run.started_at, run.forked_from, run.forked_at, run.claim_reason, run.previous_owner,
     )
 
 
@@ -125,7 +128,7 @@ def step_values(step: StepRecord) -> tuple[Any, ...]:
 # No conflict target: a taken run id and a taken (queue, dedup id) both insert nothing;
 # the caller then tells which it was (`dedup_conflict`).
 INSERT_RUN = (
-    f"INSERT INTO runs ({RUN_COLUMNS}) VALUES ({', '.join('?' * 27)}) "
+    f"INSERT INTO runs ({RUN_COLUMNS}) VALUES ({', '.join('?' * 29)}) "
     "ON CONFLICT DO NOTHING"
 )
 SELECT_RUN = f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?"

@@ -144,16 +144,24 @@ ALTER TABLE runs ADD COLUMN forked_at INTEGER;
 CREATE INDEX IF NOT EXISTS runs_forked_from ON runs (forked_from) WHERE forked_from IS NOT NULL;
 """
 
+# How a run's current owner came to hold it, written by each claim from the row it
+# replaced (docs/decisions/0014-claim-reason-stored-with-the-run.md): `claim_reason`
+# (start, wake_up, abandoned, handed_back, retry) and the owner before it.
+_V6 = """
+ALTER TABLE runs ADD COLUMN claim_reason TEXT;
+ALTER TABLE runs ADD COLUMN previous_owner TEXT;
+"""
+
 _DIALECTS = {
     "sqlite": {"seq": "INTEGER PRIMARY KEY AUTOINCREMENT", "steps_options": " WITHOUT ROWID"},
     "postgres": {"seq": "BIGSERIAL PRIMARY KEY", "steps_options": ""},
 }
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 
 def migrations(dialect: str) -> dict[int, str]:
     """The DDL of each schema version for `dialect` ("sqlite" or "postgres")."""
     dialect_terms = _DIALECTS[dialect]
     return {1: _V1.format(**dialect_terms), 2: _V2, 3: _V3, 4: _V4.format(**dialect_terms),
-            5: _V5}
+            5: _V5, 6: _V6}

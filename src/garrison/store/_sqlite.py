@@ -443,7 +443,10 @@ class SQLiteStore(LeaseBook):
         def op(conn: sqlite3.Connection) -> None:
             # This process holds the file's one worker lock: every earlier worker is gone,
             # so their leases end now (no need to wait for them to run out).
-            conn.execute("UPDATE runs SET lease_until = NULL WHERE status = 'RUNNING'")
+            # A run still leased was abandoned (its process died holding it); a run
+            # handed back has no lease. Both are claimable at once.
+            conn.execute("UPDATE runs SET lease_until = 0 WHERE status = 'RUNNING' "
+                         "AND lease_until IS NOT NULL")
 
         await self._write(op)
 
