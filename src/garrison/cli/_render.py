@@ -169,11 +169,18 @@ def timeline_table(run: RunRecord, steps: list[StepRecord]) -> Table:
         total += [f"{totals['input_tokens']:,}/{totals['output_tokens']:,}",
                   _cost(totals["cost_usd"]), f"{totals['model_calls']} calls"]
     table.add_row(*total, *([""] * errors), style="bold")
+    caption: list[str] = []
     if labels:
         resumes = totals["resumes"]
         workers = ", ".join(f"{label} = {text(worker)}" for worker, label in labels.items())
-        table.caption = (("tokens: in/out; " if agentic else "") + f"workers: {workers}"
-                         + (f"; resumed {resumes}x" if resumes else ""))
+        caption.append(("tokens: in/out; " if agentic else "") + f"workers: {workers}"
+                       + (f"; resumed {resumes}x" if resumes else ""))
+    if run.claim_reason is not None and run.claim_reason.is_recovery:
+        previous = run.previous_owner
+        caption.append(f"last claim: recovered, {run.claim_reason.value.replace('_', ' ')}"
+                       + (f" by {labels.get(previous) or text(previous)}" if previous else ""))
+    if caption:
+        table.caption = "; ".join(caption)
         table.caption_justify = "left"
     return table
 
@@ -185,6 +192,8 @@ def run_json(run: RunRecord, steps: list[StepRecord] | None = None) -> dict[str,
         "completed_at": run.completed_at, "parent_run_id": run.parent_run_id,
         "queue": run.queue, "priority": run.priority, "partition_key": run.partition_key,
         "started_at": run.started_at, "owner": run.owner, "fence": run.fence,
+        "claim_reason": run.claim_reason.value if run.claim_reason else None,
+        "previous_owner": run.previous_owner,
         "inputs": json.loads(run.inputs),
         "result": json.loads(run.result) if run.result else None,
         "error": json.loads(run.error) if run.error else None,

@@ -213,7 +213,8 @@ class Worker:
                 for on_resumed in self.hooks.run_resumed:
                     on_resumed(run, len(entries))
                 log.debug("run.resumed", run_id=run.run_id, workflow=run.workflow_name,
-                         journal_entries=len(entries), fence=run.fence)
+                         journal_entries=len(entries), fence=run.fence,
+                         claim_reason=run.claim_reason, previous_owner=run.previous_owner)
             else:
                 announced = True
                 for on_started in self.hooks.run_started:

@@ -206,6 +206,12 @@ _COUNTERS = (
              "garrison.runs.resumed", "{run}",
              "Run segments resumed from a journal (recoveries, wake-ups)",
              ("garrison.workflow.name",)),
+    _Counter("recovered", "garrison_runs_recovered",
+             "Runs taken over after their segment ended without parking or finishing, "
+             "by claim reason (abandoned: the owner's lease ran out; handed_back; retry).",
+             ("workflow", "reason"), "garrison.runs.recovered", "{run}",
+             "Runs taken over after their segment ended without parking or finishing",
+             ("garrison.workflow.name", "garrison.run.claim_reason")),
     _Counter("retries", "garrison_step_retries", "Step retries scheduled.", ("step",),
              "garrison.step.retries", "{retry}", "Step retries scheduled",
              ("garrison.step.name",)),
@@ -340,6 +346,7 @@ class MetricsHooks(EngineHooks):
     started: Tally
     finished: Tally
     resumed: Tally
+    recovered: Tally
     retries: Tally
     leases: Tally
     cost: Tally
@@ -388,6 +395,9 @@ class MetricsHooks(EngineHooks):
         self._on_run()
         self._workflows[run.run_id] = run.workflow_name
         self.resumed.add((run.workflow_name,))
+        reason = run.claim_reason
+        if reason is not None and reason.is_recovery:
+            self.recovered.add((run.workflow_name, reason.value))
 
     def run_finished(self, run_id: str, status: RunStatus) -> None:
         self.finished.add((self._workflows.get(run_id, _UNKNOWN), status.value))

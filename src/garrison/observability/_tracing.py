@@ -182,6 +182,8 @@ class TracingHooks(EngineHooks):
             parent = derived_context(run.run_id)
         if replayed is not None:
             attributes["garrison.run.replayed_entries"] = replayed
+        if run.claim_reason is not None:
+            attributes["garrison.run.claim_reason"] = run.claim_reason.value
             if parent is not None and not derived:  # no link to a span never made
                 links.append(Link(trace.get_current_span(parent).get_span_context(),
                                   {"garrison.link": "run_started_from"}))
@@ -198,6 +200,12 @@ class TracingHooks(EngineHooks):
             span = self.tracer.start_span(name, context=otel_context.Context())
         if replayed is not None:
             span.add_event("garrison.run.resumed", {"garrison.run.replayed_entries": replayed})
+            reason = run.claim_reason
+            if reason is not None and reason.is_recovery:
+                recovered = {"garrison.run.claim_reason": reason.value}
+                if run.previous_owner is not None:
+                    recovered["garrison.run.previous_worker"] = run.previous_owner
+                span.add_event("garrison.run.recovered", recovered)
         token = otel_context.attach(trace.set_span_in_context(span))
         self._segments[run.run_id] = _Segment(span, token,
                                               span.get_span_context().is_valid)

@@ -169,7 +169,12 @@ async def test_a_run_resumed_by_another_app_continues_the_same_trace(
     assert a["garrison.run.status"] == "COMPLETED"
     assert a["garrison.run.replayed_entries"] >= 1 and a["garrison.run.outcome"] == "completed"
     assert [link.context.span_id for link in after.links] == [start.context.span_id]
-    assert [e.name for e in after.events][:1] == ["garrison.run.resumed"]
+    assert [e.name for e in after.events][:2] == ["garrison.run.resumed",
+                                                  "garrison.run.recovered"]
+    # a graceful close hands the run back: a recovery, with no owner left to name
+    assert dict(after.events[1].attributes or {}) == {
+        "garrison.run.claim_reason": "handed_back"}
+    assert a["garrison.run.claim_reason"] == "handed_back"
     # prepare ran once (in the first segment); slow twice: interrupted, then completed
     assert len(telemetry.named("step prepare")) == 1
     slow = sorted(telemetry.named("step slow"), key=lambda s: s.start_time or 0)
