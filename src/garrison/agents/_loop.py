@@ -343,7 +343,11 @@ async def _delegate(ctx: Context, app: Garrison, state: _State, target: Any,
     events tell observability which tool call the child run is (`execute_tool` span)."""
     tool = {"gen_ai.tool.name": call.name, "gen_ai.tool.call.id": call.id}
     record_event("garrison.agent.tool_call", **tool)
-    text, is_error = await _run_child(ctx, app, state, target, prompt)
+    try:
+        text, is_error = await _run_child(ctx, app, state, target, prompt)
+    except Exception as exc:  # the child could not be started or awaited: the run fails
+        record_event("garrison.agent.tool_result", **tool, **{"error.type": type(exc).__qualname__})
+        raise
     record_event("garrison.agent.tool_result", **tool,
                  **({"error.type": "AgentToolError"} if is_error else {}))
     return text, is_error

@@ -123,25 +123,33 @@ class TracingHooks(EngineHooks):
         # span, under this lock, so the loop never finds it in neither place.
         self._lock = threading.Lock()
         self._step_names: dict[str, str] = {}  # step name -> span name
-        # run id -> the tool call its next child run is (until that child starts), then
-        # that call's `execute_tool` span (until its result, or the segment's end)
-        self._tool_calls: dict[str, dict[str, Any]] = {}
-        self._tool_spans: dict[str, Span] = {}
+        # An agent's tool calls to other agents, per parent run: the call each of its
+        # tasks is about to start a child run for (the event and the start come from
+        # the same task, so calls made at once in several tasks are told apart), then
+        # each call's `execute_tool` span by call id (until its result, or the end of
+        # the segment).
+        self._tool_calls: dict[str, dict[asyncio.Task[Any] | None, dict[str, Any]]] = {}
+        self._tool_spans: dict[str, dict[str, Span]] = {}
 
     # -- runs ----------------------------------------------------------------------
 
     def trace_context(self, run: RunRecord) -> str | None:
         if run.parent_run_id is not None:  # ctx.start_child: the parent segment's span
-            call = self._tool_calls.pop(run.parent_run_id, None)
+            parent_id = run.parent_run_id
+            calls = self._tool_calls.get(parent_id)
+            call = calls.pop(_current_task(), None) if calls else None
             if call is None:
                 return context_text()
+            if not calls:
+                del self._tool_calls[parent_id]
             # an agent used as a tool: its run is a child of the call's span
             span = self.tracer.start_span(
                 f"execute_tool {call.get('gen_ai.tool.name', '')}".strip(),
                 attributes={**call, "gen_ai.operation.name": "execute_tool",
                             "gen_ai.tool.type": "agent"})
-            self._end_tool(run.parent_run_id)  # one at a time: a left one ends here
-            self._tool_spans[run.parent_run_id] = span
+            call_id = str(call.get("gen_ai.tool.call.id", ""))
+            self._end_tool(parent_id, call_id)  # a call id seen again: the left one ends
+            self._tool_spans.setdefault(parent_id, {})[call_id] = span
             return span_text(span.get_span_context())
         # app.start: a short span marks the enqueue (under the caller's span, if any);
         # every segment of the run is its child.
@@ -232,17 +240,23 @@ class TracingHooks(EngineHooks):
             segment.outcome = "lease_lost"
             segment.span.add_event("garrison.run.lease_lost")
 
-    def _end_tool(self, run_id: str, error_type: str | None = None) -> None:
-        span = self._tool_spans.pop(run_id, None)
-        if span is not None:
-            if error_type is not None:
-                span.set_status(Status(StatusCode.ERROR, error_type))
-                span.set_attribute("error.type", error_type)
-            span.end()
+    def _end_tool(self, run_id: str, call_id: str, error_type: str | None = None) -> None:
+        spans = self._tool_spans.get(run_id)
+        span = spans.pop(call_id, None) if spans else None
+        if span is None:
+            return
+        if not spans:
+            del self._tool_spans[run_id]
+        if error_type is not None:
+            span.set_status(Status(StatusCode.ERROR, error_type))
+            span.set_attribute("error.type", error_type)
+        span.end()
 
     def run_detached(self, run_id: str) -> None:
         self._tool_calls.pop(run_id, None)
-        self._end_tool(run_id)  # the run parks waiting for the child: the span ends here
+        # the run parks waiting for its children: their calls' spans end here
+        for span in self._tool_spans.pop(run_id, {}).values():
+            span.end()
         segment = self._segments.pop(run_id, None)
         if segment is None:
             return
@@ -399,13 +413,18 @@ class TracingHooks(EngineHooks):
                   attributes: Mapping[str, Any]) -> None:
         values = {key: converted for key, value in attributes.items()
                   if (converted := _attribute(value)) is not None}
-        if step is None and name == _TOOL_CALL:
-            self._tool_calls[run_id] = values  # its span comes with the child's start
+        if step is None and name == _TOOL_CALL:  # its span comes with the child's start
+            self._tool_calls.setdefault(run_id, {})[_current_task()] = values
             return
         if step is None and name == _TOOL_RESULT:
-            self._tool_calls.pop(run_id, None)
+            calls = self._tool_calls.get(run_id)
+            if calls:  # the child never started (its start failed)
+                calls.pop(_current_task(), None)
+                if not calls:
+                    del self._tool_calls[run_id]
             error_type = values.get("error.type")
-            self._end_tool(run_id, str(error_type) if error_type is not None else None)
+            self._end_tool(run_id, str(values.get("gen_ai.tool.call.id", "")),
+                           str(error_type) if error_type is not None else None)
             return
         if step is not None:
             spans = self._live(step, keep=True)
