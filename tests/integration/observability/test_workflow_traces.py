@@ -7,7 +7,10 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
+import pytest
+from opentelemetry import context as otel_context
 from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from garrison import Context, EngineHooks, Garrison, RunRecord, RunStatus
 from garrison.engine import annotate
@@ -327,3 +330,40 @@ async def test_a_step_whose_result_cannot_be_stored_is_reported_failed(
     assert dict(span.attributes or {})["error.type"] == "SerializationError"
     assert {key for key, _ in metrics.step_durations.snapshot()} == {("opaque", "failed")}
     assert events.seen == ["failed retry=False", "committed"]  # as any journaled failure
+
+
+@pytest.mark.parametrize("traceparent", [
+    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",  # well formed: continued
+    "00-0af7651916cd43dd8448eb211c80319c-zzzz6b7169203331-01",  # malformed: a new trace
+    "not a header at all",
+])
+async def test_an_inbound_traceparent_is_continued_or_if_malformed_starts_a_new_trace(
+        tmp_path: Path, telemetry: Telemetry, traceparent: str) -> None:
+    """A service extracts the caller's header (OpenTelemetry's W3C propagator, as its
+    HTTP instrumentation does) and starts a run under it."""
+    app = Garrison(f"sqlite:///{tmp_path}/g.db")
+
+    @app.workflow(name="inbound")
+    async def inbound(ctx: Context) -> str:
+        return "served"
+
+    telemetry.attach(app)
+    inbound_context = TraceContextTextMapPropagator().extract({"traceparent": traceparent})
+    async with app:
+        token = otel_context.attach(inbound_context)
+        try:
+            handle = await app.start(inbound, run_id="in-1")
+        finally:
+            otel_context.detach(token)
+        assert await handle.result(timeout=10) == "served"
+
+    start = telemetry.one("start_workflow inbound")
+    segment = telemetry.one("invoke_workflow inbound")
+    assert segment.parent is not None and segment.parent.span_id == start.context.span_id
+    assert segment.context.trace_id == start.context.trace_id
+    if traceparent.startswith("00-0af7651916cd43dd8448eb211c80319c-b7ad"):
+        assert start.parent is not None and start.parent.span_id == 0xb7ad6b7169203331
+        assert start.context.trace_id == 0x0af7651916cd43dd8448eb211c80319c
+    else:
+        assert start.parent is None  # a root: the header is ignored, the run goes on
+        assert start.context.trace_id != 0x0af7651916cd43dd8448eb211c80319c
