@@ -34,7 +34,7 @@ from garrison.errors import (
     WorkflowConflictError,
     WorkflowError,
 )
-from garrison.store import RunRecord, RunStatus, Store, StreamRecord, open_store
+from garrison.store import ClaimReason, RunRecord, RunStatus, Store, StreamRecord, open_store
 
 __all__ = ["Garrison"]
 
@@ -457,6 +457,7 @@ class Garrison:
             status=RunStatus.RUNNING if local else RunStatus.PENDING, inputs=inputs,
             created_at=now, updated_at=now, owner=self.worker_id if local else None,
             fence=1 if local else 0, started_at=now if local else None,
+            claim_reason=ClaimReason.START if local else None,  # claimed as it is made
             parent_run_id=parent[0] if parent else None,
             parent_position=parent[1] if parent else None,
             queue=options.queue.name, priority=options.priority,

@@ -188,10 +188,10 @@ class TracingHooks(EngineHooks):
         derived = parent is None and run.trace_context is None
         if derived:  # started untraced: a parent made from the run id, one per run
             parent = derived_context(run.run_id)
-        if replayed is not None:
-            attributes["garrison.run.replayed_entries"] = replayed
         if run.claim_reason is not None:
             attributes["garrison.run.claim_reason"] = run.claim_reason.value
+        if replayed is not None:
+            attributes["garrison.run.replayed_entries"] = replayed
             if parent is not None and not derived:  # no link to a span never made
                 links.append(Link(trace.get_current_span(parent).get_span_context(),
                                   {"garrison.link": "run_started_from"}))

@@ -56,13 +56,16 @@ def _queue_filter(queues: Sequence[str] | None) -> tuple[str, list[Any]]:
 
 
 # The claim reason and previous owner are read off the row being replaced: a SET
-# expression sees the row as it was (`ClaimReason`; the `?` in it is the claimer).
+# expression sees the row as it was (`ClaimReason`; the `?` in it is the claimer). A
+# lease of 0 is the SQLite store's mark of a run whose process is gone (set at open):
+# abandoned, even if this worker has the same id as the one that died.
 _TAKE = (
     "UPDATE runs SET status = 'RUNNING', owner = ?, fence = fence + 1, lease_until = ?, "
     "wake_at = NULL, updated_at = ?, previous_owner = owner, claim_reason = CASE "
     "WHEN status = 'WAITING' THEN 'wake_up' WHEN status <> 'RUNNING' THEN 'start' "
-    "WHEN owner = ? THEN 'retry' WHEN lease_until IS NULL THEN 'handed_back' "
-    "ELSE 'abandoned' END{started} WHERE run_id IN ({subquery}) "
+    "WHEN lease_until = 0 THEN 'abandoned' WHEN owner = ? THEN 'retry' "
+    "WHEN lease_until IS NULL THEN 'handed_back' ELSE 'abandoned' END{started} "
+    "WHERE run_id IN ({subquery}) "
     f"RETURNING {RUN_COLUMNS}"
 )
 

@@ -443,10 +443,11 @@ class SQLiteStore(LeaseBook):
         def op(conn: sqlite3.Connection) -> None:
             # This process holds the file's one worker lock: every earlier worker is gone,
             # so their leases end now (no need to wait for them to run out).
-            # A run still leased was abandoned (its process died holding it); a run
-            # handed back has no lease. Both are claimable at once.
+            # A run still owned was abandoned (its process died holding it: lease 0
+            # marks it so for the claim, `_claims`); a run handed back has no owner.
+            # Both are claimable at once.
             conn.execute("UPDATE runs SET lease_until = 0 WHERE status = 'RUNNING' "
-                         "AND lease_until IS NOT NULL")
+                         "AND (lease_until IS NOT NULL OR owner IS NOT NULL)")
 
         await self._write(op)
 

@@ -102,8 +102,31 @@ async def test_a_woken_run_is_resumed_but_not_recovered(db_url: str,
     assert stored is not None and stored.claim_reason is ClaimReason.WAKE_UP
     segments = sorted(telemetry.named("invoke_workflow napper"), key=lambda s: s.start_time or 0)
     assert [dict(s.attributes or {}).get("garrison.run.claim_reason") for s in segments] == [
-        None, "wake_up"]
+        "start", "wake_up"]  # claimed as it was made, then woken
+    assert [bool(s.links) for s in segments] == [False, True]  # a resume links, a start not
     assert not [e for s in segments for e in s.events if e.name == "garrison.run.recovered"]
     exposition = generate_latest(instrumentation.registry).decode()
     assert recovered_samples(exposition) == []
     assert 'garrison_runs_resumed_total{workflow="napper"} 1.0' in exposition
+
+
+async def test_a_first_start_claimed_from_a_queue_is_a_start_with_no_link(
+        tmp_path: Path, telemetry: Telemetry) -> None:
+    app = Garrison(f"sqlite:///{tmp_path}/g.db", worker_id="w-1")
+    app.queue("limited", concurrency=2)  # a limited queue's runs wait for a claim
+
+    @app.workflow(name="queued")
+    async def queued(ctx: Context) -> str:
+        return "ok"
+
+    telemetry.attach(app)
+    async with app:
+        handle = await app.start(queued, run_id="q-1", queue="limited")
+        assert await handle.result(timeout=10) == "ok"
+
+    segment = telemetry.one("invoke_workflow queued")
+    attributes = dict(segment.attributes or {})
+    assert (attributes["garrison.run.resumed"], attributes["garrison.run.claim_reason"]) == (
+        False, "start")
+    assert not segment.links and not [e for e in segment.events
+                                      if e.name == "garrison.run.recovered"]

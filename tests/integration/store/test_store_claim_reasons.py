@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from garrison.store import ClaimReason, QueueLimits, RunStatus, Store, open_store
 from garrison.store._schema import SCHEMA_VERSION
 from tests.integration.store.test_store_contract import make_run
@@ -97,6 +99,31 @@ async def test_sqlite_reopened_after_its_worker_died_finds_held_runs_abandoned(
         await second.register_worker("w2")
         assert await _claim_due(second) == [("held", ClaimReason.ABANDONED, "w1"),
                                             ("released", ClaimReason.HANDED_BACK, None)]
+    finally:
+        await second.close()
+
+
+@pytest.mark.parametrize("left", ["leased", "owned_unleased"])
+async def test_sqlite_reopened_by_a_worker_of_the_same_id_still_finds_them_abandoned(
+        tmp_path: object, left: str) -> None:
+    """A restarted worker keeping its id is not the one that died ("retry" is for a
+    worker's own failed write); a row an older open left owned without a lease too."""
+    url = f"sqlite:///{tmp_path}/died.db"
+    first = open_store(url)
+    await first.open()
+    await first.register_worker("w1", lease_ttl_s=3_600)
+    if left == "leased":
+        await first.create_run(make_run("held"))
+        await first.claim_queued(ALL, 1, workflows=None)
+    else:
+        await first.create_run(make_run("held", status=RunStatus.RUNNING, owner="w1"))
+    await first.close()
+
+    second = open_store(url)
+    await second.open()
+    try:
+        await second.register_worker("w1")
+        assert await _claim_due(second) == [("held", ClaimReason.ABANDONED, "w1")]
     finally:
         await second.close()
 
