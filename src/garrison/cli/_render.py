@@ -175,10 +175,14 @@ def timeline_table(run: RunRecord, steps: list[StepRecord]) -> Table:
         workers = ", ".join(f"{label} = {text(worker)}" for worker, label in labels.items())
         caption.append(("tokens: in/out; " if agentic else "") + f"workers: {workers}"
                        + (f"; resumed {resumes}x" if resumes else ""))
-    if run.claim_reason is not None and run.claim_reason.is_recovery:
-        previous = run.previous_owner
-        caption.append(f"last claim: recovered, {run.claim_reason.value.replace('_', ' ')}"
-                       + (f" by {labels.get(previous) or text(previous)}" if previous else ""))
+    if run.recoveries:  # taken over while RUNNING; the reason is known for the last one
+        note = f"recovered {run.recoveries}x"
+        if run.claim_reason is not None and run.claim_reason.is_recovery:
+            previous = run.previous_owner
+            note += (f" (last: {run.claim_reason.value.replace('_', ' ')}"
+                     + (f" by {labels.get(previous) or text(previous)}" if previous else "")
+                     + ")")
+        caption.append(note)
     if caption:
         table.caption = "; ".join(caption)
         table.caption_justify = "left"
@@ -193,7 +197,7 @@ def run_json(run: RunRecord, steps: list[StepRecord] | None = None) -> dict[str,
         "queue": run.queue, "priority": run.priority, "partition_key": run.partition_key,
         "started_at": run.started_at, "owner": run.owner, "fence": run.fence,
         "claim_reason": run.claim_reason.value if run.claim_reason else None,
-        "previous_owner": run.previous_owner,
+        "previous_owner": run.previous_owner, "recoveries": run.recoveries,
         "inputs": json.loads(run.inputs),
         "result": json.loads(run.result) if run.result else None,
         "error": json.loads(run.error) if run.error else None,

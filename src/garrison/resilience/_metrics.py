@@ -21,8 +21,9 @@ _ENDED = ("COMPLETED", "FAILED", "CANCELLED", "QUARANTINED")
 @dataclass(slots=True)
 class WorkflowFigures:
     """Runs of one workflow. `success_rate`: completed / ended (None before any ended);
-    `recovered`: runs claimed more than once (resumed after a worker died, was stopped,
-    or a redrive); `mean_duration_s`: of the ended runs."""
+    `recovered`: runs taken over at least once while RUNNING (their worker died, was
+    stopped, or a write of theirs failed: `RunRecord.recoveries`; a wake-up or a
+    redrive is not one); `mean_duration_s`: of the ended runs."""
 
     runs: int = 0
     by_status: dict[str, int] = field(default_factory=dict)

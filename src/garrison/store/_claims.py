@@ -61,7 +61,8 @@ def _queue_filter(queues: Sequence[str] | None) -> tuple[str, list[Any]]:
 # abandoned, even if this worker has the same id as the one that died.
 _TAKE = (
     "UPDATE runs SET status = 'RUNNING', owner = ?, fence = fence + 1, lease_until = ?, "
-    "wake_at = NULL, updated_at = ?, previous_owner = owner, claim_reason = CASE "
+    "wake_at = NULL, updated_at = ?, previous_owner = owner, recoveries = recoveries + "
+    "CASE WHEN status = 'RUNNING' THEN 1 ELSE 0 END, claim_reason = CASE "
     "WHEN status = 'WAITING' THEN 'wake_up' WHEN status <> 'RUNNING' THEN 'start' "
     "WHEN lease_until = 0 THEN 'abandoned' WHEN owner = ? THEN 'retry' "
     "WHEN lease_until IS NULL THEN 'handed_back' ELSE 'abandoned' END{started} "

@@ -114,6 +114,7 @@ class RunRecord:
     forked_at: int | None = None  # ... up to this top-level position (its `at_step`)
     claim_reason: ClaimReason | None = None  # set by each claim (None until claimed)
     previous_owner: str | None = None  # the owner before the last claim, if any
+    recoveries: int = 0  # claims that were recoveries (`ClaimReason.is_recovery`)
 
 
 @dataclass(frozen=True, slots=True)

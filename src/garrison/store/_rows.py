@@ -75,7 +75,7 @@ RUN_COLUMNS = (
     "tenant_id, result, error, parent_run_id, parent_position, queue, completed_at, "
     "wake_at, deadline_at, trace_context, cancel_requested, owner, priority, partition_key, "
     "dedup_id, fence, lease_until, started_at, forked_from, forked_at, claim_reason, "
-    "previous_owner"
+    "previous_owner, recoveries"
 )
 STEP_COLUMNS = (
     "run_id, position, kind, name, status, started_at, arity, inputs, output, error, "
@@ -93,7 +93,7 @@ def run_from_row(row: Sequence[Any]) -> RunRecord:
         owner=row[18], priority=row[19], partition_key=row[20], dedup_id=row[21],
         fence=row[22], lease_until=row[23], started_at=row[24], forked_from=row[25],
         forked_at=row[26], claim_reason=ClaimReason(row[27]) if row[27] else None,
-        previous_owner=row[28],
+        previous_owner=row[28], recoveries=row[29],
     )
 
 
@@ -114,6 +114,7 @@ def run_values(run: RunRecord) -> tuple[Any, ...]:
         run.deadline_at, run.trace_context, int(run.cancel_requested), run.owner,
         run.priority, run.partition_key, run.dedup_id, run.fence, run.lease_until,
         run.started_at, run.forked_from, run.forked_at, run.claim_reason, run.previous_owner,
+        run.recoveries,
     )
 
 
@@ -128,7 +129,7 @@ def step_values(step: StepRecord) -> tuple[Any, ...]:
 # No conflict target: a taken run id and a taken (queue, dedup id) both insert nothing;
 # the caller then tells which it was (`dedup_conflict`).
 INSERT_RUN = (
-    f"INSERT INTO runs ({RUN_COLUMNS}) VALUES ({', '.join('?' * 29)}) "
+    f"INSERT INTO runs ({RUN_COLUMNS}) VALUES ({', '.join('?' * 30)}) "
     "ON CONFLICT DO NOTHING"
 )
 SELECT_RUN = f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?"
@@ -243,7 +244,7 @@ REDRIVE_RUN = (
 # journaled steps by name and status, since a creation time.
 RUN_COUNTS = (
     "SELECT workflow_name, status, count(*), avg(completed_at - created_at), "
-    "sum(CASE WHEN fence > 1 THEN 1 ELSE 0 END) FROM runs WHERE created_at >= ? "
+    "sum(CASE WHEN recoveries > 0 THEN 1 ELSE 0 END) FROM runs WHERE created_at >= ? "
     "GROUP BY workflow_name, status"
 )
 STEP_COUNTS = (

@@ -146,10 +146,12 @@ CREATE INDEX IF NOT EXISTS runs_forked_from ON runs (forked_from) WHERE forked_f
 
 # How a run's current owner came to hold it, written by each claim from the row it
 # replaced (docs/decisions/0014-claim-reason-stored-with-the-run.md): `claim_reason`
-# (start, wake_up, abandoned, handed_back, retry) and the owner before it.
+# (start, wake_up, abandoned, handed_back, retry), the owner before it, and how many
+# claims were recoveries (of a RUNNING run).
 _V6 = """
 ALTER TABLE runs ADD COLUMN claim_reason TEXT;
 ALTER TABLE runs ADD COLUMN previous_owner TEXT;
+ALTER TABLE runs ADD COLUMN recoveries INTEGER NOT NULL DEFAULT 0;
 """
 
 _DIALECTS = {

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from garrison import Context, Garrison
 from garrison.cli import app as cli
+from garrison.resilience import reliability
 from garrison.store import ClaimReason
 from tests.integration.observability._killed_worker import build
 from tests.integration.observability.conftest import Telemetry
@@ -57,9 +58,11 @@ async def test_a_run_of_a_killed_worker_is_recovered_and_says_so(
     async with rescuer:
         assert await rescuer.handle("r-1").result(timeout=30) == "held"
         stored = await rescuer.store.get_run("r-1")
+        figures = await reliability(rescuer.store)
 
     assert stored is not None
     assert (stored.claim_reason, stored.previous_owner) == (ClaimReason.ABANDONED, "w-killed")
+    assert stored.recoveries == 1 and figures.workflows["recover"].recovered == 1
     [segment] = telemetry.named("invoke_workflow recover")
     attributes = dict(segment.attributes or {})
     assert attributes["garrison.run.resumed"] is True
@@ -78,11 +81,12 @@ async def test_a_run_of_a_killed_worker_is_recovered_and_says_so(
                                     ["runs", "show", "r-1", "--db", db_url, "--json"])
     assert shown.exit_code == 0, shown.output
     body = json.loads(shown.output)
-    assert (body["claim_reason"], body["previous_owner"]) == ("abandoned", "w-killed")
+    assert (body["claim_reason"], body["previous_owner"], body["recoveries"]) == (
+        "abandoned", "w-killed", 1)
     table = await asyncio.to_thread(CliRunner().invoke, cli,
                                     ["runs", "show", "r-1", "--db", db_url])
     caption = " ".join(table.output.split())
-    assert "w1 = w-killed" in caption and "last claim: recovered, abandoned by w1" in caption
+    assert "w1 = w-killed" in caption and "recovered 1x (last: abandoned by w1)" in caption
 
 
 async def test_a_woken_run_is_resumed_but_not_recovered(db_url: str,
@@ -98,8 +102,11 @@ async def test_a_woken_run_is_resumed_but_not_recovered(db_url: str,
     async with app:
         assert await (await app.start(napper, run_id="n-1")).result(timeout=30) == "rested"
         stored = await app.store.get_run("n-1")
+        figures = await reliability(app.store)
 
     assert stored is not None and stored.claim_reason is ClaimReason.WAKE_UP
+    assert stored.fence == 2  # claimed twice, but never taken over while RUNNING
+    assert stored.recoveries == 0 and figures.workflows["napper"].recovered == 0
     segments = sorted(telemetry.named("invoke_workflow napper"), key=lambda s: s.start_time or 0)
     assert [dict(s.attributes or {}).get("garrison.run.claim_reason") for s in segments] == [
         "start", "wake_up"]  # claimed as it was made, then woken

@@ -51,6 +51,21 @@ async def test_a_run_whose_owner_lease_ran_out_is_abandoned(store: Store) -> Non
     assert await _claim_due(store) == [("r1", ClaimReason.ABANDONED, "w1")]
     run = await store.get_run("r1")
     assert run is not None and run.owner == "w2" and run.claim_reason.is_recovery  # type: ignore[union-attr]
+    assert run.recoveries == 1
+
+
+async def test_only_claims_of_a_running_run_count_as_recoveries(store: Store) -> None:
+    await store.register_worker("w1")
+    await store.create_run(make_run("r1"))
+    await store.claim_queued(ALL, 1, workflows=None)  # start
+    await store.park_run("r1", 1_500.0, [])
+    await _claim_due(store, now=2_000.0)  # wake-up
+    await store.release_runs(None)
+    await _claim_due(store)  # handed back: 1
+    await store.claim_run("r1", now=0.0, mine=True)  # retry: 2
+
+    run = await store.get_run("r1")
+    assert run is not None and (run.fence, run.recoveries) == (4, 2)
 
 
 async def test_a_run_handed_back_by_a_stopping_worker_is_handed_back(store: Store) -> None:
