@@ -58,10 +58,14 @@ def _queue_filter(queues: Sequence[str] | None) -> tuple[str, list[Any]]:
 # The claim reason and previous owner are read off the row being replaced: a SET
 # expression sees the row as it was (`ClaimReason`; the `?` in it is the claimer). A
 # lease of 0 is the SQLite store's mark of a run whose process is gone (set at open):
-# abandoned, even if this worker has the same id as the one that died.
+# abandoned, even if this worker has the same id as the one that died. A run handed
+# back or parked has no owner: the worker that let it go is in `previous_owner` already
+# (`RELEASE_RUNS`, `PARK_RUN`). A start has none.
 _TAKE = (
     "UPDATE runs SET status = 'RUNNING', owner = ?, fence = fence + 1, lease_until = ?, "
-    "wake_at = NULL, updated_at = ?, previous_owner = owner, recoveries = recoveries + "
+    "wake_at = NULL, updated_at = ?, previous_owner = CASE WHEN status IN "
+    "('RUNNING', 'WAITING') THEN COALESCE(owner, previous_owner) END, "
+    "recoveries = recoveries + "
     "CASE WHEN status = 'RUNNING' THEN 1 ELSE 0 END, claim_reason = CASE "
     "WHEN status = 'WAITING' THEN 'wake_up' WHEN status <> 'RUNNING' THEN 'start' "
     "WHEN lease_until = 0 THEN 'abandoned' WHEN owner = ? THEN 'retry' "

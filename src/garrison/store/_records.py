@@ -113,7 +113,7 @@ class RunRecord:
     forked_from: str | None = None  # `app.fork`: the run whose journal this one reuses
     forked_at: int | None = None  # ... up to this top-level position (its `at_step`)
     claim_reason: ClaimReason | None = None  # set by each claim (None until claimed)
-    previous_owner: str | None = None  # the owner before the last claim, if any
+    previous_owner: str | None = None  # who held it, or last let it go, before the claim
     recoveries: int = 0  # claims that were recoveries (`ClaimReason.is_recovery`)
 
 

@@ -180,8 +180,11 @@ def top_position(position: str | None) -> int:
 
 # Hand-back: runs of this worker (all of them when no ids are given: also those a claim
 # still in flight at the stop commits just before) go back to nobody, still RUNNING.
+# The worker is kept as `previous_owner` (a NULL owner means "nobody holds it"), for the
+# next claim to report (`_claims`).
 RELEASE_RUNS = (
-    "UPDATE runs SET owner = NULL, lease_until = NULL WHERE owner = ? AND status = 'RUNNING'"
+    "UPDATE runs SET previous_owner = owner, owner = NULL, lease_until = NULL "
+    "WHERE owner = ? AND status = 'RUNNING'"
 )
 
 
@@ -194,10 +197,11 @@ def release_filter(run_ids: Sequence[str] | None) -> tuple[str, list[str]]:
 # The wake-up of a parked run that an event or a cancellation makes due: "at once",
 # whatever the sender's clock says (hosts disagree; the claimer compares its own now).
 DUE_NOW = 0.0
-# Parking: a run whose cancellation was asked meanwhile is due at once.
+# Parking: a run whose cancellation was asked meanwhile is due at once. The parking
+# worker is kept as `previous_owner`, as at a hand-back.
 PARK_RUN = (
     "UPDATE runs SET status = 'WAITING', wake_at = CASE WHEN cancel_requested = 1 THEN 0 "
-    "ELSE ? END, updated_at = ?, owner = NULL, lease_until = NULL "
+    "ELSE ? END, updated_at = ?, previous_owner = owner, owner = NULL, lease_until = NULL "
     f"WHERE run_id = ? AND status NOT IN {TERMINAL_SQL}"
 )
 

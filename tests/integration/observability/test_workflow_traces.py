@@ -174,9 +174,9 @@ async def test_a_run_resumed_by_another_app_continues_the_same_trace(
     assert [link.context.span_id for link in after.links] == [start.context.span_id]
     assert [e.name for e in after.events][:2] == ["garrison.run.resumed",
                                                   "garrison.run.recovered"]
-    # a graceful close hands the run back: a recovery, with no owner left to name
+    # a graceful close hands the run back: a recovery, naming the worker that stopped
     assert dict(after.events[1].attributes or {}) == {
-        "garrison.run.claim_reason": "handed_back"}
+        "garrison.run.claim_reason": "handed_back", "garrison.run.previous_worker": "w-first"}
     assert a["garrison.run.claim_reason"] == "handed_back"
     # prepare ran once (in the first segment); slow twice: interrupted, then completed
     assert len(telemetry.named("step prepare")) == 1

@@ -40,7 +40,8 @@ async def test_a_woken_parked_run_is_a_wake_up(store: Store) -> None:
     await store.claim_queued(ALL, 1, workflows=None)
     await store.park_run("r1", 1_500.0, [])
 
-    assert await _claim_due(store, now=2_000.0) == [("r1", ClaimReason.WAKE_UP, None)]
+    # the worker that parked it
+    assert await _claim_due(store, now=2_000.0) == [("r1", ClaimReason.WAKE_UP, "w1")]
 
 
 async def test_a_run_whose_owner_lease_ran_out_is_abandoned(store: Store) -> None:
@@ -73,8 +74,24 @@ async def test_a_run_handed_back_by_a_stopping_worker_is_handed_back(store: Stor
     await store.create_run(make_run("r1"))
     await store.claim_queued(ALL, 1, workflows=None)
     await store.release_runs(None)
+    released = await store.get_run("r1")
+    assert released is not None and released.owner is None  # nobody holds it
 
-    assert await _claim_due(store) == [("r1", ClaimReason.HANDED_BACK, None)]
+    # the worker that handed it back
+    assert await _claim_due(store) == [("r1", ClaimReason.HANDED_BACK, "w1")]
+
+
+async def test_a_redriven_run_starts_again_with_no_previous_owner(store: Store) -> None:
+    await store.register_worker("w1")
+    await store.create_run(make_run("r1"))
+    await store.claim_queued(ALL, 1, workflows=None)
+    await store.finish_run("r1", RunStatus.QUARANTINED, result=None, error=None,
+                           completed_at=1.0)
+    await store.redrive_run("r1", now=2.0)
+
+    [run] = await store.claim_queued(ALL, 1, workflows=None)
+
+    assert (run.claim_reason, run.previous_owner) == (ClaimReason.START, None)
 
 
 async def test_a_run_taken_again_by_its_own_worker_is_a_retry(store: Store) -> None:
@@ -113,7 +130,7 @@ async def test_sqlite_reopened_after_its_worker_died_finds_held_runs_abandoned(
     try:
         await second.register_worker("w2")
         assert await _claim_due(second) == [("held", ClaimReason.ABANDONED, "w1"),
-                                            ("released", ClaimReason.HANDED_BACK, None)]
+                                            ("released", ClaimReason.HANDED_BACK, "w1")]
     finally:
         await second.close()
 
