@@ -156,10 +156,13 @@ async def test_run_deadline_is_seen_by_steps_and_ends_the_run(db_url: str,
                                                                 clock: FakeClock) -> None:
     app = Garrison(db_url, clock=clock)
     seen: list[float | None] = []
+    both_looked = asyncio.Event()
 
     @app.step(name="look")
     async def look() -> None:
         seen.append(remaining())
+        if len(seen) == 2:
+            both_looked.set()
 
     @app.workflow(name="child")
     async def child(ctx: Context) -> None:
@@ -173,7 +176,8 @@ async def test_run_deadline_is_seen_by_steps_and_ends_the_run(db_url: str,
 
     async with app:
         handle = await app.start(w)
-        await asyncio.sleep(0.2)
+        # both steps ran before the clock moves (a fixed wait flaked under load)
+        await asyncio.wait_for(both_looked.wait(), timeout=10)
         clock.advance(61)
         with pytest.raises(WorkflowFailed, match="DeadlineExceeded"):
             await handle.result(timeout=10)

@@ -11,6 +11,8 @@ from garrison.resilience import Child, CircuitBreaker, Retry, RetryBudget, Super
 from garrison.resilience._breaker import CLOSED, HALF_OPEN, OPEN
 from garrison.testing import FakeClock
 
+from ._support import ParkWatch
+
 
 class _Clock:
     def __init__(self) -> None:
@@ -235,7 +237,8 @@ async def test_remaining_read_by_workflow_code_replays_identically(db_url: str) 
     from garrison import remaining
 
     clock = FakeClock()
-    app = Garrison(db_url, clock=clock)
+    watch = ParkWatch()
+    app = Garrison(db_url, clock=clock, hooks=[watch])
     took: list[str] = []
 
     @app.step(name="thorough")
@@ -257,10 +260,8 @@ async def test_remaining_read_by_workflow_code_replays_identically(db_url: str) 
 
     async with app:
         handle = await app.start(w, run_id="r")  # type: ignore[arg-type]
-        async with asyncio.timeout(8):
-            while not took:  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
-        await asyncio.sleep(0.1)
+        await watch.parked("r", timeout_s=8)  # in its sleep (a fixed wait could flake)
+        assert took == ["thorough"]
         clock.advance(60)
         assert await handle.result(timeout=8) == "thorough"
 
