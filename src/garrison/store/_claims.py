@@ -56,11 +56,14 @@ def _queue_filter(queues: Sequence[str] | None) -> tuple[str, list[Any]]:
 
 
 # The claim reason and previous owner are read off the row being replaced: a SET
-# expression sees the row as it was (`ClaimReason`; the `?` in it is the claimer). A
-# lease of 0 is the SQLite store's mark of a run whose process is gone (set at open):
-# abandoned, even if this worker has the same id as the one that died. A run handed
-# back or parked has no owner: the worker that let it go is in `previous_owner` already
-# (`RELEASE_RUNS`, `PARK_RUN`). A start has none.
+# expression sees the row as it was (`ClaimReason`; the `?`s in it are the claimer and
+# the time). A lease of 0 is the SQLite store's mark of a run whose process is gone (set
+# at open): abandoned, even if this worker has the same id as the one that died. A retry
+# is a worker taking again a run it still holds (its lease live: a resume after a failed
+# write); a run whose lease ran out is abandoned whoever claims it, a new process given
+# the dead one's `worker_id` included. A run handed back or parked has no owner: the
+# worker that let it go is in `previous_owner` already (`RELEASE_RUNS`, `PARK_RUN`). A
+# start has none.
 _TAKE = (
     "UPDATE runs SET status = 'RUNNING', owner = ?, fence = fence + 1, lease_until = ?, "
     "wake_at = NULL, updated_at = ?, previous_owner = CASE WHEN status IN "
@@ -68,7 +71,7 @@ _TAKE = (
     "recoveries = recoveries + "
     "CASE WHEN status = 'RUNNING' THEN 1 ELSE 0 END, claim_reason = CASE "
     "WHEN status = 'WAITING' THEN 'wake_up' WHEN status <> 'RUNNING' THEN 'start' "
-    "WHEN lease_until = 0 THEN 'abandoned' WHEN owner = ? THEN 'retry' "
+    "WHEN lease_until = 0 THEN 'abandoned' WHEN owner = ? AND lease_until >= ? THEN 'retry' "
     "WHEN lease_until IS NULL THEN 'handed_back' ELSE 'abandoned' END{started} "
     "WHERE run_id IN ({subquery}) "
     f"RETURNING {RUN_COLUMNS}"
@@ -98,7 +101,7 @@ def claim_due(dialect: Dialect, worker_id: str, *, now: float, wall: float,
     )
     rows = yield (
         _TAKE.format(started="", subquery=subquery),
-        [worker_id, lease_until, wall, worker_id, now, wall, *queue_params, *wf_params,
+        [worker_id, lease_until, wall, worker_id, wall, now, wall, *queue_params, *wf_params,
          min(limit, _DUE_BATCH)],
     )
     return [run_from_row(r) for r in rows]
@@ -117,7 +120,7 @@ def claim_one(dialect: Dialect, worker_id: str, run_id: str, *, now: float, wall
     )
     rows = yield (
         _TAKE.format(started="", subquery=subquery),
-        [worker_id, lease_until, wall, worker_id, run_id, wall,
+        [worker_id, lease_until, wall, worker_id, wall, run_id, wall,
          *([worker_id] if mine else [])],
     )
     return [run_from_row(r) for r in rows]
@@ -163,7 +166,7 @@ def claim_queued(dialect: Dialect, worker_id: str, limits: QueueLimits, slots: i
                 f"AND status = 'PENDING'{dialect.skip_locked}")
     rows = yield (
         _TAKE.format(started=", started_at = ?", subquery=subquery),
-        [worker_id, lease_until, wall, worker_id, wall, *chosen],
+        [worker_id, lease_until, wall, worker_id, wall, wall, *chosen],
     )
     turn = {run_id: i for i, run_id in enumerate(chosen)}  # RETURNING has no order
     return sorted((run_from_row(r) for r in rows), key=lambda run: turn[run.run_id])

@@ -106,6 +106,31 @@ async def test_a_run_taken_again_by_its_own_worker_is_a_retry(store: Store) -> N
     assert run.fence == 2
 
 
+async def test_a_run_whose_lease_ran_out_is_abandoned_even_for_its_own_worker_id(
+        store: Store) -> None:
+    """A new process given the dead one's `worker_id` (a pod's stable name), or a worker
+    whose loop stalled past its lease: the lease ran out, so the run was abandoned, not
+    retried (a retry is a worker taking again a run it still holds)."""
+    await store.create_run(dataclasses.replace(  # by a process that then died
+        make_run("r1", status=RunStatus.RUNNING, owner="w1"), lease_until=1.0))
+    await store.register_worker("w1")  # the new one, under the same id
+
+    assert await _claim_due(store) == [("r1", ClaimReason.ABANDONED, "w1")]
+    run = await store.get_run("r1")
+    assert run is not None and run.owner == "w1" and run.recoveries == 1
+
+
+async def test_a_claim_of_its_own_expired_run_by_run_id_is_abandoned(store: Store) -> None:
+    await store.create_run(dataclasses.replace(  # by a process that then died
+        make_run("r1", status=RunStatus.RUNNING, owner="w1"), lease_until=1.0))
+    await store.register_worker("w1")  # the new one, under the same id
+
+    run = await store.claim_run("r1", now=0.0, mine=True)
+
+    assert run is not None and (run.claim_reason, run.previous_owner) == (
+        ClaimReason.ABANDONED, "w1")
+
+
 async def test_a_claim_to_cancel_a_run_never_started_is_a_start(store: Store) -> None:
     await store.register_worker("w1")
     await store.create_run(dataclasses.replace(make_run("r1"), cancel_requested=True))
