@@ -56,6 +56,55 @@ def test_a_histogram_exposes_what_prometheus_client_would(
     assert _samples(ours) == pytest.approx(_samples(theirs))  # `_created` samples too
 
 
+def _exemplars(registry: CollectorRegistry) -> dict[tuple[str, str], tuple[object, float]]:
+    from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
+    from prometheus_client.openmetrics.parser import (
+        text_string_to_metric_families as parse_openmetrics,
+    )
+    text = openmetrics(registry).decode()
+    return {(s.name, repr(sorted(s.labels.items()))): (s.exemplar.labels, s.exemplar.value)
+            for family in parse_openmetrics(text) for s in family.samples
+            if s.exemplar is not None}
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(LABELS, st.floats(0, 50, allow_nan=False), st.booleans()),
+                max_size=30))
+def test_exemplars_are_the_latest_per_bucket_as_prometheus_client_keeps_them(
+        values: list[tuple[str, float, bool]]) -> None:
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    buckets = Buckets("h_seconds", "Doc.", ["step"], BOUNDS)
+    ours.register(PrometheusView([], [buckets]))
+    reference = Histogram("h_seconds", "Doc.", ["step"], registry=theirs, buckets=BOUNDS)
+    for i, (label, value, marked) in enumerate(values):
+        mark = {"trace_id": f"{i:032x}"} if marked else None
+        buckets.observe((label,), value, mark)
+        reference.labels(label).observe(value, exemplar=mark)
+
+    assert _exemplars(ours) == _exemplars(theirs)
+
+
+def test_merged_histograms_keep_each_buckets_latest_exemplar(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    ticks = iter(range(1_000, 2_000))  # a clock that always moves on
+    monkeypatch.setattr("garrison.observability._tallies.time.time", lambda: next(ticks))
+    first = Buckets("h_seconds", "Doc.", ["step"], BOUNDS)
+    second = Buckets("h_seconds", "Doc.", ["step"], BOUNDS)
+    first.observe(("a",), 0.05, {"trace_id": "1" * 32})
+    second.observe(("a",), 0.06, {"trace_id": "2" * 32})  # later, same bucket
+    second.observe(("a",), 5.0, {"trace_id": "3" * 32})
+    first.observe(("a",), 6.0, {"trace_id": "4" * 32})  # later than second's 5.0
+    first.observe(("b",), 0.0001)  # no exemplar
+    registry = CollectorRegistry()
+    registry.register(PrometheusView([], [first.merged([first, second])]))
+
+    marks = {key: labels["trace_id"][0] for key, (labels, _) in  # type: ignore[index]
+             _exemplars(registry).items()}
+    assert marks == {("h_seconds_bucket", "[('le', '0.1'), ('step', 'a')]"): "2",
+                     ("h_seconds_bucket", "[('le', '10.0'), ('step', 'a')]"): "4"}
+    assert text_string_to_metric_families(generate_latest(registry).decode())  # 0.0.4 too
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(LABELS, LABELS, st.integers(1, 5)), max_size=40))
 def test_a_counter_exposes_what_prometheus_client_would(

@@ -14,6 +14,13 @@ wait. The values and their aggregation are the same. Such a measurement carries 
 exemplar: it is recorded under an empty context (a full queue is flushed from inside
 some run, whose span is no exemplar of the other values); model-call durations and
 tokens are recorded at once and keep theirs.
+
+Prometheus exemplars: a model call's duration and tokens, and a step attempt that did
+not complete (failed, retried, interrupted), mark their bucket with the trace and span
+current when the hook ran (the run segment's span) if that trace is sampled; the
+OpenMetrics exposition shows the latest per bucket (`Accept:
+application/openmetrics-text`), so a slow or failing bucket leads to a trace. Quick
+successful steps carry none: looking the span up at every step costs more than it tells.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from opentelemetry import context as otel_context
+from opentelemetry import trace
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -50,6 +58,15 @@ _STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
                  5.0, 10.0, 30.0, 60.0, 300.0)
 _UNKNOWN = "unknown"  # a run ended here without executing here (a cancel of a queued run)
 _FLUSH_AT = 2048  # step durations queued for OpenTelemetry before they are recorded anyway
+
+
+def _exemplar() -> dict[str, str] | None:
+    """The current span as a Prometheus exemplar's labels, if its trace is recorded (an
+    exemplar of a trace sampled out, or of no trace, would lead nowhere)."""
+    context = trace.get_current_span().get_span_context()
+    if not (context.is_valid and context.trace_flags.sampled):
+        return None
+    return {"trace_id": f"{context.trace_id:032x}", "span_id": f"{context.span_id:016x}"}
 
 
 class QueueDepth:
@@ -457,7 +474,8 @@ class MetricsHooks(EngineHooks):
             attributes = self._step_attributes[series] = {
                 "garrison.step.name": step.step_name, "garrison.step.status": status}
         self._record_later(self._otel.step.record, duration_s, attributes)
-        self.step_durations.observe(series, duration_s)
+        self.step_durations.observe(series, duration_s,
+                                    None if status == "completed" else _exemplar())
         if not self._annotations:
             return
         with self._lock:
@@ -480,8 +498,9 @@ class MetricsHooks(EngineHooks):
         if error_type is not None:
             timing["error.type"] = error_type
         self._otel.duration.record(duration_s, timing)
+        exemplar = _exemplar()
         self.call_durations.observe((operation, provider, model, error_type or ""),
-                                    duration_s)
+                                    duration_s, exemplar)
         if error_type is not None:
             return
         response_model = annotations.get("gen_ai.response.model")
@@ -492,7 +511,8 @@ class MetricsHooks(EngineHooks):
             count = annotations.get(key)
             if isinstance(count, int):
                 self._otel.tokens.record(count, {**common, "gen_ai.token.type": token_type})
-                self.token_usage.observe((operation, provider, model, token_type), count)
+                self.token_usage.observe((operation, provider, model, token_type), count,
+                                         exemplar)
         cost = annotations.get("garrison.gen_ai.cost_usd")
         if isinstance(cost, int | float) and cost > 0:
             self.cost.add((provider, model), float(cost))

@@ -10,7 +10,9 @@ through a copy made in one step under the GIL, so a reader never sees a dict cha
 size under it; a histogram's count is the sum of its buckets, so the two always agree.
 
 - `Tally`: a monotonic sum per label values (a counter).
-- `Buckets`: a histogram per label values, upper bounds inclusive (Prometheus's `le`).
+- `Buckets`: a histogram per label values, upper bounds inclusive (Prometheus's `le`),
+  with, per bucket, the latest exemplar given (a trace and span id: OpenMetrics
+  exposition shows it, so a slow bucket leads to a trace).
 - `PrometheusView`: a prometheus-client collector exposing tallies and buckets as
   counter and histogram families.
 """
@@ -25,6 +27,7 @@ from typing import cast
 from prometheus_client import metrics as prometheus_metrics
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 
 __all__ = ["Buckets", "PrometheusView", "Tally"]
@@ -76,6 +79,10 @@ class Tally:
         return total
 
 
+def _when(exemplar: Exemplar) -> float:
+    return float(exemplar.timestamp or 0.0)  # always set by `Buckets.observe`
+
+
 def _created_series() -> bool:
     """Whether `_created` samples are exposed: prometheus-client's
     `disable_created_metrics()` (or PROMETHEUS_DISABLE_CREATED_SERIES) turns them off."""
@@ -88,7 +95,8 @@ class Buckets:
     updated right after the bucket, with no call in between: under the GIL a reader
     sees count and sum agree."""
 
-    __slots__ = ("_width", "bounds", "created", "doc", "labels", "name", "series")
+    __slots__ = ("_width", "bounds", "created", "doc", "exemplars", "labels", "name",
+                 "series")
 
     def __init__(self, name: str, doc: str, labels: Sequence[str],
                  bounds: Sequence[float]) -> None:
@@ -101,19 +109,35 @@ class Buckets:
         self._width = len(self.bounds) + 1  # the buckets, +Inf included; then the sum
         self.series: dict[Key, list[float]] = {}
         self.created: dict[Key, float] = {}
+        # per series, per bucket index: the latest exemplar observed in it
+        self.exemplars: dict[Key, dict[int, Exemplar]] = {}
 
-    def observe(self, key: Key, value: float) -> None:
+    def observe(self, key: Key, value: float,
+                exemplar: dict[str, str] | None = None) -> None:
+        """Count `value` under `key`; `exemplar` (labels such as a trace id and span
+        id) becomes its bucket's exemplar, replacing the one before."""
         row = self.series.get(key)
         if row is None:
             self.created[key] = time.time()  # before the series: a reader sees both
             row = self.series[key] = [0] * (self._width + 1)
-        row[bisect_left(self.bounds, value)] += 1
+        index = bisect_left(self.bounds, value)
+        row[index] += 1
         row[-1] += value
+        if exemplar is not None:
+            self.exemplars.setdefault(key, {})[index] = Exemplar(exemplar, value,
+                                                                 time.time())
 
     def merged(self, parts: Iterable[Buckets]) -> Buckets:
         """A histogram like this one holding the sum of `parts`, as `Tally.merged`."""
         total = Buckets(self.name, self.doc, self.labels, self.bounds)
         for part in parts:
+            # exemplars first (as `PrometheusView.collect`): the latest of all parts'
+            for key, marks in list(part.exemplars.items()):
+                newest = total.exemplars.setdefault(key, {})
+                for index, mark in marks.copy().items():
+                    other = newest.get(index)
+                    if other is None or _when(mark) > _when(other):
+                        newest[index] = mark
             rows, created = list(part.series.items()), part.created.copy()
             for key, row in rows:
                 row = row.copy()
@@ -165,11 +189,18 @@ class PrometheusView(Collector):
             family = HistogramMetricFamily(histogram.name, histogram.doc,
                                            labels=histogram.labels)
             edges = [_le(b) for b in histogram.bounds] + ["+Inf"]
+            # exemplars first: each is then of a value the counts read next include
+            exemplars = {key: marks.copy() for key, marks in
+                         list(histogram.exemplars.items())}
             rows = histogram.snapshot()
             created = histogram.created.copy()
             for key, row in sorted(rows):
-                family.add_metric(list(key), list(zip(edges, row[:-1], strict=True)),
-                                  sum_value=row[-1])
+                marks = exemplars.get(key, {})
+                family.add_metric(
+                    list(key),
+                    [(edge, count) if (mark := marks.get(i)) is None else (edge, count, mark)
+                     for i, (edge, count) in enumerate(zip(edges, row[:-1], strict=True))],
+                    sum_value=row[-1])
                 if with_created and key in created:  # as prometheus-client's Histogram
                     family.add_sample(f"{histogram.name}_created",
                                       dict(zip(histogram.labels, key, strict=True)),

@@ -242,3 +242,82 @@ def test_without_instrument_no_opentelemetry_is_imported_and_no_hook_runs(
                           timeout=60)
     assert done.returncode == 0, done.stderr
     assert "loaded: []" in done.stdout, done.stdout
+
+
+async def _scrape_openmetrics(registry: Any) -> dict[str, Any]:
+    from prometheus_client.openmetrics.parser import (
+        text_string_to_metric_families as openmetrics_families,
+    )
+    http_server, thread = start_http_server(0, addr="127.0.0.1", registry=registry)
+    try:
+        async with httpx.AsyncClient() as client:
+            response = await client.get(
+                f"http://127.0.0.1:{http_server.server_port}/metrics",
+                headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    finally:
+        http_server.shutdown()
+        thread.join(5)
+    assert response.headers["content-type"].startswith("application/openmetrics-text")
+    return {f.name: f for f in openmetrics_families(response.text)}
+
+
+def _exemplars(family: Any, **labels: str) -> list[Any]:
+    return [s.exemplar for s in family.samples if s.name.endswith("_bucket")
+            and s.exemplar is not None
+            and all(s.labels.get(k) == v for k, v in labels.items())]
+
+
+async def test_model_call_and_failed_step_buckets_carry_their_trace_as_exemplar(
+        tmp_path: Path, server: LLMServer, telemetry: Telemetry) -> None:
+    app = Garrison(f"sqlite:///{tmp_path}/g.db")
+    failures = iter([True, False])
+
+    @app.step(name="charge", retry=Retry(max_attempts=2, base=0.0, cap=0.0))
+    async def charge() -> None:
+        if next(failures):
+            raise ConnectionError("flaky")
+
+    @app.workflow(name="pay")
+    async def pay(ctx: Context) -> None:
+        await charge()
+
+    agent = Agent("greeter", model=OpenAIModel("gpt-test", base_url=server.openai_base_url,
+                                              api_key="sk-test"))
+    instrumentation = telemetry.attach(app)
+    async with app:
+        await (await app.start(pay, run_id="p")).result(timeout=10)
+        await agent.run(app, "hello", run_id="a")
+    families = await _scrape_openmetrics(instrumentation.registry)
+
+    def trace_of(span_name: str) -> str:
+        return f"{telemetry.one(span_name).context.trace_id:032x}"  # type: ignore[union-attr]
+
+    [call] = _exemplars(families["garrison_gen_ai_client_operation_duration_seconds"])
+    assert call.labels["trace_id"] == trace_of("invoke_agent greeter")
+    span_ids = {f"{s.context.span_id:016x}" for s in telemetry.spans()}  # type: ignore[union-attr]
+    assert call.labels["span_id"] in span_ids  # a span that was exported
+    tokens = _exemplars(families["garrison_gen_ai_client_token_usage"])
+    assert {e.labels["trace_id"] for e in tokens} == {trace_of("invoke_agent greeter")}
+    assert len(tokens) == 2  # input and output, each in its bucket
+    steps = families["garrison_step_duration_seconds"]
+    [retried] = _exemplars(steps, step="charge", status="retried")
+    assert retried.labels["trace_id"] == trace_of("invoke_workflow pay")
+    assert _exemplars(steps, status="completed") == []  # quick successes carry none
+
+
+async def test_no_exemplar_for_a_trace_sampled_out(tmp_path: Path, server: LLMServer) -> None:
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+    app = Garrison(f"sqlite:///{tmp_path}/g.db")
+    agent = Agent("greeter", model=OpenAIModel("gpt-test", base_url=server.openai_base_url,
+                                              api_key="sk-test"))
+    provider = TracerProvider(sampler=ALWAYS_OFF)
+    instrumentation = instrument(app, tracer_provider=provider)
+    async with app:
+        await agent.run(app, "hello", run_id="a")
+    families = await _scrape_openmetrics(instrumentation.registry)
+
+    durations = families["garrison_gen_ai_client_operation_duration_seconds"]
+    assert sum(s.value for s in durations.samples if s.name.endswith("_count")) == 1
+    assert _exemplars(durations) == []  # it would lead to a trace nobody recorded
+    provider.shutdown()
