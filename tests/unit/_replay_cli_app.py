@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import os
 
+import structlog
+
 from garrison import Context, Garrison
 
 app = Garrison(os.environ.get("GARRISON_TEST_REPLAY_DB", "sqlite:///garrison.db"))
 VARIANT = os.environ.get("GARRISON_TEST_REPLAY_VARIANT", "same")
+if VARIANT == "broken":
+    raise RuntimeError("the module's own bug")
+log = structlog.get_logger("shop")
 
 
 @app.step(name="double")
@@ -18,6 +23,9 @@ async def double(x: int) -> int:
 
 @app.workflow(name="twice")
 async def twice(ctx: Context, x: int) -> int:
+    if VARIANT == "logs":  # workflow code logging: replay runs it again
+        log.info("twice.start", x=x)
+        log.warning("twice.careful", x=x)
     doubled = await double(x)
     if VARIANT == "changed":
         doubled = await double(doubled)  # a step the recorded runs never took

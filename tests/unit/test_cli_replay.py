@@ -89,9 +89,10 @@ async def test_runs_fork_prints_the_new_run_which_a_worker_continues(tmp_path: P
     assert (record.forked_from, record.forked_at) == (first, 0)
 
     bad = _garrison(url, "same", "fork", first, "--at", "-1")
-    assert bad.returncode == 2 and "at_step=-1" in bad.stdout
+    assert bad.returncode == 2 and "'--at'" in bad.stderr and bad.stdout == ""
     not_json = _garrison(url, "same", "fork", first, "--at", "1", "--args", "[oops")
-    assert not_json.returncode == 2 and "not JSON" in not_json.stdout
+    assert not_json.returncode == 2 and "not JSON" in not_json.stderr
+    assert not_json.stdout == ""  # `NEW=$(garrison runs fork ...)` gets no error text
 
 
 async def test_runs_replay_children_walks_the_tree_and_names_the_child_that_diverges(
@@ -113,3 +114,34 @@ async def test_runs_replay_children_walks_the_tree_and_names_the_child_that_dive
     assert changed.returncode == 1, changed.stdout + changed.stderr
     assert changed.stdout.startswith("diverged p/a at position 2: ")
     assert _garrison(url, "changed", "replay", "p").returncode == 0  # the parent agrees
+
+
+async def test_replay_json_stays_json_when_the_workflow_logs(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/g.db"
+    ids = await _seed(url)
+
+    done = _garrison(url, "logs", "replay", *ids, "--json")
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [line["status"] for line in json.loads(done.stdout)] == ["ok", "ok"]
+    assert "twice.careful" in done.stderr  # logs go to stderr, warnings and worse
+    assert "twice.start" not in done.stderr + done.stdout
+
+
+def test_an_app_module_that_fails_to_import_is_a_setup_error_not_a_divergence(
+        tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/g.db"
+    broken = _garrison(url, "broken", "replay", "run-1")
+    assert broken.returncode == 2, broken.stdout + broken.stderr  # 1 means "diverged"
+    assert "importing 'tests.unit._replay_cli_app' raised RuntimeError: the module's own bug" \
+        in " ".join(broken.stderr.split())
+    assert broken.stdout == "" and "Traceback" not in broken.stderr
+
+    env = {**os.environ, "COLUMNS": "200"}
+    missing = subprocess.run(
+        [sys.executable, "-m", "garrison", "runs", "replay", "run-1", "--app",
+         "tests.unit._replay_cli_app:nope"], cwd=ROOT, env=env, capture_output=True,
+        text=True, timeout=60)
+    assert missing.returncode == 2
+    assert "module 'tests.unit._replay_cli_app' has no attribute 'nope'" in " ".join(
+        missing.stderr.split())

@@ -4,10 +4,12 @@ records through the same processors (real runs on tmp SQLite)."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +18,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 from garrison import Context, Garrison
-from garrison.observability import MASK, configure_logging, is_secret_key
+from garrison.observability import MASK, configure_logging, is_secret_key, mask_text
 
 log = structlog.get_logger("tests.logging")
 
@@ -173,6 +175,33 @@ def test_key_and_credential_names_and_passwords_in_urls_are_masked() -> None:
     assert line["nested"] == {"url": "redis://:***@cache"}
     assert line["plain"] == "https://example.com/a:b@c"  # a path, not a password
     assert "hunter2" not in out.getvalue()
+
+
+def test_secrets_written_inline_in_strings_are_masked() -> None:
+    out = io.StringIO()
+    configure_logging(json=True, file=out)
+    log.info("connect", url="postgresql://h/db?user=app&password=hunter1",
+             conn="host=db user=app password=hunter2 sslmode=require",
+             err="GET https://api.x.com/v1?api_key=sk-live-3&q=1 failed",
+             hdr="Authorization: Bearer sk-live-4", dump='{"client_secret": "s e c"}',
+             auth=("user", "pw5"), pwd="pw6", passphrase="pw7", oauth_provider="github")
+    line = lines(out)[0]
+    assert line["url"] == "postgresql://h/db?user=app&password=***"
+    assert line["conn"] == "host=db user=app password=*** sslmode=require"
+    assert line["err"] == "GET https://api.x.com/v1?api_key=***&q=1 failed"
+    assert line["hdr"] == "Authorization: Bearer ***"
+    assert line["dump"] == '{"client_secret": "***"}'
+    assert (line["auth"], line["pwd"], line["passphrase"]) == (MASK, MASK, MASK)
+    assert line["oauth_provider"] == "github"  # `auth` is masked as a whole key only
+    for secret in ("hunter", "sk-live", "s e c", "pw5", "pw6", "pw7"):
+        assert secret not in out.getvalue(), secret
+
+
+@pytest.mark.parametrize("kept", [
+    "max_tokens=5 input_tokens: 7 tokens=3", "bearer of bad news", "Basic setup done",
+    "at 12:30:01 the step ended", "secretary=Ann", "https://example.com/a?page=2"])
+def test_text_that_only_looks_like_a_secret_is_kept(kept: str) -> None:
+    assert mask_text(kept) == kept
 
 
 @pytest.mark.parametrize("json_mode", [True, False])
@@ -445,3 +474,65 @@ def test_stdlib_false_leaves_the_root_logger_alone() -> None:
 def test_an_unknown_level_is_refused_with_the_choices() -> None:
     with pytest.raises(ValueError, match=r"level 'loud'.*debug, info, warning, error"):
         configure_logging(level="loud")
+
+
+async def test_an_apps_own_worker_names_itself_on_its_lines(tmp_path: Path) -> None:
+    out = io.StringIO()
+    configure_logging(json=True, file=out)
+    app = Garrison(f"sqlite:///{tmp_path}/g.db", worker_id="the-worker")
+    app.configure_worker(shutdown_grace_s=0.05)
+    entered = asyncio.Event()
+
+    @app.step(name="long")
+    async def long() -> None:
+        entered.set()
+        await asyncio.sleep(30)
+
+    @app.workflow(name="wf")
+    async def wf(ctx: Context) -> None:
+        await long()
+
+    async with app:  # no `garrison worker` binding anything: the app runs its worker
+        await app.start(wf, run_id="held")
+        await asyncio.wait_for(entered.wait(), 10)
+    by_event = {line["event"]: line for line in lines(out)}
+    for event in ("worker.draining", "worker.handed_back"):
+        assert by_event[event]["worker"] == "the-worker", event
+
+
+async def test_a_run_in_a_worker_without_instrument_logs_its_starters_trace_id(
+        tmp_path: Path) -> None:
+    from garrison.observability import instrument
+
+    url = f"sqlite:///{tmp_path}/g.db"
+    step_log = structlog.get_logger("shop")
+
+    def build(**options: Any) -> Garrison:
+        app = Garrison(url, **options)
+
+        @app.step(name="work")
+        async def work() -> None:
+            step_log.warning("in.step")
+
+        @app.workflow(name="wf")
+        async def wf(ctx: Context) -> None:
+            step_log.warning("in.workflow")
+            await work()
+
+        return app
+
+    starter = build(worker=False)
+    provider = TracerProvider()
+    instrument(starter, tracer_provider=provider)
+    async with starter:
+        with provider.get_tracer("tests").start_as_current_span("request") as span:
+            await starter.start("wf", run_id="traced")
+        trace_id = format(span.get_span_context().trace_id, "032x")
+    out = io.StringIO()
+    configure_logging(json=True, file=out)
+    async with build() as worker:  # not instrumented: it makes no span
+        await worker.handle("traced").result(timeout=10)
+    by_event = {line["event"]: line for line in lines(out)}
+    for event in ("in.workflow", "in.step"):
+        assert by_event[event]["trace_id"] == trace_id, event
+        assert "span_id" not in by_event[event]  # no span of this worker's is current

@@ -69,7 +69,7 @@ def test_observability_names_are_pinned() -> None:
         "ControlCharEscaper", "Instrumentation", "MASK", "Redactor", "SECRET_KEY_PARTS",
         "add_record_extras", "add_run_context", "add_trace_context", "configure_logging",
         "escape_control", "instrument",
-        "is_secret_key", "mask_secrets", "no_redaction",
+        "is_secret_key", "mask_secrets", "mask_text", "mask_value", "no_redaction",
     ]
     for name in garrison.observability.__all__:
         assert getattr(garrison.observability, name) is not None, name

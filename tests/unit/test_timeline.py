@@ -202,3 +202,68 @@ def test_a_value_ending_in_a_backslash_prints_as_written_before_more_text() -> N
     console = Console(record=True, width=80)
     console.print(f"run {text('a' + chr(92))} then [red]{text('[b]')}[/]")
     assert console.export_text().strip() == "run a" + chr(92) + " then [b]"
+
+
+def test_secrets_in_errors_are_masked_in_show_list_and_json(tmp_path: Path) -> None:
+    db = tmp_path / "g.db"
+
+    async def seed() -> None:
+        app = Garrison(f"sqlite:///{db}")
+
+        @app.step(name="connect")
+        async def connect() -> None:
+            raise ValueError("connect to postgresql://app:hunter2@db/prod failed\n"
+                             "│ fake line; headers Authorization: Bearer sk-live-12345678")
+
+        @app.workflow(name="wf")
+        async def wf(ctx: Context) -> None:
+            await connect()
+
+        async with app:
+            with contextlib.suppress(Exception):
+                await (await app.start(wf, run_id="s")).result(timeout=5)
+
+    asyncio.run(seed())
+    shown = show(db, "s", columns=200)
+    listed = runner.invoke(cli, ["runs", "list", "--db", f"sqlite:///{db}"],
+                           env={"COLUMNS": "250"}).output
+    as_json = show(db, "s", "--json")
+    for output in (shown, listed, as_json):
+        assert "hunter2" not in output and "sk-live" not in output
+    assert "postgresql://app:***@db/prod" in shown
+    run = json.loads(as_json)
+    assert "app:***@db" in run["error"]["message"] and "Bearer ***" in run["error"]["message"]
+    assert "app:***@db" in run["steps"][0]["error"]["message"]
+    # the traceback's lines are marked, so the message's second line reads as its own
+    lines = shown.splitlines()
+    start = next(i for i, line in enumerate(lines) if "Traceback (most recent" in line)
+    assert len(lines) - start > 5 and all(line.startswith("│ ") for line in lines[start:])
+
+
+def test_a_fork_shows_where_it_came_from_and_where_it_went_live(tmp_path: Path) -> None:
+    db = tmp_path / "g.db"
+
+    async def seed() -> None:
+        app = Garrison(f"sqlite:///{db}")
+
+        @app.step(name="double")
+        async def double(x: int) -> int:
+            return x * 2
+
+        @app.workflow(name="thrice")
+        async def thrice(ctx: Context, x: int) -> int:
+            return await double(await double(await double(x)))
+
+        async with app:
+            await (await app.start(thrice, 1, run_id="source")).result(timeout=5)
+            await (await app.fork("source", at_step=2, run_id="branch")).result(timeout=5)
+
+    asyncio.run(seed())
+    shown = show(db, "branch", columns=200)
+    rows = shown.splitlines()
+    live = next(i for i, line in enumerate(rows) if "live from here (reused up to 2)" in line)
+    assert rows[live - 1].split()[0] == "2" and rows[live + 1].split()[0] == "3"
+    assert "forked from source at position 2" in " ".join(shown.split())
+    run = json.loads(show(db, "branch", "--json"))
+    assert (run["forked_from"], run["forked_at"]) == ("source", 2)
+    assert "forked" not in show(db, "source", columns=200)

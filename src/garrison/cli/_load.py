@@ -32,7 +32,18 @@ def load_app(spec: str) -> Garrison:
             f"--app {spec!r}: cannot import {module_name!r} ({exc}); run from the project "
             "folder or install the package"
         ) from exc
-    app = getattr(module, attribute, None)
+    except Exception as exc:  # the module itself failed: a setup error, not a divergence
+        raise ConfigurationError(
+            f"--app {spec!r}: importing {module_name!r} raised {type(exc).__name__}: {exc}; "
+            "fix the module (run `python -c 'import " + module_name + "'` to see the "
+            "traceback)"
+        ) from exc
+    if not hasattr(module, attribute):
+        raise ConfigurationError(
+            f"--app {spec!r}: module {module_name!r} has no attribute {attribute!r}; name "
+            "the variable holding your Garrison app"
+        )
+    app = getattr(module, attribute)
     if not isinstance(app, Garrison):
         raise ConfigurationError(
             f"--app {spec!r}: {module_name}.{attribute} is {type(app).__name__}, not a Garrison app"

@@ -15,7 +15,7 @@ import typer
 from garrison.cli._console import console, fail, text
 from garrison.cli._replay import runs_fork, runs_replay
 from garrison.errors import GarrisonError
-from garrison.observability import escape_control
+from garrison.observability import escape_control, mask_text
 from garrison.store import RunRecord, RunStatus, StepRecord, open_store
 
 __all__ = ["app", "main"]
@@ -24,6 +24,15 @@ app = typer.Typer(help="Garrison: durable execution for AI agents.", no_args_is_
                   pretty_exceptions_enable=False)
 runs_app = typer.Typer(help="Inspect runs in a store.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
+
+
+@runs_app.callback()
+def _runs_logging() -> None:
+    """Log lines (an --app's at import, a replayed workflow's own) go to stderr, warnings
+    and worse only: stdout holds the command's output, which --json makes a tool's."""
+    from garrison.observability import configure_logging
+
+    configure_logging(level="warning")
 
 DbOption = Annotated[str | None, typer.Option(
     "--db", envvar="GARRISON_DB",
@@ -257,8 +266,13 @@ def runs_show(
     if run.error:
         error = json.loads(run.error)
         console.print(f"[red]{text(error.get('type'))}[/]: {text(error.get('message'))}")
-        lines = str(error.get("traceback", "")).split("\n")  # its lines stay lines
-        console.print("\n".join(map(escape_control, lines)), markup=False, highlight=False)
+        # Its lines stay lines, each marked as the logs mark them: a newline in a message
+        # cannot make a line that passes for the command's own output.
+        traceback = mask_text(str(error.get("traceback") or "")).rstrip("\n")
+        if traceback:
+            console.print("\n".join(f"│ {escape_control(line)}"
+                                    for line in traceback.split("\n")),
+                          markup=False, highlight=False)
 
 
 @runs_app.command("stats")

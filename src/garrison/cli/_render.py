@@ -11,6 +11,7 @@ from rich import box
 from rich.table import Table
 
 from garrison.cli._console import text
+from garrison.observability import mask_value
 from garrison.store import RunRecord, StepRecord, position_key
 
 __all__ = ["run_json", "runs_table", "timeline_table"]
@@ -144,8 +145,13 @@ def timeline_table(run: RunRecord, steps: list[StepRecord]) -> Table:
     if errors:
         table.add_column("error", overflow="fold", min_width=16)
     blank = [""] * (3 * agentic + errors)
+    fork_marked = run.forked_at is None
     for row in rows:
         step, call = row.step, row.call
+        if not fork_marked and position_key(step.position)[0] > (run.forked_at or 0):
+            fork_marked = True  # the entries above came from the forked run's journal
+            table.add_row("", f"[cyan]live from here (reused up to {run.forked_at})[/]",
+                          "", "", "", "", *blank)
         if row.resumed_on is not None:
             table.add_row("", f"[yellow]resumed on {labels[row.resumed_on]}[/]", "", "", "",
                           "", *blank)
@@ -175,6 +181,9 @@ def timeline_table(run: RunRecord, steps: list[StepRecord]) -> Table:
         workers = ", ".join(f"{label} = {text(worker)}" for worker, label in labels.items())
         caption.append(("tokens: in/out; " if agentic else "") + f"workers: {workers}"
                        + (f"; resumed {resumes}x" if resumes else ""))
+    if run.forked_from is not None:
+        caption.append(f"forked from {text(run.forked_from)} at position {run.forked_at}: "
+                       "the entries up to it are that run's, reused")
     if run.recoveries:  # taken over while RUNNING; the reason is known for the last one
         note = f"recovered {run.recoveries}x"
         if run.claim_reason is not None and run.claim_reason.is_recovery:
@@ -189,6 +198,12 @@ def timeline_table(run: RunRecord, steps: list[StepRecord]) -> Table:
     return table
 
 
+def _error_json(error: str | None) -> Any:
+    """A stored error for --json: its message, traceback and arguments masked as `text`
+    masks them (an error often names the URL or header it failed with)."""
+    return mask_value(json.loads(error)) if error else None
+
+
 def run_json(run: RunRecord, steps: list[StepRecord] | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {
         "run_id": run.run_id, "workflow": run.workflow_name, "version": run.workflow_version,
@@ -200,7 +215,8 @@ def run_json(run: RunRecord, steps: list[StepRecord] | None = None) -> dict[str,
         "previous_owner": run.previous_owner, "recoveries": run.recoveries,
         "inputs": json.loads(run.inputs),
         "result": json.loads(run.result) if run.result else None,
-        "error": json.loads(run.error) if run.error else None,
+        "error": _error_json(run.error),
+        "forked_from": run.forked_from, "forked_at": run.forked_at,
     }
     if steps is not None:
         rows = _timeline(steps)
@@ -215,7 +231,7 @@ def run_json(run: RunRecord, steps: list[StepRecord] | None = None) -> dict[str,
              "served_by": row.call.served_by if row.call else None,
              "model": row.call.model if row.call else None,
              "output": json.loads(s.output) if s.output else None,
-             "error": json.loads(s.error) if s.error else None}
+             "error": _error_json(s.error)}
             for row in rows for s in (row.step,)
         ]
         body["totals"] = _totals(rows)

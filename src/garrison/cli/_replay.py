@@ -106,7 +106,9 @@ def runs_replay(
 def runs_fork(
     run_id: Annotated[str, typer.Argument(help="The run to fork.")],
     at: Annotated[int, typer.Option(
-        "--at", help="Reuse its journal up to this top-level position (0: nothing).")],
+        "--at", min=0,
+        help="Reuse its journal up to this top-level position (0: nothing; past its end: "
+             "all of it, the fork then reproduces the run).")],
     app_spec: Annotated[str, typer.Option("--app", help="'module:attribute': the code.")],
     args: Annotated[str | None, typer.Option(
         help='New inputs as JSON: [positional, ...] or {"args": [...], "kwargs": {...}}.')

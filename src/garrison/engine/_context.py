@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from garrison.engine._handle import RunHandle
 
 __all__ = ["Branch", "Context", "StepInfo", "current_step", "install_task_factory",
-           "log_fields"]
+           "log_fields", "run_trace_context"]
 
 
 class Branch:
@@ -146,6 +146,17 @@ def log_fields() -> dict[str, str | int]:
         execution = branch.execution
         return {"run_id": execution.run.run_id, "worker": execution.worker.worker_id}
     return {}
+
+
+def run_trace_context() -> str | None:
+    """The trace context stored with the run whose code is running now (W3C traceparent
+    text, as its starter recorded it), or None: logs carry its trace id where no span
+    is current (a worker without `instrument`)."""
+    call = _step_call.get()
+    if call is not None:
+        return call.execution.run.trace_context
+    branch = _branch.get()
+    return branch.execution.run.trace_context if branch is not None else None
 
 
 # Inside a step body: the run's deadline and the engine's clock, for `remaining()`.

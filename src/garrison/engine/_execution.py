@@ -243,8 +243,8 @@ class RunExecution:
             raise
         except Exception as exc:
             error = self.nondeterminism or exc
-            log.warning("run.failed", run_id=self.run_id, error_type=type(error).__name__,
-                        error=str(error))
+            log.warning("run.failed", run_id=self.run_id, worker=self.worker.worker_id,
+                        error_type=type(error).__name__, error=str(error))
             return self._failed(error)
         finally:
             self._closing = True
@@ -259,7 +259,8 @@ class RunExecution:
         if pending:
             _, stuck = await asyncio.wait(pending, timeout=_CLOSE_TIMEOUT_S)
             if stuck:
-                log.error("run.branches_ignore_cancel", run_id=self.run_id, count=len(stuck))
+                log.error("run.branches_ignore_cancel", run_id=self.run_id,
+                          worker=self.worker.worker_id, count=len(stuck))
 
     async def _finish(self, outcome: _Outcome) -> None:
         error_text = json.dumps(outcome.error) if outcome.error is not None else None
@@ -402,7 +403,8 @@ class RunExecution:
             except LeaseLostError as exc:
                 raise _StoreFailure(exc) from exc
             except StoreError as exc:
-                log.warning("run.journal_write_retry", run_id=self.run_id, delay_s=delay,
+                log.warning("run.journal_write_retry", run_id=self.run_id,
+                            worker=self.worker.worker_id, delay_s=delay,
                             error=str(exc))
                 await asyncio.sleep(delay)
         await self._store(self.worker.store.append_steps(records))
@@ -551,7 +553,8 @@ class RunExecution:
                     delay = None  # a shared retry budget is spent
                 self._emit(self.worker.hooks.step_failed, info, exc, delay is not None)
                 if delay is not None:
-                    log.info("step.retry_scheduled", run_id=self.run_id, position=position,
+                    log.info("step.retry_scheduled", run_id=self.run_id,
+                             worker=self.worker.worker_id, position=position,
                              step=step.name, attempt=attempt + 1, delay_s=delay)
                     fire_at = self.worker.clock.time() + max(0.0, delay)
                     await self._commit(self._record(

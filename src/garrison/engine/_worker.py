@@ -100,7 +100,7 @@ class Worker:
         self._claiming = False
         runs = [t for t in self._runs if not t.done()]
         if grace_s > 0 and runs:
-            log.info("worker.draining", runs=len(runs), grace_s=grace_s)
+            log.info("worker.draining", worker=self.worker_id, runs=len(runs), grace_s=grace_s)
             await asyncio.wait(runs, timeout=grace_s)
         # The flag ends the loop even if a cancellation is lost: on Python 3.11 a cancel
         # that lands as asyncio.timeout() expires can be swallowed (fixed in 3.12).
@@ -112,7 +112,7 @@ class Worker:
         if tasks:
             _, stuck = await asyncio.wait(tasks, timeout=_STOP_TIMEOUT_S)
             for task in stuck:
-                log.error("worker.task_ignores_stop", task=task.get_name())
+                log.error("worker.task_ignores_stop", worker=self.worker_id, task=task.get_name())
         self.live.clear()
         # Everything this worker owns: runs stopped just now, runs waiting for a retry,
         # runs whose task died, and runs a claim in flight at the stop commits first.
@@ -121,9 +121,10 @@ class Worker:
         try:
             await self.store.release_runs(None)
             if known:
-                log.info("worker.handed_back", runs=known)
+                log.info("worker.handed_back", worker=self.worker_id, runs=known)
         except StoreError as exc:  # their leases run out instead
-            log.warning("worker.hand_back_failed", runs=known, error=str(exc))
+            log.warning("worker.hand_back_failed", worker=self.worker_id, runs=known,
+                        error=str(exc))
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     def _spawn(self, coro: object, *, name: str) -> asyncio.Task[None]:
@@ -143,7 +144,8 @@ class Worker:
         self._runs.discard(task)
         if not task.cancelled() and task.exception() is not None:
             error = task.exception()
-            log.error("worker.task_crashed", task=task.get_name(), error=repr(error))
+            log.error("worker.task_crashed", worker=self.worker_id, task=task.get_name(),
+                      error=repr(error))
         if not self._stopping:
             self.poke()  # a slot is free
 
@@ -212,9 +214,10 @@ class Worker:
                 announced = True
                 for on_resumed in self.hooks.run_resumed:
                     on_resumed(run, len(entries))
-                log.debug("run.resumed", run_id=run.run_id, workflow=run.workflow_name,
-                         journal_entries=len(entries), fence=run.fence,
-                         claim_reason=run.claim_reason, previous_owner=run.previous_owner)
+                log.debug("run.resumed", worker=self.worker_id, run_id=run.run_id,
+                          workflow=run.workflow_name, journal_entries=len(entries),
+                          fence=run.fence, claim_reason=run.claim_reason,
+                          previous_owner=run.previous_owner)
             else:
                 announced = True
                 for on_started in self.hooks.run_started:
@@ -233,13 +236,13 @@ class Worker:
         """A write for `run_id` failed: if the lease is gone, the run is someone else's
         now (drop it); otherwise retry after a backoff."""
         if isinstance(error, LeaseLostError):
-            log.warning("run.lease_lost", run_id=run_id, error=str(error))
+            log.warning("run.lease_lost", worker=self.worker_id, run_id=run_id, error=str(error))
             for on_lease_lost in self.hooks.lease_lost:
                 on_lease_lost(run_id)
             self.live.pop(run_id, None)
             self.store.forget(run_id)
             return
-        log.error("run.store_error", run_id=run_id, error=str(error))
+        log.error("run.store_error", worker=self.worker_id, run_id=run_id, error=str(error))
         self.retry_later(run_id)
 
     def _adopt(self, run: RunRecord, *, fresh: bool = False) -> None:
@@ -270,8 +273,8 @@ class Worker:
         for run in await self.store.list_runs(statuses=unfinished, limit=_ORPHAN_REPORT_LIMIT):
             if registry.workflow(run.workflow_name, run.workflow_version) is None:
                 if run.run_id not in self.orphaned:
-                    log.warning("run.orphaned", run_id=run.run_id, workflow=run.workflow_name,
-                                version=run.workflow_version)
+                    log.warning("run.orphaned", worker=self.worker_id, run_id=run.run_id,
+                                workflow=run.workflow_name, version=run.workflow_version)
                 self.orphaned[run.run_id] = run
 
     async def _claim(self, *, due: bool = True) -> None:
@@ -353,7 +356,7 @@ class Worker:
         delay = min(_RETRY_CAP_S, _RETRY_BASE_S * 2**attempts)
         self._store_failures[run_id] = attempts + 1
         self._retry_at[run_id] = (self.clock.time() + delay, attempts + 1)
-        log.warning("run.retry_scheduled", run_id=run_id, delay_s=delay)
+        log.warning("run.retry_scheduled", worker=self.worker_id, run_id=run_id, delay_s=delay)
 
     # -- timers and wake-ups -------------------------------------------------------
 
@@ -375,7 +378,8 @@ class Worker:
                 try:
                     claimed = await self.store.claim_run(run_id, now=now, mine=True)
                 except StoreError as exc:  # still failing: back off further
-                    log.warning("run.retry_failed", run_id=run_id, error=str(exc))
+                    log.warning("run.retry_failed", worker=self.worker_id, run_id=run_id,
+                                error=str(exc))
                     self.retry_later(run_id)
                     continue
                 del self._retry_at[run_id]
@@ -433,11 +437,11 @@ class Worker:
                 if self._retry_at:
                     await self._retry_due(now)
             except StoreError as exc:
-                log.error("worker.poll_failed", error=str(exc))
+                log.error("worker.poll_failed", worker=self.worker_id, error=str(exc))
                 self._next_claim_at = self.clock.time() + self.app.claim_interval_s
             except Exception as exc:  # a bug: never let it end the loop (a worker that
                 # renews its leases but claims nothing would strand every run it holds)
-                log.error("worker.loop_error", error=repr(exc),
+                log.error("worker.loop_error", worker=self.worker_id, error=repr(exc),
                           traceback=traceback.format_exc())
                 self._next_claim_at = self.clock.time() + self.app.claim_interval_s
             now = self.clock.time()
@@ -464,13 +468,13 @@ class Worker:
                 lost = await self.store.renew_leases()
                 await self.store.renew_permits()  # fleet-wide bulkhead places held here
             except StoreError as exc:  # the store is down: writes fail too; try again
-                log.warning("worker.heartbeat_failed", error=str(exc))
+                log.warning("worker.heartbeat_failed", worker=self.worker_id, error=str(exc))
                 continue
             for run_id in lost:
                 execution = self.live.pop(run_id, None)
                 self._retry_at.pop(run_id, None)
                 if execution is not None:
-                    log.warning("run.lease_lost", run_id=run_id)
+                    log.warning("run.lease_lost", worker=self.worker_id, run_id=run_id)
                     for on_lease_lost in self.hooks.lease_lost:
                         on_lease_lost(run_id)
                     execution.abandon()
@@ -519,7 +523,7 @@ class Worker:
         self._store_failures.pop(run.run_id, None)
         if not changed:
             return False
-        log.debug("run.finished", run_id=run.run_id, status=status.value)
+        log.debug("run.finished", worker=self.worker_id, run_id=run.run_id, status=status.value)
         for on_finished in self.hooks.run_finished:
             on_finished(run.run_id, status)
         for future in self._result_waiters.pop(run.run_id, []):

@@ -24,6 +24,8 @@ from garrison.observability._logging import (
     escape_control,
     is_secret_key,
     mask_secrets,
+    mask_text,
+    mask_value,
 )
 
 if TYPE_CHECKING:
@@ -43,6 +45,8 @@ __all__ = [
     "instrument",
     "is_secret_key",
     "mask_secrets",
+    "mask_text",
+    "mask_value",
     "no_redaction",
 ]
 

@@ -27,7 +27,7 @@ import sys
 from collections.abc import Callable, Mapping, MutableMapping
 from typing import IO, Any
 
-from garrison.engine._context import log_fields
+from garrison.engine._context import log_fields, run_trace_context
 
 __all__ = [
     "ControlCharEscaper",
@@ -40,6 +40,8 @@ __all__ = [
     "escape_control",
     "is_secret_key",
     "mask_secrets",
+    "mask_text",
+    "mask_value",
 ]
 
 EventDict = MutableMapping[str, Any]
@@ -47,17 +49,33 @@ EventDict = MutableMapping[str, Any]
 MASK = "***"
 """What a secret-looking field's value is replaced with."""
 
-SECRET_KEY_PARTS = ("api_key", "apikey", "authorization", "password", "passwd", "secret",
-                    "cookie", "token", "private_key", "credential", "bearer", "dsn")
+SECRET_KEY_PARTS = ("api_key", "apikey", "authorization", "password", "passwd", "pwd",
+                    "passphrase", "secret", "cookie", "token", "private_key", "credential",
+                    "bearer", "dsn")
 """A field is masked when its key, lower-cased with `-` read as `_`, contains one of
 these; `token` only when not followed by `s`, so counts such as `input_tokens`,
-`output_tokens`, `max_tokens` and `tokens_left` are kept."""
+`output_tokens`, `max_tokens` and `tokens_left` are kept. A key that is `auth` or ends
+in `_auth` (httpx's `auth=(user, password)`) is masked too."""
 
 _SECRET = re.compile("|".join(
-    re.escape(part) + ("(?!s)" if part == "token" else "") for part in SECRET_KEY_PARTS))
+    [re.escape(part) + ("(?!s)" if part == "token" else "") for part in SECRET_KEY_PARTS]
+    + [r"(?:^|_)auth$"]))
 # The password of a URL's user part, in any string value: `scheme://user:PASSWORD@host`.
 # The password runs to the user part's last `@` (a password may hold one).
 _URL_PASSWORD = re.compile(r"([a-z][a-z0-9+.-]*://[^\s/@:]*):[^\s/]*@", re.IGNORECASE)
+# Secrets written inline in a string value (an error message, a header dump, a libpq
+# connection string): `password=...`, `api_key: ...`, `"token": "..."`,
+# `Authorization: Bearer ...`, and a bearer token on its own. The key must start a
+# word, `_` and `-` counting as breaks (`db_password=` is masked, `max_tokens=5` kept),
+# and the value is a quoted string or runs to a space, `&`, `;`, `,` or quote.
+_INLINE_SECRET = re.compile(
+    r"(?i)(?<![a-z0-9])((?:password|passwd|pwd|passphrase|api[_-]?key|apikey"
+    r"|access[_-]?token|refresh[_-]?token|id[_-]?token|auth[_-]?token|client[_-]?secret"
+    r"|secret|token|authorization)[\"']?\s*[=:]\s*)"
+    r"(?:([\"'])[^\"'\n]*\2|((?:(?:bearer|basic|token|digest)\s+)?)[^\s&;,'\"]+)")
+# The trace id of a run's stored context (`00-TRACE_ID-SPAN_ID-FLAGS[ tracestate]`).
+_STORED_TRACE = re.compile(r"\s*[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
+_BEARER = re.compile(r"\bBearer\s+(?!\*\*\*)[A-Za-z0-9._~+/-]{8,}=*")
 
 # CSI/OSC escape sequences as a whole (so JSON mode drops "\x1b[31m", not just the ESC),
 # then any other character that is not printable: C0/C1 controls, DEL, line and
@@ -80,9 +98,35 @@ def is_secret_key(key: str) -> bool:
     return _SECRET.search(key.lower().replace("-", "_")) is not None
 
 
+def _masked_inline(match: re.Match[str]) -> str:
+    key, quote, scheme = match.group(1, 2, 3)
+    return f"{key}{quote}{MASK}{quote}" if quote else f"{key}{scheme}{MASK}"
+
+
+def mask_text(text: str) -> str:
+    """`text` with the secrets written in it replaced by `MASK`: a URL's password
+    (`postgresql://app:***@db`), `password=`, `api_key:`, `"token": ` and similar
+    values, and `Authorization` / `Bearer` credentials. For a value from a user or a
+    store printed where logs' masking does not reach (the CLI)."""
+    if "://" in text:
+        text = _URL_PASSWORD.sub(rf"\1:{MASK}@", text)
+    if "=" in text or ":" in text:
+        text = _INLINE_SECRET.sub(_masked_inline, text)
+    if "Bearer" in text:
+        text = _BEARER.sub(f"Bearer {MASK}", text)
+    return text
+
+
+def mask_value(value: Any) -> Any:
+    """`value` as a log field's value is masked: strings through `mask_text`, and in
+    dicts and lists (4 levels deep) the value of every secret-looking key replaced by
+    `MASK`. Returns new containers; `value` is not changed."""
+    return _mask(value, 1)
+
+
 def _mask(value: Any, depth: int) -> Any:
     if isinstance(value, str):
-        return _URL_PASSWORD.sub(rf"\1:{MASK}@", value) if "://" in value else value
+        return mask_text(value)
     if depth > _MAX_DEPTH:
         return value
     if isinstance(value, Mapping):
@@ -96,8 +140,8 @@ def _mask(value: Any, depth: int) -> Any:
 def _mask_exception(logger: Any, method: str, event_dict: EventDict) -> EventDict:
     # The formatted traceback: an HTTP or database error often names its URL.
     text = event_dict.get("exception")
-    if isinstance(text, str) and "://" in text:
-        event_dict["exception"] = _mask(text, 1)
+    if isinstance(text, str):
+        event_dict["exception"] = mask_text(text)
     return event_dict
 
 
@@ -231,16 +275,23 @@ def add_run_context(logger: Any, method: str, event_dict: EventDict) -> EventDic
 def add_trace_context(logger: Any, method: str, event_dict: EventDict) -> EventDict:
     """Add `trace_id` and `span_id` (hex) of the current OpenTelemetry span when there
     is one, recorded here or sampled out (its context still goes out on outbound calls).
-    OpenTelemetry is never imported here: if the application has not imported it, no
-    span can be active."""
+    Without one, in a run's code, add the `trace_id` of the trace its starter recorded
+    with it (a worker without `instrument` makes no span, but the run belongs to that
+    trace). OpenTelemetry is never imported here: if the application has not imported
+    it, no span can be active."""
     trace = sys.modules.get("opentelemetry.trace")
     get_current_span = getattr(trace, "get_current_span", None)
-    if get_current_span is None:
-        return event_dict
-    context = get_current_span().get_span_context()
-    if context.is_valid:
-        event_dict.setdefault("trace_id", format(context.trace_id, "032x"))
-        event_dict.setdefault("span_id", format(context.span_id, "016x"))
+    if get_current_span is not None:
+        context = get_current_span().get_span_context()
+        if context.is_valid:
+            event_dict.setdefault("trace_id", format(context.trace_id, "032x"))
+            event_dict.setdefault("span_id", format(context.span_id, "016x"))
+            return event_dict
+    stored = run_trace_context()
+    if stored is not None:
+        match = _STORED_TRACE.match(stored)
+        if match is not None and match.group(1) != "0" * 32:
+            event_dict.setdefault("trace_id", match.group(1))
     return event_dict
 
 
