@@ -446,6 +446,7 @@ class Garrison:
                        deadline_at: float | None = None) -> RunRecord:
         """A new run: claimed by this worker at creation when `local` (see
         `Worker.reserve`), else PENDING in its queue until a worker claims it."""
+        definition.check_arguments(args, kwargs)
         inputs = encode({"args": list(args), "kwargs": kwargs},
                         what=f"inputs of workflow {definition.name!r}")
         deadline = now + definition.timeout if definition.timeout is not None else None

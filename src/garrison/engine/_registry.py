@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -65,6 +66,36 @@ class WorkflowDef:
     fn: Callable[..., Any]
     timeout: float | None = None  # run-level deadline, seconds from the start
     quarantine: bool = True  # a failed run ends QUARANTINED (redrivable), else FAILED
+
+    def check_arguments(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+        """Refuse inputs the function cannot take (after its `Context`), before a run is
+        stored with them: such a run could only fail on its first execution.
+
+        Raises:
+            ConfigurationError: naming the workflow, its parameters and what is wrong.
+        """
+        signature = _signature(self.fn)
+        if signature is None:  # not introspectable (a builtin, some wrappers): unchecked
+            return
+        try:
+            signature.bind(None, *args, **kwargs)
+        except TypeError as exc:
+            inputs = signature.replace(parameters=[  # after the Context, without annotations
+                p.replace(annotation=inspect.Parameter.empty)
+                for p in list(signature.parameters.values())[1:]])
+            raise ConfigurationError(
+                f"workflow {self.name!r} v{self.version} takes ctx, then {inputs}: {exc} "
+                f"(given {len(args)} positional and keyword "
+                f"{sorted(kwargs) if kwargs else 'none'}); pass the inputs it declares"
+            ) from exc
+
+
+@functools.lru_cache(maxsize=4096)
+def _signature(fn: Callable[..., Any]) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
 
 
 class Registry:
