@@ -88,6 +88,11 @@ async def test_runs_fork_prints_the_new_run_which_a_worker_continues(tmp_path: P
         record = await worker.handle("the-fork").record()
     assert (record.forked_from, record.forked_at) == (first, 0)
 
+    past = _garrison(url, "same", "fork", first, "--at", "7", "--run-id", "past-the-end")
+    assert past.returncode == 0 and past.stdout.strip() == "past-the-end"
+    assert f"note: {first}'s journal ends at position 1; the fork reuses all of it" in \
+        " ".join(past.stderr.split())
+
     bad = _garrison(url, "same", "fork", first, "--at", "-1")
     assert bad.returncode == 2 and "'--at'" in bad.stderr and bad.stdout == ""
     not_json = _garrison(url, "same", "fork", first, "--at", "1", "--args", "[oops")

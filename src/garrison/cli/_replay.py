@@ -12,10 +12,10 @@ from typing import Annotated, Any
 
 import typer
 
-from garrison.cli._console import console, fail, text
+from garrison.cli._console import console, errors, fail, text
 from garrison.engine import Garrison
 from garrison.errors import GarrisonError, NonDeterminismError
-from garrison.store import open_store
+from garrison.store import open_store, position_key
 
 __all__ = ["runs_fork", "runs_replay"]
 
@@ -133,8 +133,13 @@ def runs_fork(
 
     async def fork() -> str:
         async with client:
+            journal = await client.store.load_journal(run_id)
             handle = await client.fork(run_id, at_step=at, args=inputs, run_id=new_run_id)
-            return handle.run_id
+        last = max((position_key(e.position)[0] for e in journal), default=0)
+        if at > last:  # allowed (the fork reproduces the run), but maybe not what was meant
+            errors.print(f"note: {text(run_id)}'s journal ends at position {last}; the fork "
+                         "reuses all of it", soft_wrap=True, highlight=False)
+        return handle.run_id
 
     try:
         forked = asyncio.run(fork())
