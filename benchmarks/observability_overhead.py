@@ -1,7 +1,7 @@
 """The cost of telemetry: W1 and W2 with tracing and metrics on, off, and instrumented
 with no-op providers, alternated round after round in one process.
 
-    python benchmarks/observability_overhead.py [--rounds 7] [--json]
+    python benchmarks/observability_overhead.py [--rounds 7] [--json] [--gc-threshold N]
 
 - W1: one workflow of 500 sequential no-op steps (ms/step, lower is better).
 - W2: 200 workflows x 10 steps of `asyncio.sleep(0.005)`, started at once (steps/s).
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import platform
 import statistics
@@ -93,7 +94,8 @@ def build(url: str) -> tuple[Garrison, Flow, Flow]:
     return app, w1, w2
 
 
-async def measure(rounds: int, folder: str) -> tuple[dict[str, list[float]], int]:
+async def measure(rounds: int, folder: str, gc_threshold: int | None = None
+                  ) -> tuple[dict[str, list[float]], int]:
     apps: dict[str, tuple[Garrison, Flow, Flow]] = {}
     exporter = InMemorySpanExporter()
     tracer_provider = TracerProvider()
@@ -124,6 +126,9 @@ async def measure(rounds: int, folder: str) -> tuple[dict[str, list[float]], int
     try:
         for app, w1, _ in apps.values():  # warm up: WAL, caches, imports
             await (await app.start(w1)).result()
+        if gc_threshold is not None:  # as a worker tuned for it would run (every mode)
+            gc.freeze()
+            gc.set_threshold(gc_threshold, 10, 10)
         for round_ in range(rounds):
             order = MODES if round_ % 2 == 0 else tuple(reversed(MODES))
             for mode in order:
@@ -167,7 +172,7 @@ def sdk_floor_us() -> tuple[float, float, float]:
         "floor").create_histogram("floor")
     step = {"garrison.step.name": "nap", "garrison.step.status": "completed"}
     enqueue = {"a": "1", "b": "w2", "c": "1", "d": "default"}
-    execution = {**enqueue, "e": "worker", "f": 0, "g": False}
+    execution: dict[str, str | int | bool] = {**enqueue, "e": "worker", "f": 0, "g": False}
 
     def run() -> None:
         tracer.start_span("start", attributes=enqueue).end()
@@ -192,9 +197,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--json", action="store_true", help="print the samples as JSON")
+    parser.add_argument("--gc-threshold", type=int, metavar="N",
+                        help="after the warm-up, gc.freeze() and gc.set_threshold(N, 10, 10) "
+                             "for every mode (see docs/observability.md, the collector)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
-        samples, spans = asyncio.run(measure(args.rounds, folder))
+        samples, spans = asyncio.run(measure(args.rounds, folder, args.gc_threshold))
     annotate_ns = min(timeit.repeat(lambda: annotate(x=1), number=100_000, repeat=5)) * 1e4
     floor_w1, floor_w2, span_us = sdk_floor_us()
     if args.json:
@@ -202,7 +210,9 @@ def main() -> None:
                           "sdk_floor_us": {"w1": floor_w1, "w2": floor_w2, "span": span_us}}))
         return
     print(f"garrison {__version__}, opentelemetry-sdk {opentelemetry.sdk.version.__version__}, "
-          f"Python {platform.python_version()}, {platform.machine()}, {args.rounds} rounds")
+          f"Python {platform.python_version()}, {platform.machine()}, {args.rounds} rounds"
+          + ("" if args.gc_threshold is None else
+             f", gc frozen after warm-up, gen0 threshold {args.gc_threshold}"))
     print(f"{'':28}{'median':>8}  (min-max)        overhead vs off: of the medians; "
           "per round (median, min..max)")
     for workload, unit, higher_better in (("w1", "ms/step", False), ("w2", "steps/s", True),
