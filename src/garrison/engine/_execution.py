@@ -513,6 +513,28 @@ class RunExecution:
             attempt = functools.partial(guard.call, attempt)
         return await attempt()
 
+    async def _retry_delay(self, step: StepDef, attempt: int, error: Exception,
+                           started_at: float, where: str) -> float | None:
+        """The wait before the next attempt, or None: no retry. A retry policy that
+        raises (a `retry_on` predicate's bug, a retry budget's store down) does not
+        retry: the step fails with its own error, and the policy's is logged."""
+        if step.retry is None:
+            return None
+        try:
+            elapsed = self.worker.clock.time() - started_at
+            delay = step.retry.delay_s(attempt, error, elapsed_s=elapsed)
+            admit = getattr(step.retry, "admit", None)
+            if delay is not None and callable(admit) and not await admit(error):
+                return None  # a shared retry budget is spent
+            return delay
+        except Exception as exc:
+            log.error("step.retry_policy_failed", run_id=self.run_id,
+                      worker=self.worker.worker_id, step=step.name, where=where,
+                      attempt=attempt, error=f"{type(exc).__qualname__}: {exc}",
+                      fix="the step's retry policy (retry_on=, its budget) raised; "
+                          "the step fails without a retry until it is fixed")
+            return None
+
     async def _wait_until(self, position: str, fire_at: float) -> None:
         """A durable timer at `position` (its entry is journaled): the run may park."""
         while self.worker.clock.time() < fire_at:
@@ -545,12 +567,11 @@ class RunExecution:
                 result = await self._attempt(step, args, kwargs, where)
             except Exception as exc:
                 leave_step(tokens)
-                elapsed = self.worker.clock.time() - started_at
-                delay = (step.retry.delay_s(attempt, exc, elapsed_s=elapsed)
-                         if step.retry is not None else None)
-                admit = getattr(step.retry, "admit", None)
-                if delay is not None and callable(admit) and not await admit(exc):
-                    delay = None  # a shared retry budget is spent
+                try:
+                    delay = await self._retry_delay(step, attempt, exc, started_at, where)
+                except BaseException as stop:  # cancelled while a retry budget was asked
+                    self._emit(self.worker.hooks.step_interrupted, info, stop)
+                    raise
                 self._emit(self.worker.hooks.step_failed, info, exc, delay is not None)
                 if delay is not None:
                     log.info("step.retry_scheduled", run_id=self.run_id,

@@ -31,6 +31,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer
 
+from garrison._log import get_logger
 from garrison.engine import EngineHooks, StepInfo
 from garrison.observability._content import CONTENT_ATTRIBUTES, Redactor, content_json
 from garrison.observability._propagation import (
@@ -53,6 +54,9 @@ _SPAN_NAME = "garrison.span.name"
 # child's start is made under an `execute_tool` span of its own.
 _TOOL_CALL, _TOOL_RESULT = "garrison.agent.tool_call", "garrison.agent.tool_result"
 _ERROR_STATUSES = frozenset({RunStatus.FAILED, RunStatus.QUARANTINED})
+_DROPPED = "garrison.content.dropped"  # content attributes left out, and why
+
+_log = get_logger(__name__)
 
 
 @dataclass(slots=True)
@@ -130,6 +134,7 @@ class TracingHooks(EngineHooks):
         # the segment).
         self._tool_calls: dict[str, dict[asyncio.Task[Any] | None, dict[str, Any]]] = {}
         self._tool_spans: dict[str, dict[str, Span]] = {}
+        self._content_errors: set[type[BaseException]] = set()
 
     # -- runs ----------------------------------------------------------------------
 
@@ -338,7 +343,7 @@ class TracingHooks(EngineHooks):
         for key, value in attributes.items():
             if key in CONTENT_ATTRIBUTES:
                 if self.capture_content:
-                    values[key] = content_json(value, self.redact)
+                    self._content(key, value, values)
             elif key != _SPAN_NAME:
                 converted = _attribute(value)
                 if converted is not None:
@@ -359,6 +364,24 @@ class TracingHooks(EngineHooks):
         if hint and spans.client is None:
             target.update_name(str(hint))
         target.set_attributes(values)
+
+    def _content(self, key: str, value: Any, values: dict[str, Any]) -> None:
+        # Telemetry never fails the step: the model has answered (and been paid) by the
+        # time its output is annotated.
+        try:
+            text = content_json(key, value, self.redact)
+        except Exception as exc:
+            dropped = values.get(_DROPPED, ())
+            values[_DROPPED] = (*dropped, f"{key}: {type(exc).__qualname__}")
+            if type(exc) not in self._content_errors:  # once per kind, not per call
+                self._content_errors.add(type(exc))
+                _log.warning("observability.content_dropped", attribute=key,
+                             error=f"{type(exc).__qualname__}: {exc}",
+                             fix="make redact= (or the annotated value) handle this "
+                                 "content; the attribute is left out until then")
+            return
+        if text is not None:
+            values[key] = text
 
     def step_completed(self, step: StepInfo, duration_s: float) -> None:
         segment = self._segments.get(step.run_id)
@@ -438,9 +461,17 @@ class TracingHooks(EngineHooks):
     def _end(self, spans: _StepSpans) -> None:
         if spans.client is not None:
             spans.client.end()
-            if spans.client_token is not None:
-                otel_context.detach(spans.client_token)  # type: ignore[arg-type]  # attach()'s
+            _restore(spans.client_token, spans.client)
         if spans.span is not None:
             spans.span.end()
-        if spans.token is not None:
-            otel_context.detach(spans.token)  # type: ignore[arg-type]  # attach()'s token
+        _restore(spans.token, spans.span)
+
+
+def _restore(token: object | None, span: Span | None) -> None:
+    """Make current again what was before `span` was attached (with `token`), if `span`
+    is still current. It is not when it was attached inside a span of the step's own
+    (`with tracer.start_as_current_span(...)`, which annotated or reported an event)
+    that has ended since: that span's exit already restored what was before both, and
+    detaching would make the ended span current again in the workflow code."""
+    if token is not None and trace.get_current_span() is span:
+        otel_context.detach(token)  # type: ignore[arg-type]  # attach()'s token
