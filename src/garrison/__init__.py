@@ -29,6 +29,7 @@ from garrison.engine import (
     remaining,
 )
 from garrison.errors import (
+    AbortedError,
     BulkheadFull,
     CircuitOpenError,
     ConfigurationError,
@@ -55,6 +56,7 @@ from garrison.store import RunRecord, RunStatus, StepRecord, Store, StreamRecord
 __version__ = "0.1.0"
 
 __all__ = [
+    "AbortedError",
     "BulkheadFull",
     "CircuitOpenError",
     "Clock",

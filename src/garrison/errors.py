@@ -17,6 +17,7 @@ GarrisonError
 ├── WorkflowFailed              the run ended FAILED: carries the error as data
 ├── WorkflowCancelled           the run ended CANCELLED
 ├── StepFailed                  a journaled step error whose type is not loaded here
+├── AbortedError                run code raised CancelledError uncancelled, or SystemExit
 ├── CircuitOpenError            a circuit breaker refused the call (`breaker`, `retry_after`)
 ├── BulkheadFull                a bulkhead had no place within its wait (`bulkhead`)
 ├── RateLimited                 a rate limiter had no token within its wait (`retry_after`)
@@ -49,6 +50,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "AbortedError",
     "AgentError",
     "BudgetExceeded",
     "BulkheadFull",
@@ -175,6 +177,14 @@ class StepFailed(GarrisonError):
 
     Attributes: `error_type` (module-qualified name), `error_message`, `traceback`.
     """
+
+
+class AbortedError(GarrisonError):
+    """A step or a workflow body raised what would otherwise stop more than its own
+    work: `CancelledError` while its run was not being cancelled (a task it awaited was
+    cancelled elsewhere, a library's own timeout), or `SystemExit` (`sys.exit`, a CLI
+    library's exit). Handled as the code's failure (journaled, retried per the step's
+    policy), with the original as `__cause__`; `raised` names it."""
 
 
 class ResultTimeoutError(GarrisonError):

@@ -11,8 +11,8 @@ import garrison.testing
 
 def test_top_level_names_are_pinned() -> None:
     assert garrison.__all__ == [
-        "BulkheadFull", "CircuitOpenError", "Clock", "ConfigurationError", "Context",
-        "DeadlineExceeded", "EngineHooks", "Garrison", "GarrisonError",
+        "AbortedError", "BulkheadFull", "CircuitOpenError", "Clock", "ConfigurationError",
+        "Context", "DeadlineExceeded", "EngineHooks", "Garrison", "GarrisonError",
         "LeaseLostError", "NonDeterminismError", "NotInWorkflowError", "Queue",
         "ResultTimeoutError", "RetryPolicy", "RunDeduplicatedError", "RunHandle",
         "RunNotFoundError", "RunRecord", "RunStatus", "SchemaVersionError",

@@ -217,24 +217,27 @@ def error_to_data(error: BaseException) -> dict[str, Any]:
     """An exception as journal data: type, message, traceback text and JSON-able args."""
     cls = type(error)
     args: list[Any] | None
-    try:
-        json.dumps(error.args, default=_default)
-        args = list(error.args)
-    except (TypeError, ValueError):
+    try:  # plain JSON: a UUID, a datetime, bytes (UnicodeDecodeError) as tagged values
+        args = json.loads(json.dumps(list(error.args), default=_default))
+    except (TypeError, ValueError, RecursionError):
         args = None
     data: dict[str, Any] = {
         "type": _type_path(cls),
-        "message": str(error),
+        "message": error_text(error),
         "traceback": "".join(traceback.format_exception(error)),
         "args": args,
     }
+    if isinstance(error, OSError) and isinstance(error.filename, str) and (
+            args is not None and len(args) == 2):  # (errno, strerror): the file is not in
+        filename2 = error.filename2 if isinstance(error.filename2, str) else None
+        data["args"] = [*args, error.filename, None, filename2]  # OSError's own order
     attrs: dict[str, Any] = {}
     for key, value in getattr(error, "__dict__", {}).items():
         if key.startswith("__"):
             continue
         try:
             json.dumps(value, default=_default)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):
             continue  # an attribute that cannot be journaled stays out
         attrs[key] = value
     if attrs:
@@ -242,15 +245,64 @@ def error_to_data(error: BaseException) -> dict[str, Any]:
     return data
 
 
+def error_text(error: BaseException) -> str:
+    """`str(error)`, or what can be said when its `__str__` raises (it reads an
+    attribute the error does not have, as one rebuilt from the journal may not)."""
+    try:
+        return str(error)
+    except Exception as exc:
+        return f"<{type(error).__qualname__}: str() raised {type(exc).__qualname__}: {exc}>"
+
+
 def _replay_note(data: dict[str, Any]) -> str:
     return f"(rebuilt from the journal; original traceback:)\n{data.get('traceback')}"
+
+
+def _rebuilt(cls: type[Exception], data: dict[str, Any]) -> BaseException | None:
+    """`cls` rebuilt from `data`, or None where it cannot be: its `__new__` wants
+    arguments (pydantic's `ValidationError`), or the rebuilt error cannot even be shown
+    (its `__str__` reads an attribute that was not journaled)."""
+    try:
+        args = data.get("args")
+        values = (tuple(decode(json.dumps(args))) if args is not None
+                  else (str(data.get("message", "")),))
+        error: BaseException
+        if cls.__module__ == "builtins":
+            # Python's own errors: their __init__ has no side effects and sets what their
+            # str() and fields read (OSError's errno and filename, UnicodeDecodeError's
+            # encoding and reason), which args alone do not.
+            try:
+                error = cls(*values)
+            except Exception:
+                error = cls.__new__(cls)
+                error.args = values
+        else:
+            error = cls.__new__(cls)
+            error.args = values
+    except Exception:
+        return None
+    attrs = data.get("attrs")
+    if attrs:
+        # No __dict__ (slots), or an attribute's class is gone: the args remain.
+        with contextlib.suppress(AttributeError, SerializationError):
+            error.__dict__.update(decode(attrs))
+    elif issubclass(cls, GarrisonError):
+        GarrisonError.__init__(error, str(data.get("message", "")))  # type: ignore[arg-type]
+    try:
+        str(error)
+    except Exception:
+        return None
+    error.add_note(_replay_note(data))
+    return error
 
 
 def error_from_data(data: dict[str, Any]) -> BaseException:
     """Rebuild a journaled error as the same exception type when that type is loaded here,
     with the same args and JSON-able attributes (its `__init__` is not called).
 
-    Falls back to `StepFailed` carrying type, message and traceback text. Only classes
+    Falls back to `StepFailed` carrying type, message and traceback text (also for a
+    type that cannot be rebuilt: its `__new__` wants arguments, or it cannot be shown
+    without an attribute that was not journaled). Only classes
     already imported by this process are considered; no module is imported.
     """
     from garrison.errors import StepFailed
@@ -261,18 +313,9 @@ def error_from_data(data: dict[str, Any]) -> BaseException:
     for part in qualname.split("."):
         obj = getattr(obj, part, None) if obj is not None else None
     if isinstance(obj, type) and issubclass(obj, Exception):
-        error: BaseException = obj.__new__(obj)
-        args = data.get("args")
-        error.args = tuple(args) if args is not None else (str(data.get("message", "")),)
-        attrs = data.get("attrs")
-        if attrs:
-            # No __dict__ (slots), or an attribute's class is gone: the args remain.
-            with contextlib.suppress(AttributeError, SerializationError):
-                error.__dict__.update(decode(attrs))
-        elif issubclass(obj, GarrisonError):
-            GarrisonError.__init__(error, str(data.get("message", "")))  # type: ignore[arg-type]
-        error.add_note(_replay_note(data))
-        return error
+        error = _rebuilt(obj, data)
+        if error is not None:
+            return error
     return StepFailed(
         f"{path}: {data.get('message')}",
         error_type=path,

@@ -28,7 +28,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from garrison._log import get_logger
-from garrison.engine._codec import decode, encode, error_from_data, error_to_data, roundtrip
+from garrison.engine._codec import (
+    decode,
+    encode,
+    error_from_data,
+    error_text,
+    error_to_data,
+    roundtrip,
+)
 from garrison.engine._context import (
     Branch,
     Context,
@@ -42,6 +49,7 @@ from garrison.engine._handle import RunHandle
 from garrison.engine._queues import DEFAULT_QUEUE, StartOptions
 from garrison.engine._registry import StepDef, WorkflowDef
 from garrison.errors import (
+    AbortedError,
     DeadlineExceeded,
     LeaseLostError,
     NonDeterminismError,
@@ -77,6 +85,14 @@ _APPEND_RETRIES_S = (0.2, 0.5, 1.0, 2.0, 4.0)
 def child_event_name(child_run_id: str) -> str:
     """The mailbox event through which a child run reports its end to its parent."""
     return f"garrison.child:{child_run_id}"
+
+
+def _cancel_requested() -> bool:
+    """Whether the current task is being cancelled (a run's cancel, park, deadline or
+    the worker's shutdown all cancel its task), as opposed to code in it raising a
+    CancelledError of its own."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 
 
 class _StoreFailure(BaseException):
@@ -199,6 +215,22 @@ class RunExecution:
         if self._cancel_after_close:
             await self.worker.app.cancel(self.run_id)
 
+    def _body_failed(self, exc: BaseException, cause: BaseException | None) -> _Outcome:
+        if cause is not None:
+            exc.__cause__ = cause
+        error = self.nondeterminism or exc
+        log.warning("run.failed", run_id=self.run_id, worker=self.worker.worker_id,
+                    error_type=type(error).__name__, error=error_text(error))
+        return self._failed(error)
+
+    async def end_broken(self, error: Exception) -> None:
+        """The run's execution raised what the engine does not expect (its own bug, or a
+        hook's): end the run with that error rather than hold it RUNNING for ever."""
+        try:
+            await self._finish(self._failed(error))
+        except _StoreFailure as failure:
+            self.worker.store_failed(self.run_id, failure.error)
+
     def _failed(self, error: BaseException) -> _Outcome:
         status = RunStatus.QUARANTINED if self.workflow.quarantine else RunStatus.FAILED
         return _Outcome(status, error=error_to_data(error))
@@ -239,13 +271,20 @@ class RunExecution:
             what = f"run {self.run_id}: result of workflow {self.workflow.name!r}"
             text, _ = roundtrip(result, what=what)
             return _Outcome(RunStatus.COMPLETED, result=text)
-        except asyncio.CancelledError:
-            raise
+        except asyncio.CancelledError as exc:
+            if _cancel_requested():
+                raise
+            return self._body_failed(AbortedError(
+                f"run {self.run_id}: workflow {self.workflow.name!r} raised CancelledError "
+                "while the run was not being cancelled; handled as its failure",
+                run_id=self.run_id, raised="CancelledError"), exc)
+        except SystemExit as exc:
+            return self._body_failed(AbortedError(
+                f"run {self.run_id}: workflow {self.workflow.name!r} called "
+                f"sys.exit({exc.code!r}); handled as its failure (a run never ends the "
+                "worker's process)", run_id=self.run_id, raised="SystemExit"), exc)
         except Exception as exc:
-            error = self.nondeterminism or exc
-            log.warning("run.failed", run_id=self.run_id, worker=self.worker.worker_id,
-                        error_type=type(error).__name__, error=str(error))
-            return self._failed(error)
+            return self._body_failed(exc, None)
         finally:
             self._closing = True
 
@@ -535,6 +574,24 @@ class RunExecution:
                           "the step fails without a retry until it is fixed")
             return None
 
+    async def _attempt_contained(self, step: StepDef, args: tuple[Any, ...],
+                                 kwargs: dict[str, Any], where: str) -> Any:
+        """One attempt; what the step's code raises that would stop more than the step
+        (a CancelledError nobody asked for, SystemExit) comes out as its failure."""
+        try:
+            return await self._attempt(step, args, kwargs, where)
+        except asyncio.CancelledError as exc:
+            if _cancel_requested():
+                raise  # the run is cancelled, parked or shut down: an interruption
+            raise AbortedError(
+                f"{where}: raised CancelledError while its run was not being cancelled "
+                "(a task it awaited was cancelled elsewhere?); handled as its failure",
+                raised="CancelledError") from exc
+        except SystemExit as exc:
+            raise AbortedError(
+                f"{where}: called sys.exit({exc.code!r}); handled as its failure (a step "
+                "never ends the worker's process)", raised="SystemExit") from exc
+
     async def _wait_until(self, position: str, fire_at: float) -> None:
         """A durable timer at `position` (its entry is journaled): the run may park."""
         while self.worker.clock.time() < fire_at:
@@ -564,7 +621,7 @@ class RunExecution:
             tokens = enter_step(info, (deadline, self.worker.clock.time)
                                 if deadline is not None else None, self)
             try:
-                result = await self._attempt(step, args, kwargs, where)
+                result = await self._attempt_contained(step, args, kwargs, where)
             except Exception as exc:
                 leave_step(tokens)
                 try:

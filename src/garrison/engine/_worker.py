@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from garrison._log import get_logger
 from garrison.engine._clock import Clock
+from garrison.engine._codec import error_text
 from garrison.engine._context import enter_branch
 from garrison.engine._execution import RunExecution, child_event_name
 from garrison.engine._hooks import EngineHooks, HookSet
@@ -225,6 +226,15 @@ class Worker:
             await execution.drive()
         except StoreError as exc:
             self.store_failed(run.run_id, exc)
+        except Exception as exc:  # never a run held RUNNING for ever by an error here
+            log.error("run.engine_error", worker=self.worker_id, run_id=run.run_id,
+                      error_type=type(exc).__qualname__, error=error_text(exc),
+                      exc_info=exc, fix="the run ends with this error (a bug in Garrison "
+                      "or in a hook: please report it); redrive it once fixed")
+            try:
+                await execution.end_broken(exc)
+            except StoreError as store_error:
+                self.store_failed(run.run_id, store_error)
         finally:
             if announced:
                 for on_detached in self.hooks.run_detached:
