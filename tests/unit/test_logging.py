@@ -129,6 +129,58 @@ def test_json_mode_strips_ansi_and_control_chars_and_keeps_one_line_a_record() -
     assert line["items"] == ["x"]
 
 
+class _Note:
+    """An application object whose repr and str carry what a user wrote."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return f"Note({self.text})"
+
+    __str__ = __repr__
+
+
+_FORGED = "x\n2026-01-01T00:00:00Z [info     ] payment.approved\x1b]0;t\x07\x1b[31m\u202e"
+
+
+def _nested(depth: int, leaf: dict[str, Any]) -> dict[str, Any]:
+    for _ in range(depth):
+        leaf = {"level": leaf}
+    return leaf
+
+
+def test_objects_cannot_forge_a_line_in_either_mode() -> None:
+    out = io.StringIO()
+    configure_logging(json=False, file=out)
+    log.info("order.received", order=_Note(_FORGED), items=[_Note(_FORGED)])
+    text = out.getvalue()
+    assert text.count("\n") == 1 and "\x1b" not in text and "\u202e" not in text
+    assert "order=Note(x\\n2026" in text
+    out = io.StringIO()
+    configure_logging(json=True, file=out)
+    log.info("order.received", order=_Note(_FORGED), items={"a": [_Note(_FORGED)]})
+    line = lines(out)[0]
+    assert out.getvalue().count("\n") == 1
+    assert line["order"] == "Note(x\n2026-01-01T00:00:00Z [info     ] payment.approved)"
+    assert line["items"] == {"a": [line["order"]]}
+
+
+@pytest.mark.parametrize("json_mode", [True, False])
+def test_deeply_nested_values_are_masked_and_cleaned(json_mode: bool) -> None:
+    out = io.StringIO()
+    configure_logging(json=json_mode, file=out)
+    log.info("webhook", body=_nested(6, {"note": "\x1b[2Jcleared", "password": "hunter2"}),
+             deeper=_nested(40, {"password": "hunter3", "note": "\x1b[2J"}))
+    text = out.getvalue()
+    assert "hunter2" not in text and "hunter3" not in text and "\x1b" not in text
+    if json_mode:
+        leaf = lines(out)[0]["body"]
+        for _ in range(6):
+            leaf = leaf["level"]
+        assert leaf == {"note": "cleared", "password": MASK}
+
+
 def test_json_mode_keeps_a_traceback_readable() -> None:
     out = io.StringIO()
     configure_logging(json=True, file=out)

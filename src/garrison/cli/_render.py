@@ -213,8 +213,8 @@ def run_json(run: RunRecord, steps: list[StepRecord] | None = None) -> dict[str,
         "started_at": run.started_at, "owner": run.owner, "fence": run.fence,
         "claim_reason": run.claim_reason.value if run.claim_reason else None,
         "previous_owner": run.previous_owner, "recoveries": run.recoveries,
-        "inputs": json.loads(run.inputs),
-        "result": json.loads(run.result) if run.result else None,
+        "inputs": mask_value(json.loads(run.inputs)),
+        "result": mask_value(json.loads(run.result)) if run.result else None,
         "error": _error_json(run.error),
         "forked_from": run.forked_from, "forked_at": run.forked_at,
     }
@@ -230,7 +230,7 @@ def run_json(run: RunRecord, steps: list[StepRecord] | None = None) -> dict[str,
              "cost_usd": row.call.cost_usd if row.call else None,
              "served_by": row.call.served_by if row.call else None,
              "model": row.call.model if row.call else None,
-             "output": json.loads(s.output) if s.output else None,
+             "output": mask_value(json.loads(s.output)) if s.output else None,
              "error": _error_json(s.error)}
             for row in rows for s in (row.step,)
         ]

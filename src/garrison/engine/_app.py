@@ -147,6 +147,9 @@ class Garrison:
         self._sync_step_threads = sync_step_threads
         self.worker: Worker | None = None
         self._open = False
+        # The event loop the app was opened on, None while closed: where code on another
+        # thread (a metrics scrape) runs its store reads.
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.breakers: dict[str, Any] = {}  # shared circuit breakers, by name
         self._background: set[asyncio.Task[None]] = set()
         self.stream_signals = StreamSignals()  # wakes this process's stream readers
@@ -407,6 +410,7 @@ class Garrison:
             return
         await self.store.open()
         self._open = True
+        self.loop = asyncio.get_running_loop()
         if self._run_worker:
             install_task_factory(asyncio.get_running_loop())
             self.worker = Worker(self, self.store, self.clock, self.hooks, self.worker_id,
@@ -431,6 +435,7 @@ class Garrison:
             await self.worker.stop(self.shutdown_grace_s)
             self.worker = None
         if self._open:
+            self.loop = None
             await self.store.close()
             self._open = False
 

@@ -188,15 +188,17 @@ class Worker:
     # -- launching -----------------------------------------------------------------
 
     def launch(self, run: RunRecord, definition: WorkflowDef,
-               journal: Sequence[StepRecord] | None) -> None:
+               journal: Sequence[StepRecord] | None, *, first: bool = False) -> None:
         """Start executing a claimed `run` here unless it already is. `journal=None`
-        loads it."""
+        loads it; `first`: the run's first execution all the same (a fork, created with
+        the entries it reuses), announced as started, not resumed."""
         if run.run_id in self.live:
             return
         execution = RunExecution(self, run, definition, journal or ())
         self.live[run.run_id] = execution
-        execution.task = self._spawn(self._execute(execution, journal is None),
-                                     name=f"garrison-run:{run.run_id}")
+        execution.task = self._spawn(
+            self._execute(execution, journal is None, first=first or journal is not None),
+            name=f"garrison-run:{run.run_id}")
         self._runs.add(execution.task)
         # However the task ends (even cancelled before it ran), the run leaves `live`.
         execution.task.add_done_callback(lambda _: self._forget_live(execution))
@@ -205,18 +207,19 @@ class Worker:
         if self.live.get(execution.run_id) is execution:
             del self.live[execution.run_id]
 
-    async def _execute(self, execution: RunExecution, load: bool) -> None:
+    async def _execute(self, execution: RunExecution, load: bool, *, first: bool) -> None:
         run = execution.run
         announced = False
         try:
             if load:
                 entries = await self.store.load_journal(run.run_id)
                 execution.journal = {e.position: e for e in entries}
+            if not first:  # (then the journal was loaded)
                 announced = True
                 for on_resumed in self.hooks.run_resumed:
-                    on_resumed(run, len(entries))
+                    on_resumed(run, len(execution.journal))
                 log.debug("run.resumed", worker=self.worker_id, run_id=run.run_id,
-                          workflow=run.workflow_name, journal_entries=len(entries),
+                          workflow=run.workflow_name, journal_entries=len(execution.journal),
                           fence=run.fence, claim_reason=run.claim_reason,
                           previous_owner=run.previous_owner)
             else:
@@ -267,8 +270,9 @@ class Worker:
             return
         # A fresh claim has no journal to load, unless the run is a fork (app.fork):
         # it was created with the entries it reuses.
-        empty = fresh and run.fence == 1 and run.forked_from is None
-        self.launch(run, definition, () if empty else None)
+        first = fresh and run.fence == 1
+        self.launch(run, definition, () if first and run.forked_from is None else None,
+                    first=first)
 
     async def _cancel_claimed(self, run: RunRecord) -> None:
         try:

@@ -84,7 +84,8 @@ _ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?)"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 _TRACEBACK_MARK = "│ "  # begins every line of a console traceback
-_MAX_DEPTH = 4
+_MAX_DEPTH = 32  # nesting followed by masking and escaping; deeper values become text
+_PLAIN = (int, float, bool, type(None))  # values whose text is always printable
 _LEVELS = ("debug", "info", "warning", "error", "critical")
 # What every LogRecord holds, and what formatters add to one: not `extra=` fields.
 _RECORD_KEYS = frozenset(logging.makeLogRecord({}).__dict__) | {
@@ -119,8 +120,8 @@ def mask_text(text: str) -> str:
 
 def mask_value(value: Any) -> Any:
     """`value` as a log field's value is masked: strings through `mask_text`, and in
-    dicts and lists (4 levels deep) the value of every secret-looking key replaced by
-    `MASK`. Returns new containers; `value` is not changed."""
+    dicts and lists (32 levels deep; deeper, as masked text) the value of every
+    secret-looking key replaced by `MASK`. Returns new containers; `value` is not changed."""
     return _mask(value, 1)
 
 
@@ -128,7 +129,7 @@ def _mask(value: Any, depth: int) -> Any:
     if isinstance(value, str):
         return mask_text(value)
     if depth > _MAX_DEPTH:
-        return value
+        return value if isinstance(value, _PLAIN) else mask_text(repr(value))
     if isinstance(value, Mapping):
         return {k: (MASK if isinstance(k, str) and is_secret_key(k) and v is not None
                     else _mask(v, depth + 1)) for k, v in value.items()}
@@ -194,13 +195,16 @@ def _strip_text(text: str) -> str:
 def _clean(value: Any, fix: Callable[[str], str], depth: int) -> Any:
     if isinstance(value, str):
         return fix(value)
-    if depth > _MAX_DEPTH:
+    if isinstance(value, _PLAIN):
         return value
+    if depth > _MAX_DEPTH:
+        return fix(repr(value))
     if isinstance(value, Mapping):
         return {_clean(k, fix, depth + 1): _clean(v, fix, depth + 1) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_clean(v, fix, depth + 1) for v in value]
-    return value
+    text = str(value)  # an object: JSON shows it by str() (`default=str`)
+    return value if text.isprintable() else fix(text)
 
 
 class _Escaped:
@@ -217,6 +221,20 @@ class _Escaped:
 
     def __str__(self) -> str:
         return repr(self.text)
+
+
+class _Shown:
+    """A value the console renderer shows as `text` (its escaped repr)."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+    __str__ = __repr__
 
 
 class ControlCharEscaper:
@@ -253,9 +271,14 @@ class ControlCharEscaper:
                     else:
                         event_dict[key] = (escape_control(value) if key == "event"
                                            else _Escaped(value))
-            elif strip and isinstance(value, Mapping | list | tuple) \
-                    and key not in _STRUCTLOG_KEYS:
+            elif key in _STRUCTLOG_KEYS or isinstance(value, _PLAIN):
+                pass
+            elif strip:  # containers and objects (shown by str() in JSON)
                 event_dict[key] = _clean(value, _strip_text, 1)
+            else:  # the console shows containers and objects by repr, itself unescaped
+                text = repr(value)
+                if not text.isprintable():
+                    event_dict[key] = _Shown(escape_control(text))
             if not key.isprintable():
                 dirty = [*(dirty or ()), key]
         fix = _strip_text if strip else escape_control

@@ -95,7 +95,7 @@ class QueueDepth:
             self.loop = asyncio.get_running_loop()
 
     def read(self) -> dict[str, int] | None:
-        loop = self.loop
+        loop = getattr(self.app, "loop", None) or self.loop  # open, if nothing ran yet
         if loop is None or loop.is_closed() or not loop.is_running():
             return None
         if getattr(loop, "_thread_id", None) == threading.get_ident():

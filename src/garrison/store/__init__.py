@@ -59,7 +59,7 @@ def open_store(url: str | None = None, *, create: bool = True) -> Store:
     if scheme in {"postgres", "postgresql"}:
         from garrison.store._postgres import PostgresStore
 
-        return PostgresStore(url)
+        return PostgresStore(url, create=create)
     raise ConfigurationError(
         f"store URL {safe_url(url)!r}: "
         + (f"unknown scheme {scheme!r}" if "://" in url else "not a URL")

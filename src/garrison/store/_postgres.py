@@ -439,8 +439,9 @@ class PostgresStore(LeaseBook):
 
     """Runs, journals and mailboxes in PostgreSQL (one schema per application)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, create: bool = True) -> None:
         self.url = url
+        self._create = create  # False: a schema without Garrison's tables is an error
         self._libpq, self.schema, self._pool_size = parse_postgres_url(url)
         self.channel = f"garrison_{self.schema}"[:63]  # one LISTEN channel per schema
         self.safe_url = safe_url(url)
@@ -520,12 +521,19 @@ class PostgresStore(LeaseBook):
             async with conn.transaction():
                 # Many workers may start at once: one migrates, the others wait here.
                 await conn.execute("SELECT pg_advisory_xact_lock(hashtext('garrison-migrate'))")
-                await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
                 cursor = await conn.execute(
                     "SELECT 1 FROM information_schema.tables WHERE table_schema = %s "
                     "AND table_name = 'garrison_meta'", (self.schema,))
+                exists = await cursor.fetchone() is not None
+                if not exists and not self._create:
+                    raise ConfigurationError(
+                        f"PostgreSQL store {self.safe_url}: schema {self.schema!r} holds no "
+                        "Garrison tables; check the URL's ?schema= (the default is "
+                        "'garrison') or start a worker on it first", url=self.safe_url,
+                        schema=self.schema)
+                await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
                 found = 0
-                if await cursor.fetchone():
+                if exists:
                     row = await (await conn.execute(
                         "SELECT value FROM garrison_meta WHERE key = 'schema_version'"
                     )).fetchone()
