@@ -90,6 +90,38 @@ def test_runs_list_and_show_render_the_store(tmp_path: Path) -> None:
     assert "double" in table.output and "completed" in table.output
 
 
+def test_runs_list_never_cuts_a_run_id_in_a_narrow_terminal(tmp_path: Path) -> None:
+    db = tmp_path / "g.db"
+
+    async def seed_long() -> str:
+        app = Garrison(f"sqlite:///{db}")
+
+        @app.step()
+        async def fail() -> None:
+            raise ValueError("upstream returned 502 Bad Gateway for a fairly long order "
+                             "note, as users write them, and then some more words")
+
+        @app.workflow(name="order")
+        async def order(ctx: Context) -> None:
+            await fail()
+
+        async with app:
+            handle = await app.start(order)
+            await asyncio.wait_for(asyncio.shield(_settle(handle)), 5)
+        return handle.run_id
+
+    run_id = asyncio.run(seed_long())
+    for columns in ("80", "120"):
+        listed = runner.invoke(cli, ["runs", "list", "--db", f"sqlite:///{db}"],
+                               env={"COLUMNS": columns})
+        assert listed.exit_code == 0, listed.output
+        assert "…" not in "".join(line.split("│")[1] for line in listed.output.splitlines()
+                                  if run_id[:6] in line)
+        cells = "".join(line.split("│")[1].strip() for line in listed.output.splitlines()
+                        if line.startswith("│") and line.split("│")[1].strip())
+        assert run_id in cells, listed.output
+
+
 def test_runs_list_orphaned_compares_with_the_apps_code(tmp_path: Path) -> None:
     db = tmp_path / "g.db"
     asyncio.run(seed(db))

@@ -61,7 +61,13 @@ async def test_runs_replay_exits_0_when_the_code_agrees_and_1_when_it_diverges(
     assert plain.stdout.startswith(f"diverged {ids[0]} at position 2: run {ids[0]} position 2")
 
     missing = _garrison(url, "same", "replay", "nope")
-    assert missing.returncode == 2 and "error nope: no run 'nope'" in missing.stdout
+    assert missing.returncode == 2 and "error nope: no run 'nope'" in missing.stderr
+    assert missing.stdout == ""  # errors on stderr; stdout is the report
+
+    mixed = _garrison(url, "changed", "replay", ids[0], "nope")
+    assert mixed.returncode == 1  # a divergence wins: the gate fails on it
+    assert mixed.stdout.startswith(f"diverged {ids[0]}") and "nope" not in mixed.stdout
+    assert "error nope: no run 'nope'" in mixed.stderr
 
 
 async def test_runs_fork_prints_the_new_run_which_a_worker_continues(tmp_path: Path) -> None:
@@ -90,7 +96,8 @@ async def test_runs_fork_prints_the_new_run_which_a_worker_continues(tmp_path: P
 
     past = _garrison(url, "same", "fork", first, "--at", "7", "--run-id", "past-the-end")
     assert past.returncode == 0 and past.stdout.strip() == "past-the-end"
-    assert f"note: {first}'s journal ends at position 1; the fork reuses all of it" in \
+    assert (f"note: {first}'s finished journal ends at position 1; the fork reuses all "
+            "of it (1 entries; a pending timer or wait starts afresh)") in \
         " ".join(past.stderr.split())
 
     bad = _garrison(url, "same", "fork", first, "--at", "-1")

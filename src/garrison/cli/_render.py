@@ -42,7 +42,10 @@ def _error_line(error: str | None) -> str:
 
 def runs_table(runs: list[RunRecord], title: str = "runs") -> Table:
     table = Table(title=title)
-    for column in ("run id", "workflow", "version", "status", "created (UTC)", "took", "error"):
+    # A run id is copied into `runs show`: never cut with an ellipsis (folded instead).
+    table.add_column("run id", overflow="fold", min_width=min(
+        26, max((len(run.run_id) for run in runs), default=6)))
+    for column in ("workflow", "version", "status", "created (UTC)", "took", "error"):
         table.add_column(column)
     for run in runs:
         style = _STATUS_STYLE.get(run.status.value, "white")

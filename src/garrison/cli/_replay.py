@@ -15,7 +15,7 @@ import typer
 from garrison.cli._console import console, errors, fail, text
 from garrison.engine import Garrison
 from garrison.errors import GarrisonError, NonDeterminismError
-from garrison.store import open_store, position_key
+from garrison.store import StepStatus, open_store, position_key
 
 __all__ = ["runs_fork", "runs_replay"]
 
@@ -91,11 +91,12 @@ def runs_replay(
             console.print(f"ok {text(line['run_id'])}: {line['entries']} entries, "
                           f"{text(how)} ({text(line['workflow'])} v{text(line['version'])})",
                           soft_wrap=True, highlight=False)
-        else:
+        else:  # a divergence is the report (stdout); an error is an error (stderr)
             where = (f" at position {line['position']}" if line.get("position")
                      else "")
-            console.print(f"{line['status']} {text(line['run_id'])}{text(where)}: "
-                          f"{text(line['message'])}", soft_wrap=True, highlight=False)
+            (errors if line["status"] == "error" else console).print(
+                f"{line['status']} {text(line['run_id'])}{text(where)}: "
+                f"{text(line['message'])}", soft_wrap=True, highlight=False)
     statuses = {line["status"] for line in lines}
     if "diverged" in statuses:
         raise typer.Exit(1)
@@ -135,10 +136,14 @@ def runs_fork(
         async with client:
             journal = await client.store.load_journal(run_id)
             handle = await client.fork(run_id, at_step=at, args=inputs, run_id=new_run_id)
-        last = max((position_key(e.position)[0] for e in journal), default=0)
+        finished = [position_key(e.position)[0] for e in journal
+                    if e.status is not StepStatus.PENDING]  # what a fork may reuse
+        last = max(finished, default=0)
+        kept = sum(1 for top in finished if top <= at)
         if at > last:  # allowed (the fork reproduces the run), but maybe not what was meant
-            errors.print(f"note: {text(run_id)}'s journal ends at position {last}; the fork "
-                         "reuses all of it", soft_wrap=True, highlight=False)
+            errors.print(f"note: {text(run_id)}'s finished journal ends at position {last}; "
+                         f"the fork reuses all of it ({kept} entries; a pending timer "
+                         "or wait starts afresh)", soft_wrap=True, highlight=False)
         return handle.run_id
 
     try:
