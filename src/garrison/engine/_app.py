@@ -7,6 +7,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import math
 import os
 import secrets
 import time
@@ -127,8 +128,25 @@ class Garrison:
         for option, value in (("poll_interval_s", poll_interval_s),
                               ("lease_ttl_s", lease_ttl_s),
                               ("claim_interval_s", claim_interval_s)):
-            if not isinstance(value, int | float) or value <= 0:
-                raise ConfigurationError(f"Garrison({option}={value!r}): must be > 0 (seconds)")
+            if (not isinstance(value, int | float) or isinstance(value, bool)
+                    or not math.isfinite(value) or value <= 0):
+                raise ConfigurationError(
+                    f"Garrison({option}={value!r}): a finite number of seconds > 0")
+        if (not isinstance(shutdown_grace_s, int | float) or isinstance(shutdown_grace_s, bool)
+                or not math.isfinite(shutdown_grace_s) or shutdown_grace_s < 0):
+            raise ConfigurationError(
+                f"Garrison(shutdown_grace_s={shutdown_grace_s!r}): a finite number of "
+                "seconds >= 0")
+        if (not isinstance(sync_step_threads, int) or isinstance(sync_step_threads, bool)
+                or sync_step_threads < 1):
+            raise ConfigurationError(
+                f"Garrison(sync_step_threads={sync_step_threads!r}): a whole number >= 1 "
+                "(the threads running synchronous `def` steps)")
+        if url is not None and not url.strip():
+            raise ConfigurationError(
+                "Garrison(url=''): an empty store URL (an unset environment variable?); "
+                "pass 'sqlite:///path.db' or 'postgresql://user@host/db', or None for "
+                "the default sqlite:///garrison.db")
         self.store: Store = store if store is not None else open_store(url)
         self.clock: Clock = clock or SystemClock()
         self.registry = Registry()
