@@ -101,7 +101,10 @@ class RunHandle(Generic[R]):
                 value: R = _outcome(run)
                 return value
             if waiter is not None:  # asyncio.wait: a timeout that never cancels anything
-                await asyncio.wait({waiter}, timeout=_LOCAL_POLL_S)
+                # Only a run executing here resolves the waiter: one another worker of
+                # the fleet executes (or nobody has claimed yet) is read again soon.
+                local = worker is not None and self.run_id in worker.live
+                await asyncio.wait({waiter}, timeout=_LOCAL_POLL_S if local else _POLL_S)
             else:
                 await asyncio.sleep(_POLL_S)
 

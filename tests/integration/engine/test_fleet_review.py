@@ -807,3 +807,33 @@ async def test_postgres_two_workers_batches_do_not_deadlock() -> None:
         await second.close()
     failed = [o for o in outcomes if isinstance(o, BaseException)]
     assert not failed, f"{len(failed)} writes failed: {failed[0]!r}"
+
+
+async def test_result_of_a_run_another_worker_executes_is_read_soon_not_at_the_safety_net(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process running a worker of its own (serving other queues) awaited
+    `handle.result()` of a run executed elsewhere by the 5 s safety-net poll meant for
+    its own runs (_handle.py): now only a run executing here waits on its future."""
+    from garrison.engine import _handle
+
+    monkeypatch.setattr(_handle, "_LOCAL_POLL_S", 60.0)  # were it used, the result waits
+    url = fresh_postgres_url()
+
+    def build(queues: list[str]) -> tuple[Garrison, Any]:
+        app = Garrison(url, queues=queues, claim_interval_s=0.1)
+        app.queue("api")
+        app.queue("jobs")
+
+        @app.workflow(name="job")
+        async def job(ctx: Context, i: int) -> int:
+            return i
+
+        return app, job
+
+    executor, _ = build(["jobs"])
+    api, job = build(["api"])
+    async with executor, api:
+        for i in range(3):
+            handle = await api.start(job, i, queue="jobs")
+            assert await handle.result(timeout=10) == i
+            assert handle.run_id not in api.worker.live  # type: ignore[union-attr]
