@@ -58,12 +58,26 @@ class Instrumentation:
                         keyed.on_state_change(self._breaker_changed)
 
     def _breaker_changed(self, breaker: Any, old: str, new: str) -> None:
-        self.metrics.breaker_changed(breaker.name, new)
+        self.metrics.breaker_changed(breaker.name, new)  # this app's gauge
+        if _event_owner(breaker, self) is not self:  # a breaker shared by several apps
+            return  # (a module-level one): one span event, not one per app
         span = trace.get_current_span()
         if span.is_recording():
             span.add_event("garrison.breaker.state_change",
                            {"garrison.breaker.name": breaker.name,
                             "garrison.breaker.from": old, "garrison.breaker.to": new})
+
+
+# Which Instrumentation adds a breaker's state changes to the current span: the first to
+# watch it (each app's listener also updates that app's gauge).
+_BREAKER_EVENTS: weakref.WeakKeyDictionary[Any, Instrumentation] = weakref.WeakKeyDictionary()
+
+
+def _event_owner(breaker: Any, instrumentation: Instrumentation) -> Instrumentation:
+    try:
+        return _BREAKER_EVENTS.setdefault(breaker, instrumentation)
+    except TypeError:  # not weakly referable (or not hashable): each app reports its own
+        return instrumentation
 
 
 # One meter per provider: the OpenTelemetry API's proxy provider (in use until

@@ -80,6 +80,10 @@ class _StepSpans:
     started_ns: int = 0
     client: Span | None = None
     client_token: object | None = None
+    # Taken by the loop to end the step: a synchronous step's thread, still running
+    # (past its timeout), makes no span for it any more (it would never end).
+    ended: bool = False
+    attempt: int = 1  # a timed-out attempt's thread must not write on the next one's span
 
 
 def _attribute(value: Any) -> Any:
@@ -285,7 +289,8 @@ class TracingHooks(EngineHooks):
             return
         span = self._step_span(step, None)
         token = otel_context.attach(trace.set_span_in_context(span))
-        self._steps[(step.run_id, step.position)] = _StepSpans(span, token, _current_task())
+        self._steps[(step.run_id, step.position)] = _StepSpans(
+            span, token, _current_task(), attempt=step.attempt)
 
     def _step_span(self, step: StepInfo, started_ns: int | None) -> Span:
         # The run id is on the segment span (the parent); fewer attributes, cheaper spans.
@@ -318,6 +323,12 @@ class TracingHooks(EngineHooks):
                 spans = _StepSpans(None, None, *quiet)
                 if keep:
                     self._steps[key] = spans
+            if spans.attempt != step.attempt:  # a late thread of an earlier attempt
+                if not keep:
+                    self._steps[key] = spans  # (never: the loop ends the live attempt)
+                return None
+            if not keep:
+                spans.ended = True
             return spans
 
     def _notable(self, step: StepInfo, spans: _StepSpans, *, current: bool) -> Span:
@@ -327,9 +338,11 @@ class TracingHooks(EngineHooks):
         if span is None:
             with self._lock:  # one span, if the step's thread and the loop both get here
                 span = spans.span
-                made = span is None
-                if span is None:
+                made = span is None and not (spans.ended and current)
+                if made:
                     span = spans.span = self._step_span(step, spans.started_ns)
+                elif span is None:  # a late thread of an ended step: nothing to add to
+                    return trace.INVALID_SPAN
             if made and current and spans.task is not None and spans.task is _current_task():
                 spans.token = otel_context.attach(trace.set_span_in_context(span))
         return span
@@ -352,9 +365,12 @@ class TracingHooks(EngineHooks):
         operation = attributes.get("gen_ai.operation.name")
         if spans.client is None and operation in _CLIENT_OPERATIONS:
             name = str(hint or f"{operation} {attributes.get('gen_ai.request.model', '')}")
-            spans.client = self.tracer.start_span(
-                name.strip(), kind=SpanKind.CLIENT, attributes=values,
-                context=trace.set_span_in_context(step_span))
+            with self._lock:  # not once the loop has taken the step to end it
+                if spans.ended or spans.client is not None:
+                    return
+                spans.client = self.tracer.start_span(
+                    name.strip(), kind=SpanKind.CLIENT, attributes=values,
+                    context=trace.set_span_in_context(step_span))
             if spans.task is not None and spans.task is _current_task():
                 # the provider's HTTP request carries this span's traceparent
                 spans.client_token = otel_context.attach(

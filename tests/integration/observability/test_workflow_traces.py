@@ -254,10 +254,15 @@ async def test_a_malformed_stored_traceparent_starts_a_new_trace(tmp_path: Path,
     assert not telemetry.named("start_workflow plain")  # the first hook's context won
 
 
+@pytest.mark.parametrize("shared", [False, True])
 async def test_breaker_transitions_and_rejections_are_span_events_and_a_gauge(
-        tmp_path: Path, telemetry: Telemetry) -> None:
+        tmp_path: Path, telemetry: Telemetry, shared: bool) -> None:
     app = Garrison(f"sqlite:///{tmp_path}/g.db")
     breaker = CircuitBreaker("payments", window=2, min_calls=2, wait_open=600)
+    other = Garrison(f"sqlite:///{tmp_path}/other.db")  # a module-level breaker: both apps
+    if shared:
+        other.step(name="charge", breaker=breaker)(lambda: None)
+        other_instrumentation = telemetry.attach(other)
 
     @app.step(name="charge", breaker=breaker)
     async def charge() -> None:
@@ -289,6 +294,9 @@ async def test_breaker_transitions_and_rejections_are_span_events_and_a_gauge(
     gauge = instrumentation.registry.get_sample_value("garrison_breaker_state",
                                                       {"breaker": "payments"})
     assert gauge == 2  # open
+    if shared:  # one event on the span, not one per instrumented app; each app's gauge
+        assert other_instrumentation.registry.get_sample_value(
+            "garrison_breaker_state", {"breaker": "payments"}) == 2
 
 
 class _StepEvents(EngineHooks):
