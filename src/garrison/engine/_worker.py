@@ -73,6 +73,8 @@ class Worker:
         self._retry_at: dict[str, tuple[float, int]] = {}
         self._store_failures: dict[str, int] = {}
         self._stopping = False
+        # Each run's latest execution task here, until it ends (also once out of `live`).
+        self._run_tasks: dict[str, asyncio.Task[None]] = {}
         self._claiming = True
         self._poke = asyncio.Event()
         self._claim_due = True
@@ -194,18 +196,30 @@ class Worker:
         the entries it reuses), announced as started, not resumed."""
         if run.run_id in self.live:
             return
+        previous = self._run_tasks.get(run.run_id)
+        if previous is not None and not previous.done():
+            # Claimed back (its lease was lost, as after a stalled loop) while the last
+            # execution here still unwinds: one execution of a run at a time in a
+            # process, so hooks, logs and the journal never see two interleaved.
+            previous.add_done_callback(
+                lambda _: None if self._stopping else self.launch(
+                    run, definition, journal, first=first))
+            return
         execution = RunExecution(self, run, definition, journal or ())
         self.live[run.run_id] = execution
         execution.task = self._spawn(
             self._execute(execution, journal is None, first=first or journal is not None),
             name=f"garrison-run:{run.run_id}")
         self._runs.add(execution.task)
+        self._run_tasks[run.run_id] = execution.task
         # However the task ends (even cancelled before it ran), the run leaves `live`.
         execution.task.add_done_callback(lambda _: self._forget_live(execution))
 
     def _forget_live(self, execution: RunExecution) -> None:
         if self.live.get(execution.run_id) is execution:
             del self.live[execution.run_id]
+        if self._run_tasks.get(execution.run_id) is execution.task:
+            del self._run_tasks[execution.run_id]
 
     async def _execute(self, execution: RunExecution, load: bool, *, first: bool) -> None:
         run = execution.run

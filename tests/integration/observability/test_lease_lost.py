@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -103,3 +104,52 @@ async def _until(condition: Any, timeout: float = 10.0) -> None:
 def _sample(registry: Any, name: str) -> float:
     value = registry.get_sample_value(name)
     return 0.0 if value is None else float(value)
+
+
+async def test_a_run_claimed_back_while_its_last_execution_unwinds_waits_for_it(
+        tmp_path: Path, telemetry: Telemetry) -> None:
+    """The same worker loses a run's lease (its heartbeat finds it gone, as after a
+    stalled loop) and claims it back as abandoned while the cancelled execution is still
+    cleaning up: the new execution starts only once the old one has ended, so each
+    segment is whole (the old one lease_lost, the new one completed)."""
+    app = Garrison(f"sqlite:///{tmp_path}/g.db", lease_ttl_s=0.9, claim_interval_s=0.1)
+    entered = asyncio.Event()
+    attempts: list[str] = []
+
+    @app.step(name="s")
+    async def s() -> str:
+        attempts.append("started")
+        if len(attempts) == 1:
+            entered.set()
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                await asyncio.sleep(0.5)  # slow cleanup, past the claim back
+                attempts.append("unwound")
+                raise
+        return f"attempt {len(attempts)}"
+
+    @app.workflow(name="wf")
+    async def wf(ctx: Context) -> str:
+        return await s()
+
+    instrumentation = telemetry.attach(app)
+    async with app:
+        handle = await app.start(wf, run_id="r")
+        await entered.wait()
+        renew = app.store.renew_leases
+
+        async def lose_once() -> set[str]:  # what the store reports after a stall
+            app.store.renew_leases = renew  # type: ignore[method-assign]
+            await app.store._write(lambda conn: conn.execute(  # type: ignore[attr-defined]
+                "UPDATE runs SET lease_until = 0 WHERE run_id = 'r'"))
+            return {"r"}
+
+        app.store.renew_leases = lose_once  # type: ignore[method-assign]
+        assert await handle.result(timeout=15) == "attempt 3"
+    assert attempts == ["started", "unwound", "started"]  # never two at once
+    segments = sorted(telemetry.named("invoke_workflow wf"), key=lambda x: x.start_time or 0)
+    assert [(dict(x.attributes or {})["garrison.run.fence"],
+             dict(x.attributes or {})["garrison.run.outcome"]) for x in segments] == [
+        (1, "lease_lost"), (2, "completed")]
+    assert not instrumentation.tracing._segments and not instrumentation.tracing._steps
