@@ -513,3 +513,42 @@ async def test_a_poison_run_is_quarantined_and_never_blocks_its_queue(db_url: st
         good = await app.start(job, "fine", queue="serial")
         assert await good.result(timeout=10) == "FINE"
         assert await poison.status() is RunStatus.QUARANTINED
+
+
+@pytest.mark.parametrize("child_first", [False, True])
+async def test_redriving_a_run_whose_child_failed_continues_the_child_too(
+        db_url: str, child_first: bool) -> None:
+    app = Garrison(db_url, poll_interval_s=0.01)
+    broken = {"carrier": True, "customs": True}
+
+    @app.step()
+    async def call(service: str) -> str:
+        if broken[service]:
+            raise RuntimeError(f"{service} API down")
+        return f"{service} ok"
+
+    @app.workflow(name="customs")
+    async def customs(ctx: Context) -> str:
+        return await call("customs")
+
+    @app.workflow(name="shipping")
+    async def shipping(ctx: Context) -> list[str]:
+        child = await ctx.start_child(customs, run_id="order/customs")
+        return [await call("carrier"), await child.result()]
+
+    @app.workflow(name="fulfil")
+    async def fulfil(ctx: Context) -> list[str]:
+        return await (await ctx.start_child(shipping, run_id="order/shipping")).result()
+
+    async with app:
+        handle = await app.start(fulfil, run_id="order")
+        with pytest.raises(WorkflowFailed):
+            await handle.result(timeout=10)
+        for run_id in ("order", "order/shipping", "order/customs"):
+            assert await app.handle(run_id).status() is RunStatus.QUARANTINED
+        broken.update(carrier=False, customs=False)  # the fix is deployed
+        if child_first:
+            assert await (await app.redrive("order/shipping")).result(timeout=10) == [
+                "carrier ok", "customs ok"]
+        await app.redrive("order")
+        assert await handle.result(timeout=10) == ["carrier ok", "customs ok"]

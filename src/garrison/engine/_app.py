@@ -17,7 +17,7 @@ from typing import Any, ParamSpec, TypeVar, overload
 
 from garrison._log import get_logger
 from garrison.engine._clock import Clock, SystemClock
-from garrison.engine._codec import encode
+from garrison.engine._codec import decode, encode
 from garrison.engine._context import Context, current_branch, install_task_factory
 from garrison.engine._handle import RunHandle
 from garrison.engine._hooks import EngineHooks
@@ -35,7 +35,16 @@ from garrison.errors import (
     WorkflowConflictError,
     WorkflowError,
 )
-from garrison.store import ClaimReason, RunRecord, RunStatus, Store, StreamRecord, open_store
+from garrison.store import (
+    ClaimReason,
+    RunRecord,
+    RunStatus,
+    StepKind,
+    StepRecord,
+    Store,
+    StreamRecord,
+    open_store,
+)
 
 __all__ = ["Garrison"]
 
@@ -666,13 +675,44 @@ class Garrison:
         """Continue a QUARANTINED run after a fix: it goes back to its queue, its
         completed steps keep their results, its failed steps run again.
 
+        A child run whose failure the run had received is continued with it: a
+        QUARANTINED child is redriven too (and its own children, so a whole tree goes on
+        from its failed leaves), and the run waits for that child's new outcome, as it
+        does for a child redriven (and completed) before it. A child that ended FAILED
+        or CANCELLED (not redrivable) keeps its outcome: the run sees it again.
+
         Raises `RunNotFoundError`, or `WorkflowError` if the run is not QUARANTINED.
         """
         self._require_open("redrive")
-        await self.store.redrive_run(run_id, now=self.clock.time())
+        forget: list[str] = []
+        run = await self.store.get_run(run_id)
+        if run is not None and run.status is RunStatus.QUARANTINED:
+            for entry in await self.store.load_journal(run_id):
+                child = await self._child_of(entry)
+                if child is None:
+                    continue
+                if child.status is RunStatus.QUARANTINED:  # its old end is voided too
+                    await self.redrive(child.run_id)
+                if (entry.kind is StepKind.CHILD_RESULT
+                        and child.status not in (RunStatus.FAILED, RunStatus.CANCELLED)):
+                    forget.append(entry.position)  # its failure, read: wait for it again
+        await self.store.redrive_run(run_id, now=self.clock.time(), forget=forget)
         if self.worker is not None:
             self.worker.poke()
         return RunHandle(self, run_id)
+
+    async def _child_of(self, entry: StepRecord) -> RunRecord | None:
+        """The child run `entry` started (a child entry) or whose failure it journaled
+        (a child result), if any."""
+        if not entry.output or entry.kind not in (StepKind.CHILD, StepKind.CHILD_RESULT):
+            return None
+        payload = decode(entry.output)
+        if entry.kind is StepKind.CHILD:
+            return await self.store.get_run(payload) if isinstance(payload, str) else None
+        if not (isinstance(payload, dict) and payload.get("status") in (
+                RunStatus.FAILED.value, RunStatus.QUARANTINED.value)):
+            return None
+        return await self.store.get_run(str(payload.get("run_id") or entry.name))
 
     async def replay(self, run_id: str, *, version: str | None = None,
                      children: bool = False) -> ReplayReport:

@@ -54,6 +54,8 @@ from garrison.store._rows import (
     INSERT_STREAM,
     LIST_EVENTS,
     PARK_RUN,
+    REDRIVE_FORGET_END,
+    REDRIVE_FORGET_ENTRY,
     REDRIVE_FORGET_FAILED,
     REDRIVE_RUN,
     RELEASE_RUNS,
@@ -939,13 +941,17 @@ class PostgresStore(LeaseBook):
 
         return await self._write(op)
 
-    async def redrive_run(self, run_id: str, *, now: float) -> RunRecord:
+    async def redrive_run(self, run_id: str, *, now: float,
+                          forget: Sequence[str] = ()) -> RunRecord:
         async def op(conn: Any) -> RunRecord:
             row = await (await conn.execute(
                 "SELECT status, queue FROM runs WHERE run_id = %s FOR UPDATE", (run_id,)
             )).fetchone()
             refuse_redrive(run_id, row[0] if row else None, self.safe_url)
             await conn.execute(_sql(REDRIVE_FORGET_FAILED), (run_id,))
+            for position in forget:
+                await conn.execute(_sql(REDRIVE_FORGET_ENTRY), (run_id, position))
+            await conn.execute(_sql(REDRIVE_FORGET_END), (f"garrison.child:{run_id}", run_id))
             await conn.execute(_sql(REDRIVE_RUN), (now, run_id))
             await _notify(conn, self.channel, f"q:{row[1]}")
             return run_from_row(await (await conn.execute(_SELECT_RUN, (run_id,))).fetchone())

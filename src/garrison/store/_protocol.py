@@ -225,9 +225,12 @@ class Store(Protocol):
         Raises `RunNotFoundError`.
         """
 
-    async def redrive_run(self, run_id: str, *, now: float) -> RunRecord:
+    async def redrive_run(self, run_id: str, *, now: float,
+                          forget: Sequence[str] = ()) -> RunRecord:
         """Send a QUARANTINED run back to its queue (PENDING), forgetting its failed
-        steps. Raises `RunNotFoundError`, or `WorkflowError` for a run in another state."""
+        steps and the journal entries at `forget` (a failed child's result, to be
+        waited for again). Raises `RunNotFoundError`, or `WorkflowError` for a run in
+        another state."""
 
     async def counts(self, since: float) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
         """Aggregates of runs created since `since`: (workflow, status, runs, mean

@@ -43,6 +43,8 @@ __all__ = [
     "DUE_NOW",
     "PARK_RUN",
     "UPSERT_STEP",
+    "REDRIVE_FORGET_END",
+    "REDRIVE_FORGET_ENTRY",
     "REDRIVE_FORGET_FAILED",
     "INSERT_BREAKER_EVENT",
     "RELEASE_RUNS",
@@ -236,6 +238,11 @@ def dedup_conflict(run: RunRecord, existing_run_id: str) -> RunDeduplicatedError
 # or the failure was another): a redriven run runs to its end.
 REDRIVE_FORGET_FAILED = (  # failed steps, and steps quarantined in a retry wait
     "DELETE FROM steps WHERE run_id = ? AND kind = 'step' AND status IN ('failed', 'pending')"
+)
+REDRIVE_FORGET_ENTRY = "DELETE FROM steps WHERE run_id = ? AND position = ?"
+REDRIVE_FORGET_END = (  # the redriven run's end, not yet read by its parent: void now
+    "DELETE FROM events WHERE consumed_position IS NULL AND name = ? AND run_id = "
+    "(SELECT parent_run_id FROM runs WHERE run_id = ?)"
 )
 REDRIVE_RUN = (
     "UPDATE runs SET status = 'PENDING', result = NULL, error = NULL, completed_at = NULL, "

@@ -53,6 +53,8 @@ from garrison.store._rows import (
     INSERT_STREAM,
     LIST_EVENTS,
     PARK_RUN,
+    REDRIVE_FORGET_END,
+    REDRIVE_FORGET_ENTRY,
     REDRIVE_FORGET_FAILED,
     REDRIVE_RUN,
     RELEASE_RUNS,
@@ -708,11 +710,14 @@ class SQLiteStore(LeaseBook):
 
         return await self._write(op)
 
-    async def redrive_run(self, run_id: str, *, now: float) -> RunRecord:
+    async def redrive_run(self, run_id: str, *, now: float,
+                          forget: Sequence[str] = ()) -> RunRecord:
         def op(conn: sqlite3.Connection) -> RunRecord:
             row = conn.execute("SELECT status FROM runs WHERE run_id = ?", (run_id,)).fetchone()
             refuse_redrive(run_id, row[0] if row else None, self.path)
             conn.execute(REDRIVE_FORGET_FAILED, (run_id,))
+            conn.executemany(REDRIVE_FORGET_ENTRY, [(run_id, p) for p in forget])
+            conn.execute(REDRIVE_FORGET_END, (f"garrison.child:{run_id}", run_id))
             conn.execute(REDRIVE_RUN, (now, run_id))
             return run_from_row(conn.execute(SELECT_RUN, (run_id,)).fetchone())
 

@@ -19,6 +19,7 @@ from tests.unit.test_resilience_engine import (  # noqa: F401
     test_a_failed_run_is_quarantined_and_redrive_continues_it,
     test_a_rate_limiter_on_a_step_keeps_its_bucket_in_the_store,
     test_a_shared_breakers_opening_and_recovery_are_in_the_figures,
+    test_redriving_a_run_whose_child_failed_continues_the_child_too,
     test_reliability_figures_come_from_the_store,
     test_retry_wait_is_durable_and_the_attempt_count_survives_a_restart,
     test_run_deadline_is_seen_by_steps_and_ends_the_run,
@@ -50,3 +51,4 @@ from tests.unit.test_waits import (  # noqa: F401
     test_wait_survives_restart_and_event_sent_while_down,
     test_wait_timeout_returns_default_after_restart,
 )
+
