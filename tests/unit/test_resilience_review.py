@@ -6,7 +6,9 @@ import asyncio
 import threading
 from typing import Any
 
-from garrison import Context, Garrison, RunStatus
+import pytest
+
+from garrison import Context, Garrison, RunStatus, WorkflowFailed
 from garrison.resilience import Child, CircuitBreaker, Retry, RetryBudget, Supervisor
 from garrison.resilience._breaker import CLOSED, HALF_OPEN, OPEN
 from garrison.testing import FakeClock
@@ -310,3 +312,38 @@ async def test_redrive_of_a_run_quarantined_in_a_retry_wait_runs_the_step_at_onc
             while len(calls) < 2:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
         assert await app.handle("r").result(timeout=5) == "up"
+
+
+async def test_redrive_of_a_run_reading_remaining_keeps_its_journal_positions(
+        db_url: str) -> None:
+    """remaining() journaled its clock read only while the run had a deadline; redrive
+    lifts the deadline, so the redriven replay took no position for it and every later
+    operation moved by one: NonDeterminismError instead of continuing after the fix."""
+    from garrison import remaining
+
+    app = Garrison(db_url)
+    state = {"broken": True, "charges": 0}
+
+    @app.step(name="charge")
+    async def charge(budget_s: float | None) -> str:
+        state["charges"] += 1
+        return "receipt"
+
+    @app.step(name="notify")
+    async def notify(receipt: str) -> str:
+        if state["broken"]:
+            raise RuntimeError("mail server down")
+        return "sent"
+
+    @app.workflow(name="refund", timeout=600)
+    async def refund(ctx: Context) -> str:
+        return await notify(await charge(remaining()))
+
+    async with app:
+        handle = await app.start(refund, run_id="r")  # type: ignore[arg-type]
+        with pytest.raises(WorkflowFailed):
+            await handle.result(timeout=8)
+        state["broken"] = False
+        await app.redrive("r")
+        assert await handle.result(timeout=8) == "sent"
+    assert state["charges"] == 1

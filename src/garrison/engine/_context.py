@@ -322,10 +322,12 @@ def remaining() -> float | None:
     step too, so an outbound call can pass it on as its own timeout."""
     branch = current_branch()
     if branch is not None:  # workflow code: from the journaled clock, so replay agrees
+        # Journaled with or without a deadline: the journal's shape must not depend on
+        # one (a redrive lifts it; later steps would move to other positions).
+        now = branch.execution.journal_value(branch, "now")
         deadline_at = branch.execution.run.deadline_at
         if deadline_at is None:
             return None
-        now = branch.execution.journal_value(branch, "now")
         return float(deadline_at - now.timestamp())
     deadline = _step_deadline.get()
     return deadline[0] - deadline[1]() if deadline is not None else None
