@@ -8,7 +8,15 @@ from collections.abc import Sequence
 
 import pytest
 
-from garrison import Context, Garrison, RunRecord, RunStatus, StepRecord, StoreError
+from garrison import (
+    Context,
+    Garrison,
+    RunRecord,
+    RunStatus,
+    StepRecord,
+    StoreError,
+    WorkflowCancelled,
+)
 from garrison.store._sqlite import SQLiteStore
 
 
@@ -104,3 +112,40 @@ async def test_store_error_raised_by_a_step_fails_the_run_instead_of_retrying_fo
         with pytest.raises(Exception, match="database is locked"):
             await handle.result(timeout=3)  # got ResultTimeoutError: RUNNING, retried forever
         assert await handle.status() is RunStatus.QUARANTINED
+
+
+async def test_a_cancel_from_another_process_reaches_a_live_run_behind_a_backlog(
+        db_url: str) -> None:
+    """SQLite tells a worker only that another process wrote ("everything"): it looked
+    for cancel requests among the first 10,000 unfinished runs, oldest first, so with a
+    larger backlog the live run's cancel was never seen and it ran to its end."""
+    app = Garrison(db_url)
+    app.queue("backlog", concurrency=1)
+    ticking = asyncio.Event()
+
+    @app.workflow(name="job")
+    async def job(ctx: Context) -> None:
+        await ctx.sleep(3600)
+
+    @app.step()
+    async def tick(i: int) -> int:
+        ticking.set()
+        await asyncio.sleep(0.05)
+        return i
+
+    @app.workflow(name="long")
+    async def long(ctx: Context) -> int:
+        return sum([await tick(i) for i in range(400)])  # ~20 s unless cancelled
+
+    client = Garrison(db_url, worker=False)  # another process's app: its own connection
+    client.queue("backlog", concurrency=1)
+    async with app:
+        for chunk in range(0, 10_050, 1_000):
+            await asyncio.gather(*(app.start(job, run_id=f"b{i:05d}", queue="backlog")
+                                   for i in range(chunk, min(chunk + 1_000, 10_050))))
+        handle = await app.start(long, run_id="live")
+        await ticking.wait()
+        async with client:
+            await client.cancel("live")
+        with pytest.raises(WorkflowCancelled):
+            await handle.result(timeout=10)

@@ -424,10 +424,12 @@ class Worker:
         if changes.breakers or changes.everything:
             await self.app.follow_breakers()
         if changes.everything:
-            registered = list(self.app.registry.workflows)
-            for run in await self.store.recoverable_runs(workflows=registered):
-                if run.cancel_requested and run.run_id in self.live:
-                    self.live[run.run_id].cancel()
+            # A cancel of any live run (read each: however many runs wait in the store,
+            # a scan of them could stop before the one cancelled).
+            for run_id in list(self.live):
+                run = await self.store.get_run(run_id)
+                if run is not None and run.cancel_requested and run_id in self.live:
+                    self.live[run_id].cancel()
             for execution in list(self.live.values()):
                 execution.deliver(None)
             self._claim_due = True
