@@ -20,7 +20,7 @@ from garrison._log import get_logger
 from garrison.agents._budget import Budget, call_signature
 from garrison.agents._messages import Message, ModelSettings, ToolCall, Usage
 from garrison.agents._tools import result_text
-from garrison.engine import Context, annotate, current_step, publish, record_event
+from garrison.engine import Context, annotate, current_step, publish, record_event, replaying
 from garrison.errors import (
     CircuitOpenError,
     DeadlineExceeded,
@@ -233,8 +233,10 @@ async def _call_models(app: Garrison, state: _State) -> _Reply:
                                            settings.to_dict(), state.stream)
         except (ProviderError, DeadlineExceeded, CircuitOpenError) as exc:  # retries spent
             errors.append(exc)
-            log.warning("agent.model_failed", run_id=state.run_id, agent=active.name,
-                        model=model.name, kind=getattr(exc, "kind", None), error=str(exc))
+            if not replaying():  # once, when it happened; not again on each replay
+                log.warning("agent.model_failed", run_id=state.run_id, agent=active.name,
+                            model=model.name, kind=getattr(exc, "kind", None),
+                            error=str(exc))
             if index + 1 < len(active.models):
                 # The rest of this run goes to the next model: a model that failed its
                 # retries (or cannot serve at all) is not paid again on every turn.
@@ -449,6 +451,7 @@ def _next_model_for_output(state: _State) -> None:
         "garrison.fallback.to": names[current + 1],
         "garrison.fallback.reason": "output_validation"})
     state.output_repairs = 0
-    log.warning("agent.output_fallback", run_id=state.run_id, agent=active.name,
-                model=state.last_model, to=names[current + 1])
+    if not replaying():
+        log.warning("agent.output_fallback", run_id=state.run_id, agent=active.name,
+                    model=state.last_model, to=names[current + 1])
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from garrison.engine._annotate import annotate, record_event
+from garrison.engine._annotate import annotate, record_event, replaying
 from garrison.engine._app import Garrison, new_run_id
 from garrison.engine._clock import Clock, SystemClock
 from garrison.engine._context import Context, StepInfo, current_step, remaining
@@ -32,4 +32,5 @@ __all__ = [
     "publish",
     "record_event",
     "remaining",
+    "replaying",
 ]

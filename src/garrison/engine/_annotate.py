@@ -7,7 +7,7 @@ from typing import Any
 
 from garrison.engine._context import current_branch, current_step_call, enter_branch, leave_branch
 
-__all__ = ["annotate", "record_event"]
+__all__ = ["annotate", "record_event", "replaying"]
 
 
 def annotate(**attributes: Any) -> None:
@@ -52,7 +52,7 @@ def record_event(name: str, **attributes: Any) -> None:
         return
     execution = branch.execution
     listeners = execution.worker.hooks.run_event
-    if not listeners or branch.replaying():
+    if not listeners or branch.replaying() or execution.replay_only:
         return
     token = enter_branch(None)  # a task a hook creates is not a fan-out of the run
     try:
@@ -60,3 +60,17 @@ def record_event(name: str, **attributes: Any) -> None:
             notify(execution.run_id, None, name, attributes)
     finally:
         leave_branch(token)
+
+
+def replaying() -> bool:
+    """Whether the workflow code calling this goes over what its run already did: its
+    next journaled operation is in the journal (a resume after a crash or a wake-up, the
+    reused part of a fork), or it runs under `app.replay` (`garrison runs replay`). A
+    side effect of workflow code that must happen once, a log line or a counter, is
+    made when this is False. False in a step body (it runs live) and outside runs."""
+    if current_step_call() is not None:
+        return False
+    branch = current_branch()
+    if branch is None:
+        return False
+    return branch.execution.replay_only or branch.replaying()

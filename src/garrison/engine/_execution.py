@@ -122,6 +122,8 @@ class _Outcome:
 class RunExecution:
     """Drives one run's workflow coroutine in this process."""
 
+    replay_only = False  # True for `app.replay`'s executions: nothing in them is live
+
     def __init__(self, worker: Worker, run: RunRecord, workflow: WorkflowDef,
                  journal: Sequence[StepRecord]) -> None:
         self.worker = worker

@@ -126,6 +126,8 @@ class ReplayExecution(RunExecution):
     anything the journal lacks is a divergence or, past the end of an unfinished run's
     journal, a stop."""
 
+    replay_only = True
+
     def __init__(self, app: Garrison, run: RunRecord, workflow: WorkflowDef,
                  journal: Sequence[StepRecord]) -> None:
         # The stand-in offers what the replay paths below use of a worker; the rest
