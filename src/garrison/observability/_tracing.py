@@ -209,11 +209,13 @@ class TracingHooks(EngineHooks):
         span = self.tracer.start_span(name, context=parent or otel_context.Context(),
                                       kind=SpanKind.INTERNAL, attributes=attributes,
                                       links=links)
-        if derived and span.get_span_context() == (
-                trace.get_current_span(parent).get_span_context()):
-            # A tracer that makes nothing passes its parent on (an SDK's span, even one
-            # sampled out, has an id of its own): the derived context would reach
-            # outbound calls as a trace nobody records. Untraced, as before.
+        # A tracer that makes nothing passes its parent on (an SDK's span, even one
+        # sampled out, has an id of its own): then no step asks it for a span either.
+        passed_on = parent is not None and span.get_span_context() == (
+            trace.get_current_span(parent).get_span_context())
+        if derived and passed_on:
+            # The derived context would reach outbound calls as a trace nobody records.
+            # Untraced, as before.
             span = self.tracer.start_span(name, context=otel_context.Context())
         if replayed is not None:
             span.add_event("garrison.run.resumed", {"garrison.run.replayed_entries": replayed})
@@ -224,8 +226,8 @@ class TracingHooks(EngineHooks):
                     recovered["garrison.run.previous_worker"] = run.previous_owner
                 span.add_event("garrison.run.recovered", recovered)
         token = otel_context.attach(trace.set_span_in_context(span))
-        self._segments[run.run_id] = _Segment(span, token,
-                                              span.get_span_context().is_valid)
+        self._segments[run.run_id] = _Segment(
+            span, token, span.get_span_context().is_valid and not passed_on)
 
     def run_parked(self, run_id: str, wake_at: float | None) -> None:
         segment = self._segments.get(run_id)

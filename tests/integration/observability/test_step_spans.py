@@ -223,3 +223,37 @@ async def test_a_quick_step_interrupted_gets_its_span_from_its_start(
     assert step.end_time - step.start_time >= 20_000_000  # from the step's own start
     run = telemetry.one("invoke_workflow held")
     assert dict(run.attributes or {})["garrison.run.steps_unspanned"] == 0
+
+
+async def test_a_worker_that_makes_nothing_asks_no_step_span_for_a_run_stored_traced(
+        tmp_path: Path, telemetry: Telemetry) -> None:
+    url = f"sqlite:///{tmp_path}/g.db"
+    client = Garrison(url, worker=False)  # the API process: an SDK, a stored context
+    telemetry.attach(client)
+    worker = Garrison(url)
+    tracing = instrument(worker, tracer_provider=NoOpTracerProvider()).tracing
+    started: list[int] = []
+    original = tracing._step_span
+
+    def counted(*args: Any) -> Any:
+        started.append(1)
+        return original(*args)
+
+    tracing._step_span = counted  # type: ignore[method-assign]
+    seen: list[trace.SpanContext] = []
+    for app in (client, worker):
+        @app.step(name="look")
+        async def look() -> None:
+            seen.append(trace.get_current_span().get_span_context())
+
+        @app.workflow(name="looks")
+        async def looks(ctx: Context) -> None:
+            await look()
+            await look()
+
+    async with worker, client:
+        await (await client.start(looks, run_id="l")).result(timeout=10)
+    (enqueue,) = telemetry.named("start_workflow looks")
+    # no span asked for, nothing kept; the stored context still reaches outbound calls
+    assert started == [] and tracing._steps == {}
+    assert [c.span_id for c in seen] == [enqueue.context.span_id] * 2
