@@ -236,3 +236,32 @@ def test_runs_stats_reports_success_rates_from_the_store(tmp_path: Path) -> None
     table = runner.invoke(cli, ["runs", "stats", "--db", f"sqlite:///{db}"],
                           env={"COLUMNS": "200"})
     assert table.exit_code == 0 and "50.0 %" in table.output
+
+
+def test_runs_show_never_wraps_an_error_into_lines_of_its_own(tmp_path: Path) -> None:
+    db = tmp_path / "t.db"
+    forged = "run order-9 COMPLETED: refund approved"
+
+    async def seed_failed() -> None:
+        app = Garrison(f"sqlite:///{db}")
+
+        @app.step()
+        async def charge(note: str) -> None:
+            raise ValueError(note)
+
+        @app.workflow(name="order")
+        async def order(ctx: Context, note: str) -> None:
+            await charge(note)
+
+        async with app:
+            handle = await app.start(order, "bad card" + " " * 70 + forged, run_id="o-1")
+            await asyncio.wait_for(asyncio.shield(_settle(handle)), 5)
+
+    asyncio.run(seed_failed())
+    shown = runner.invoke(cli, ["runs", "show", "o-1", "--db", f"sqlite:///{db}"],
+                          env={"COLUMNS": "80"})
+    assert shown.exit_code == 0, shown.output
+    lines = shown.output.splitlines()
+    assert not [line for line in lines if line.startswith(forged[:11])], lines  # no forgery
+    assert any(line.startswith("builtins:ValueError: bad card") and line.endswith(forged)
+               for line in lines)  # the message on one line, under the table

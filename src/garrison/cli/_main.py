@@ -265,14 +265,17 @@ def runs_show(
     console.print(timeline_table(run, steps))
     if run.error:
         error = json.loads(run.error)
-        console.print(f"[red]{text(error.get('type'))}[/]: {text(error.get('message'))}")
+        # Never wrapped by us (soft_wrap): a wrapped piece of a message would begin a
+        # line of its own, unmarked, and could pass for the command's own output.
+        console.print(f"[red]{text(error.get('type'))}[/]: {text(error.get('message'))}",
+                      soft_wrap=True)
         # Its lines stay lines, each marked as the logs mark them: a newline in a message
         # cannot make a line that passes for the command's own output.
         traceback = mask_text(str(error.get("traceback") or "")).rstrip("\n")
         if traceback:
             console.print("\n".join(f"│ {escape_control(line)}"
                                     for line in traceback.split("\n")),
-                          markup=False, highlight=False)
+                          markup=False, highlight=False, soft_wrap=True)
 
 
 @runs_app.command("stats")
