@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+import functools
 import json
+import re
 import uuid
 from decimal import Decimal
 from typing import Any
@@ -363,3 +365,21 @@ def test_a_utc_offset_with_microseconds_survives_the_journal() -> None:
     for value in (dt.datetime(2000, 1, 1, tzinfo=zone), dt.time(1, 2, tzinfo=zone)):
         back = decode(encode(value))
         assert back == value and back.utcoffset() == value.utcoffset()
+
+
+@pytest.mark.parametrize(("value", "says"), [
+    ({(1, 2): "x"}, "a dict with a tuple key cannot be stored in the journal: keys must be"),
+    (10 ** 5000, "an int too large to be stored in the journal (over 4300 digits)"),
+    (functools.reduce(lambda inner, _: [inner], range(5000), []),
+     "nested too deeply to be stored in the journal"),
+], ids=["tuple-key", "huge-int", "deep"])
+def test_a_value_json_refuses_is_named_with_its_fix(value: Any, says: str) -> None:
+    with pytest.raises(SerializationError, match=re.escape(f"result of step 'x': {says}")):
+        encode(value, what="result of step 'x'")
+
+
+def test_a_circular_value_is_named_as_such() -> None:
+    looped: dict[str, Any] = {}
+    looped["self"] = looped
+    with pytest.raises(SerializationError, match="contains itself"):
+        encode(looped)

@@ -86,15 +86,31 @@ def encode(value: Any, *, what: str = "value") -> str:
             except UnicodeEncodeError:  # lone surrogates (os.fsdecode of a bad file name)
                 text = json.dumps(value, default=_default, separators=(",", ":"))
         return text
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         bad = exc.args[0] if exc.args and isinstance(exc.args[0], type) else type(value)
         name = getattr(bad, "__qualname__", str(bad))
-        raise SerializationError(
-            f"{what}: a {name} cannot be stored in the journal. Use JSON types, a dataclass, "
-            "a pydantic model, datetime/UUID/Decimal/bytes, or convert it first.",
-            type_name=name,
-            what=what,
-        ) from exc
+        raise SerializationError(f"{what}: {_why(exc, name)}", type_name=name,
+                                 what=what) from exc
+
+
+def _why(exc: BaseException, name: str) -> str:
+    """What is wrong with a value json.dumps refused, and the fix."""
+    said = str(exc)
+    if isinstance(exc, RecursionError):
+        return ("nested too deeply to be stored in the journal (about a thousand levels "
+                "of lists or dicts); flatten it, or store it as text")
+    if said.startswith("keys must be"):
+        key = said.rsplit(" ", 1)[-1]
+        return (f"a dict with a {key} key cannot be stored in the journal: keys must be "
+                "str, int, float, bool or None; convert the keys (e.g. to strings) first")
+    if "Circular reference" in said:
+        return ("the value contains itself (a circular reference) and cannot be stored in "
+                "the journal; break the cycle first")
+    if "integer string conversion" in said:
+        return ("an int too large to be stored in the journal (over 4300 digits); store it "
+                "as text (str) instead")
+    return (f"a {name} cannot be stored in the journal. Use JSON types, a dataclass, a "
+            "pydantic model, datetime/UUID/Decimal/bytes, or convert it first.")
 
 
 def _lookup_class(path: str) -> type:
