@@ -267,3 +267,37 @@ def test_a_fork_shows_where_it_came_from_and_where_it_went_live(tmp_path: Path) 
     run = json.loads(show(db, "branch", "--json"))
     assert (run["forked_from"], run["forked_at"]) == ("source", 2)
     assert "forked" not in show(db, "source", columns=200)
+
+
+def test_a_failed_model_call_fits_100_columns_with_nothing_cut(tmp_path: Path) -> None:
+    from garrison.errors import ProviderUnavailable
+    from garrison.resilience import Retry
+
+    db = tmp_path / "g.db"
+    down = ProviderUnavailable("primary down", provider="test", model="p", status=503,
+                               kind="server", retryable=True, retry_after=None)
+    agent = Agent("support", model=ScriptedModel([down], name="primary-m"),
+                  fallback_models=[ScriptedModel(["ok"], name="backup-m")],
+                  retry=Retry(max_attempts=1))
+
+    async def seed() -> None:
+        app = agent_app(f"sqlite:///{db}", agent, worker_id="w")
+        async with app:
+            await agent.run(app, "hi", run_id="conv")
+
+    asyncio.run(seed())
+    for columns in (100, 120):  # docs/observability-logs.md: fits a 100-column terminal
+        shown = show(db, "conv", columns=columns)
+        assert all(len(line) <= columns for line in shown.splitlines())
+        lines = shown.splitlines()
+        header = next(line for line in lines if line.lstrip().startswith("pos"))
+
+        def column(name: str, end: str | None = None) -> str:  # a folded column, read back
+            start = header.index(name)
+            stop = header.index(end) if end else None
+            return "".join(line[start:stop].strip() for line in lines[lines.index(header) + 2:]
+                           if not line.lstrip().startswith("total"))
+
+        assert "ProviderUnavailable:primarydown" in column("error").replace(" ", ""), shown
+        assert "test:backup-m" in column("model", "error")
+        assert "agent.support.model" in column("step", "status")

@@ -116,6 +116,8 @@ def _totals(rows: list[_Row]) -> dict[str, Any]:
 
 
 def _cost(usd: float) -> str:
+    if 0 < usd < 0.00005:  # not "$0.0000" for a call that cost something
+        return "<$0.0001"
     return f"${usd:.4f}" if usd < 100 else f"${usd:,.2f}"
 
 
@@ -136,7 +138,7 @@ def timeline_table(run: RunRecord, steps: list[StepRecord]) -> Table:
                         f" ({took})", title_justify="left", box=box.SIMPLE_HEAD,
                   padding=(0, 1), collapse_padding=True, pad_edge=False)
     table.add_column("pos", no_wrap=True)
-    table.add_column("step", overflow="fold", min_width=16)
+    table.add_column("step", overflow="fold", min_width=8)
     table.add_column("status", no_wrap=True)
     table.add_column("att", justify="right", no_wrap=True)
     table.add_column("took", justify="right", no_wrap=True)
@@ -144,9 +146,9 @@ def timeline_table(run: RunRecord, steps: list[StepRecord]) -> Table:
     if agentic:
         table.add_column("tokens", justify="right", no_wrap=True)  # in/out
         table.add_column("cost", justify="right", no_wrap=True)
-        table.add_column("model", overflow="fold")
+        table.add_column("model", overflow="fold", min_width=6)
     if errors:
-        table.add_column("error", overflow="fold", min_width=16)
+        table.add_column("error", overflow="fold", min_width=8, ratio=1)
     blank = [""] * (3 * agentic + errors)
     fork_marked = run.forked_at is None
     for row in rows:
