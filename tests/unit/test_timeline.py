@@ -290,14 +290,15 @@ def test_a_failed_model_call_fits_100_columns_with_nothing_cut(tmp_path: Path) -
         shown = show(db, "conv", columns=columns)
         assert all(len(line) <= columns for line in shown.splitlines())
         lines = shown.splitlines()
-        header = next(line for line in lines if line.lstrip().startswith("pos"))
+        assert "ProviderUnavailable:primarydown" in _column(lines, "error").replace(" ", "")
+        assert "test:backup-m" in _column(lines, "model", "error")
+        assert "agent.support.model" in _column(lines, "step", "status")
 
-        def column(name: str, end: str | None = None) -> str:  # a folded column, read back
-            start = header.index(name)
-            stop = header.index(end) if end else None
-            return "".join(line[start:stop].strip() for line in lines[lines.index(header) + 2:]
-                           if not line.lstrip().startswith("total"))
 
-        assert "ProviderUnavailable:primarydown" in column("error").replace(" ", ""), shown
-        assert "test:backup-m" in column("model", "error")
-        assert "agent.support.model" in column("step", "status")
+def _column(lines: list[str], name: str, end: str | None = None) -> str:
+    """A table column's folded cells, read back as one text (the total row left out)."""
+    header = next(line for line in lines if line.lstrip().startswith("pos"))
+    start = header.index(name)
+    stop = header.index(end) if end else None
+    return "".join(line[start:stop].strip() for line in lines[lines.index(header) + 2:]
+                   if not line.lstrip().startswith("total"))
