@@ -196,7 +196,7 @@ def test_every_app_sharing_a_meter_is_counted() -> None:
             step = StepInfo(run.run_id, "1", "s", 1, f"{run.run_id}:1")
             each.step_started(step)
             each.step_completed(step, 0.002)
-            each.run_finished(run.run_id, RunStatus.COMPLETED)
+            each.run_ended(run, RunStatus.COMPLETED)
     points = metric_points(reader)
     [started] = points["garrison.runs.started"]
     assert started.value == 3 and dict(started.attributes) == {

@@ -32,6 +32,11 @@ class EngineHooks:
     def run_finished(self, run_id: str, status: RunStatus) -> None:
         """A run ended (COMPLETED, FAILED or CANCELLED) and that is durable."""
 
+    def run_ended(self, run: RunRecord, status: RunStatus) -> None:
+        """As `run_finished`, with the run's record (its workflow, queue and trace
+        context; `status` is the new one): also for a run that ended without executing
+        in this process (a cancel of a queued or parked run)."""
+
     def step_started(self, step: StepInfo) -> None:
         """A step's body is about to run (not replayed: replays return from the journal)."""
 
@@ -77,7 +82,8 @@ class EngineHooks:
 
 
 # The events a HookSet dispatches (every EngineHooks method).
-_EVENTS = ("run_started", "run_resumed", "run_parked", "run_finished", "step_started",
+_EVENTS = ("run_started", "run_resumed", "run_parked", "run_finished", "run_ended",
+           "step_started",
            "step_completed", "step_committed", "step_failed", "step_interrupted",
            "step_annotated", "run_event", "run_detached", "lease_lost", "trace_context")
 
@@ -93,6 +99,7 @@ class HookSet:
     run_resumed: tuple[Callable[[RunRecord, int], None], ...]
     run_parked: tuple[Callable[[str, float | None], None], ...]
     run_finished: tuple[Callable[[str, RunStatus], None], ...]
+    run_ended: tuple[Callable[[RunRecord, RunStatus], None], ...]
     step_started: tuple[Callable[[StepInfo], None], ...]
     step_completed: tuple[Callable[[StepInfo, float], None], ...]
     step_committed: tuple[Callable[[StepInfo], None], ...]

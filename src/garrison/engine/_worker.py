@@ -556,6 +556,8 @@ class Worker:
         log.debug("run.finished", worker=self.worker_id, run_id=run.run_id, status=status.value)
         for on_finished in self.hooks.run_finished:
             on_finished(run.run_id, status)
+        for on_ended in self.hooks.run_ended:
+            on_ended(run, status)
         for future in self._result_waiters.pop(run.run_id, []):
             if not future.done():
                 future.set_result(None)

@@ -56,7 +56,6 @@ _DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12,
                      20.48, 40.96, 81.92)
 _STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                  5.0, 10.0, 30.0, 60.0, 300.0)
-_UNKNOWN = "unknown"  # a run ended here without executing here (a cancel of a queued run)
 _FLUSH_AT = 2048  # step durations queued for OpenTelemetry before they are recorded anyway
 
 
@@ -332,7 +331,6 @@ class MetricsHooks(EngineHooks):
                  on_run: Callable[[], None]) -> None:
         self.depth = depth
         self._on_run = on_run
-        self._workflows: dict[str, str] = {}
         self._steps: dict[tuple[str, str], float] = {}  # live step -> perf_counter at start
         self._annotations: dict[tuple[str, str], dict[str, Any]] = {}
         self._lock = threading.Lock()
@@ -399,7 +397,6 @@ class MetricsHooks(EngineHooks):
 
     def run_started(self, run: RunRecord) -> None:
         self._on_run()
-        self._workflows[run.run_id] = run.workflow_name
         self.started.add((run.workflow_name,))
         wait = max(0.0, (run.started_at or run.created_at) - run.created_at)
         attributes = self._queue_attributes.get(run.queue)
@@ -410,17 +407,14 @@ class MetricsHooks(EngineHooks):
 
     def run_resumed(self, run: RunRecord, replayed_entries: int) -> None:
         self._on_run()
-        self._workflows[run.run_id] = run.workflow_name
         self.resumed.add((run.workflow_name,))
         reason = run.claim_reason
         if reason is not None and reason.is_recovery:
             self.recovered.add((run.workflow_name, reason.value))
 
-    def run_finished(self, run_id: str, status: RunStatus) -> None:
-        self.finished.add((self._workflows.get(run_id, _UNKNOWN), status.value))
-
-    def run_detached(self, run_id: str) -> None:
-        self._workflows.pop(run_id, None)
+    def run_ended(self, run: RunRecord, status: RunStatus) -> None:
+        # With the record: a run cancelled while queued or parked has its workflow too.
+        self.finished.add((run.workflow_name, status.value))
 
     def run_event(self, run_id: str, step: StepInfo | None, name: str,
                   attributes: Mapping[str, Any]) -> None:

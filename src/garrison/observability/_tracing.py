@@ -245,6 +245,27 @@ class TracingHooks(EngineHooks):
         if status in _ERROR_STATUSES:
             segment.span.set_status(Status(StatusCode.ERROR, f"run {status.value}"))
 
+    def run_ended(self, run: RunRecord, status: RunStatus) -> None:
+        if run.run_id in self._segments:  # ended while executing here: its segment says it
+            return
+        # Ended without executing here (cancelled while queued or parked): its trace
+        # still shows the end, as a segment of no length under its stored context.
+        parent = parent_context(run.trace_context)
+        if parent is None and run.trace_context is None:  # as its segments were
+            parent = derived_context(run.run_id)
+        if parent is None:
+            return  # a stored context that cannot be read: nothing to continue
+        name = (f"invoke_agent {run.workflow_name.removeprefix('agent:')}"
+                if run.workflow_name.startswith("agent:")
+                else f"invoke_workflow {run.workflow_name}")
+        span = self.tracer.start_span(name, context=parent, attributes={
+            "garrison.run_id": run.run_id, "garrison.workflow.name": run.workflow_name,
+            "garrison.worker": self.worker_id, "garrison.run.status": status.value,
+            "garrison.run.outcome": status.value.lower()})
+        if status in _ERROR_STATUSES:
+            span.set_status(Status(StatusCode.ERROR, f"run {status.value}"))
+        span.end()
+
     def lease_lost(self, run_id: str) -> None:
         segment = self._segments.get(run_id)
         if segment is not None:

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from typer.testing import CliRunner
 
-from garrison import Context, Garrison
+from garrison import Context, Garrison, RunStatus, WorkflowCancelled
 from garrison.cli import app as cli
 from garrison.errors import ConfigurationError
 from garrison.observability import instrument
@@ -125,3 +125,37 @@ async def test_a_read_only_open_of_a_missing_postgres_schema_creates_nothing() -
     with psycopg.connect(PG_URL) as conn:
         assert conn.execute("SELECT 1 FROM information_schema.schemata WHERE schema_name = %s",
                             (schema,)).fetchone() is None
+
+
+async def test_a_run_cancelled_while_parked_or_queued_is_counted_and_traced_with_its_workflow(
+        tmp_path: Path, telemetry: Telemetry) -> None:
+    app = Garrison(f"sqlite:///{tmp_path}/g.db", queues=["default"])
+    app.queue("later")
+
+    @app.workflow(name="approval")
+    async def approval(ctx: Context) -> None:
+        await ctx.wait_for("approved")
+
+    registry = telemetry.attach(app).registry
+    async with app:
+        parked = await app.start(approval, run_id="parked")
+        queued = await app.start(approval, run_id="queued", queue="later")  # not served here
+        while await parked.status() is not RunStatus.WAITING:  # noqa: ASYNC110  # the store
+            await asyncio.sleep(0.01)
+        await app.cancel("parked")
+        await app.cancel("queued")
+        for handle in (parked, queued):
+            with pytest.raises(WorkflowCancelled):
+                await handle.result(timeout=10)
+    assert _sample(registry, "garrison_runs_finished_total", workflow="approval",
+                   status="CANCELLED") == 2
+    assert registry.get_sample_value("garrison_runs_finished_total",
+                                     {"workflow": "unknown", "status": "CANCELLED"}) is None
+    ends = {dict(s.attributes or {})["garrison.run_id"]: s
+            for s in telemetry.named("invoke_workflow approval")
+            if dict(s.attributes or {}).get("garrison.run.outcome") == "cancelled"}
+    assert set(ends) == {"parked", "queued"}
+    (enqueue,) = [s for s in telemetry.named("start_workflow approval")
+                  if dict(s.attributes or {})["garrison.run_id"] == "queued"]
+    assert ends["queued"].parent is not None
+    assert ends["queued"].parent.span_id == enqueue.context.span_id  # its own trace
