@@ -240,3 +240,24 @@ def test_an_app_dropped_from_a_shared_meter_keeps_its_counts() -> None:
     [started] = metric_points(reader)["garrison.runs.started"]
     assert started.value == 2  # a cumulative sum never drops
     provider.shutdown()
+
+
+def test_a_timed_out_attempts_late_annotation_is_not_counted_on_the_next() -> None:
+    registry = CollectorRegistry()
+    hooks = MetricsHooks(MeterProvider().get_meter("garrison"), registry,
+                         QueueDepth(app=None), on_run=lambda: None)
+    run = _run("r", "w")
+    hooks.run_started(run)
+    first, second = (StepInfo("r", "1", "model", n, "r:1") for n in (1, 2))
+    call = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai",
+            "gen_ai.request.model": "m"}
+    hooks.step_started(first)
+    hooks.step_failed(first, TimeoutError("timed out"), True)
+    hooks.step_started(second)
+    hooks.step_annotated(second, {**call, "gen_ai.usage.input_tokens": 7})
+    hooks.step_annotated(first, {"gen_ai.usage.output_tokens": 500})  # attempt 1, too late
+    hooks.step_completed(second, 0.01)
+    labels = {"operation": "chat", "provider": "openai", "model": "m"}
+    usage = "garrison_gen_ai_client_token_usage_sum"
+    assert registry.get_sample_value(usage, {**labels, "token_type": "input"}) == 7
+    assert registry.get_sample_value(usage, {**labels, "token_type": "output"}) is None

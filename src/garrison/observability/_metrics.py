@@ -331,7 +331,8 @@ class MetricsHooks(EngineHooks):
                  on_run: Callable[[], None]) -> None:
         self.depth = depth
         self._on_run = on_run
-        self._steps: dict[tuple[str, str], float] = {}  # live step -> perf_counter at start
+        # live step -> (perf_counter at its start, its attempt)
+        self._steps: dict[tuple[str, str], tuple[float, int]] = {}
         self._annotations: dict[tuple[str, str], dict[str, Any]] = {}
         self._lock = threading.Lock()
         self._step_attributes: dict[tuple[str, str], dict[str, str]] = {}
@@ -433,11 +434,12 @@ class MetricsHooks(EngineHooks):
     # -- steps ---------------------------------------------------------------------
 
     def step_started(self, step: StepInfo) -> None:
-        self._steps[(step.run_id, step.position)] = time.perf_counter()
+        self._steps[(step.run_id, step.position)] = (time.perf_counter(), step.attempt)
 
     def step_annotated(self, step: StepInfo, attributes: Mapping[str, Any]) -> None:
         key = (step.run_id, step.position)
-        if key not in self._steps:
+        live = self._steps.get(key)
+        if live is None or live[1] != step.attempt:  # (a timed-out attempt's late thread)
             return
         with self._lock:  # a synchronous step annotates from its thread
             self._annotations.setdefault(key, {}).update(attributes)
@@ -457,11 +459,11 @@ class MetricsHooks(EngineHooks):
     def _step_ended(self, step: StepInfo, status: str, duration_s: float | None,
                     error_type: str | None) -> None:
         key = (step.run_id, step.position)
-        began = self._steps.pop(key, None)
-        if began is None:
+        live = self._steps.pop(key, None)
+        if live is None:
             return
         if duration_s is None:
-            duration_s = time.perf_counter() - began
+            duration_s = time.perf_counter() - live[0]
         series = (step.step_name, status)
         attributes = self._step_attributes.get(series)
         if attributes is None:  # a few step names and statuses: made once, reused per step
