@@ -305,7 +305,9 @@ class TracingHooks(EngineHooks):
 
     def step_started(self, step: StepInfo) -> None:
         segment = self._segments.get(step.run_id)
-        if segment is not None and not segment.traced:
+        if segment is None or not segment.traced:
+            # No segment: the run began executing before `instrument` (its steps would
+            # be parented to whatever span launched it); none before its next segment.
             return
         if not self.every_step and step.attempt == 1:  # its span comes if it is notable
             self._quiet[(step.run_id, step.position)] = (_current_task(), time.time_ns())

@@ -257,3 +257,35 @@ async def test_a_worker_that_makes_nothing_asks_no_step_span_for_a_run_stored_tr
     # no span asked for, nothing kept; the stored context still reaches outbound calls
     assert started == [] and tracing._steps == {}
     assert [c.span_id for c in seen] == [enqueue.context.span_id] * 2
+
+
+async def test_instrument_after_open_makes_no_step_span_under_the_launching_span(
+        tmp_path: Path, telemetry: Telemetry) -> None:
+    app = Garrison(f"sqlite:///{tmp_path}/g.db")
+    gate = asyncio.Event()
+
+    @app.step(name="first")
+    async def first() -> None:
+        await gate.wait()
+
+    @app.step(name="second")
+    async def second() -> None:
+        pass
+
+    @app.workflow(name="late")
+    async def late(ctx: Context) -> None:
+        await first()
+        await second()
+
+    tracer = telemetry.tracer_provider.get_tracer("api")
+    async with app:
+        with tracer.start_as_current_span("http POST /orders"):
+            handle = await app.start(late, run_id="l")  # its task inherits this context
+        await asyncio.sleep(0.05)  # the run is in `first`, untraced
+        tracing = telemetry.attach(app).tracing
+        gate.set()
+        await handle.result(timeout=10)
+    (request,) = telemetry.named("http POST /orders")
+    assert not [s for s in telemetry.spans() if s.parent is not None
+                and s.parent.span_id == request.context.span_id]
+    assert not tracing._steps and not tracing._quiet
