@@ -48,6 +48,15 @@ from garrison.store import (
 
 __all__ = ["Garrison"]
 
+
+def _check_seconds(option: str, value: object, *, zero: bool) -> None:
+    """Refuse an option that is not a finite number of seconds (> 0, or >= 0)."""
+    if (not isinstance(value, int | float) or isinstance(value, bool)
+            or not math.isfinite(value) or value < 0 or (value == 0 and not zero)):
+        raise ConfigurationError(
+            f"Garrison({option}={value!r}): a finite number of seconds "
+            + (">= 0" if zero else "> 0"))
+
 log = get_logger(__name__)
 
 P = ParamSpec("P")
@@ -137,15 +146,8 @@ class Garrison:
         for option, value in (("poll_interval_s", poll_interval_s),
                               ("lease_ttl_s", lease_ttl_s),
                               ("claim_interval_s", claim_interval_s)):
-            if (not isinstance(value, int | float) or isinstance(value, bool)
-                    or not math.isfinite(value) or value <= 0):
-                raise ConfigurationError(
-                    f"Garrison({option}={value!r}): a finite number of seconds > 0")
-        if (not isinstance(shutdown_grace_s, int | float) or isinstance(shutdown_grace_s, bool)
-                or not math.isfinite(shutdown_grace_s) or shutdown_grace_s < 0):
-            raise ConfigurationError(
-                f"Garrison(shutdown_grace_s={shutdown_grace_s!r}): a finite number of "
-                "seconds >= 0")
+            _check_seconds(option, value, zero=False)
+        _check_seconds("shutdown_grace_s", shutdown_grace_s, zero=True)
         if (not isinstance(sync_step_threads, int) or isinstance(sync_step_threads, bool)
                 or sync_step_threads < 1):
             raise ConfigurationError(
@@ -439,7 +441,7 @@ class Garrison:
         self._open = True
         self.loop = asyncio.get_running_loop()
         if self._run_worker:
-            install_task_factory(asyncio.get_running_loop())
+            install_task_factory(self.loop)
             self.worker = Worker(self, self.store, self.clock, self.hooks, self.worker_id,
                                  self._poll_interval_s, self._sync_step_threads)
             unknown = sorted(set(self.served_queues or ()) - set(self.queues))

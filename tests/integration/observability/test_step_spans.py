@@ -148,6 +148,19 @@ def test_bad_step_span_options_name_the_field(tmp_path: Path, telemetry: Telemet
     assert not app.hooks  # nothing attached by a refused call
 
 
+def _count_step_spans(tracing: Any) -> list[int]:
+    """A list that grows by one each time `tracing` asks its tracer for a step span."""
+    started: list[int] = []
+    original = tracing._step_span
+
+    def counted(*args: Any) -> Any:
+        started.append(1)
+        return original(*args)
+
+    tracing._step_span = counted
+    return started
+
+
 async def _step_contexts(app: Garrison) -> list[trace.SpanContext]:
     """The span context current in each of two steps of one run."""
     seen: list[trace.SpanContext] = []
@@ -183,14 +196,7 @@ async def test_a_sampled_out_run_still_gives_each_step_a_context(tmp_path: Path)
 async def test_a_tracer_that_makes_nothing_costs_no_step_spans(tmp_path: Path) -> None:
     app = Garrison(f"sqlite:///{tmp_path}/g.db")
     tracing = instrument(app, tracer_provider=NoOpTracerProvider()).tracing
-    started: list[int] = []
-    original = tracing._step_span
-
-    def counted(*args: Any) -> Any:
-        started.append(1)
-        return original(*args)
-
-    tracing._step_span = counted  # type: ignore[method-assign]
+    started = _count_step_spans(tracing)
     contexts = await _step_contexts(app)
     assert [c.is_valid for c in contexts] == [False, False]
     assert started == [] and tracing._steps == {}  # no span asked for, nothing kept
@@ -232,14 +238,7 @@ async def test_a_worker_that_makes_nothing_asks_no_step_span_for_a_run_stored_tr
     telemetry.attach(client)
     worker = Garrison(url)
     tracing = instrument(worker, tracer_provider=NoOpTracerProvider()).tracing
-    started: list[int] = []
-    original = tracing._step_span
-
-    def counted(*args: Any) -> Any:
-        started.append(1)
-        return original(*args)
-
-    tracing._step_span = counted  # type: ignore[method-assign]
+    started = _count_step_spans(tracing)
     seen: list[trace.SpanContext] = []
     for app in (client, worker):
         @app.step(name="look")
