@@ -95,6 +95,20 @@ def _cancel_requested() -> bool:
     return task is None or task.cancelling() > 0
 
 
+def _aborted(exc: BaseException, where: str, **fields: Any) -> AbortedError | None:
+    """What run code raised that would stop more than that code, as its failure; None
+    for a cancel that was asked for (an interruption, not a failure)."""
+    if isinstance(exc, SystemExit):
+        return AbortedError(f"{where}: called sys.exit({exc.code!r}); handled as its "
+                            "failure (run code never ends the worker's process)",
+                            raised="SystemExit", **fields)
+    if _cancel_requested():
+        return None
+    return AbortedError(f"{where}: raised CancelledError while its run was not being "
+                        "cancelled (a task it awaited was cancelled elsewhere?); handled "
+                        "as its failure", raised="CancelledError", **fields)
+
+
 class _StoreFailure(BaseException):
     """The engine's own journal write failed. A BaseException on purpose: workflow code's
     `except Exception` must not swallow it and go on past an uncommitted step."""
@@ -273,18 +287,12 @@ class RunExecution:
             what = f"run {self.run_id}: result of workflow {self.workflow.name!r}"
             text, _ = roundtrip(result, what=what)
             return _Outcome(RunStatus.COMPLETED, result=text)
-        except asyncio.CancelledError as exc:
-            if _cancel_requested():
+        except (asyncio.CancelledError, SystemExit) as exc:
+            aborted = _aborted(exc, f"run {self.run_id}: workflow {self.workflow.name!r}",
+                               run_id=self.run_id)
+            if aborted is None:
                 raise
-            return self._body_failed(AbortedError(
-                f"run {self.run_id}: workflow {self.workflow.name!r} raised CancelledError "
-                "while the run was not being cancelled; handled as its failure",
-                run_id=self.run_id, raised="CancelledError"), exc)
-        except SystemExit as exc:
-            return self._body_failed(AbortedError(
-                f"run {self.run_id}: workflow {self.workflow.name!r} called "
-                f"sys.exit({exc.code!r}); handled as its failure (a run never ends the "
-                "worker's process)", run_id=self.run_id, raised="SystemExit"), exc)
+            return self._body_failed(aborted, exc)
         except Exception as exc:
             return self._body_failed(exc, None)
         finally:
@@ -582,17 +590,11 @@ class RunExecution:
         (a CancelledError nobody asked for, SystemExit) comes out as its failure."""
         try:
             return await self._attempt(step, args, kwargs, where)
-        except asyncio.CancelledError as exc:
-            if _cancel_requested():
+        except (asyncio.CancelledError, SystemExit) as exc:
+            aborted = _aborted(exc, where)
+            if aborted is None:
                 raise  # the run is cancelled, parked or shut down: an interruption
-            raise AbortedError(
-                f"{where}: raised CancelledError while its run was not being cancelled "
-                "(a task it awaited was cancelled elsewhere?); handled as its failure",
-                raised="CancelledError") from exc
-        except SystemExit as exc:
-            raise AbortedError(
-                f"{where}: called sys.exit({exc.code!r}); handled as its failure (a step "
-                "never ends the worker's process)", raised="SystemExit") from exc
+            raise aborted from exc
 
     async def _wait_until(self, position: str, fire_at: float) -> None:
         """A durable timer at `position` (its entry is journaled): the run may park."""
