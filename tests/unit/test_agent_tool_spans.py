@@ -133,3 +133,30 @@ async def test_an_agent_tool_whose_child_cannot_start_reports_the_error(
     tool = {"gen_ai.tool.name": "researcher", "gen_ai.tool.call.id": "d1"}
     assert events.seen == [("garrison.agent.tool_call", tool),
                            ("garrison.agent.tool_result", {**tool, "error.type": "RuntimeError"})]
+
+
+@pytest.mark.parametrize("ended_by", ["tool_result", "parent_detached"])
+def test_a_tool_span_ends_after_the_child_segment_that_is_still_live_here(
+        ended_by: str) -> None:
+    # The child notifies its parent as its end becomes durable, then detaches: the
+    # parent's tool result (or park) can come first. The call's span waits for the
+    # child's segment, so it spans all the child's work.
+    hooks, exporter, child = _setup()
+    hooks.run_event("p", None, "garrison.agent.tool_call", CALL)
+    child = dataclasses.replace(child, trace_context=hooks.trace_context(child))
+    hooks.run_started(child)
+    hooks.run_finished(child.run_id, RunStatus.COMPLETED)
+    if ended_by == "tool_result":
+        hooks.run_event("p", None, "garrison.agent.tool_result",
+                        {**CALL, "error.type": "AgentToolError"})
+    else:
+        hooks.run_detached("p")
+    assert exporter.get_finished_spans() == ()  # the child's segment is still open
+    hooks.run_detached(child.run_id)
+    segment, tool = exporter.get_finished_spans()
+    assert (segment.name, tool.name) == ("invoke_agent researcher", "execute_tool researcher")
+    assert segment.parent is not None and segment.parent.span_id == tool.context.span_id
+    assert (tool.end_time or 0) >= (segment.end_time or 0)
+    if ended_by == "tool_result":
+        assert tool.status.status_code is StatusCode.ERROR
+    assert not hooks._tool_spans and not hooks._tool_waiting

@@ -134,10 +134,15 @@ class TracingHooks(EngineHooks):
         # An agent's tool calls to other agents, per parent run: the call each of its
         # tasks is about to start a child run for (the event and the start come from
         # the same task, so calls made at once in several tasks are told apart), then
-        # each call's `execute_tool` span by call id (until its result, or the end of
-        # the segment).
+        # each call's `execute_tool` span and child run id by call id (until its result,
+        # or the end of the segment).
         self._tool_calls: dict[str, dict[asyncio.Task[Any] | None, dict[str, Any]]] = {}
-        self._tool_spans: dict[str, dict[str, Span]] = {}
+        self._tool_spans: dict[str, dict[str, tuple[Span, str]]] = {}
+        # Ended calls whose child's segment is still live here, by child run id. A child
+        # tells its parent it has ended before its segment ends (run_detached), so the
+        # parent's result can come first: the call's span then ends with the child's
+        # segment, and spans all the child's work.
+        self._tool_waiting: dict[str, Span] = {}
         self._content_errors: set[type[BaseException]] = set()
 
     # -- runs ----------------------------------------------------------------------
@@ -158,7 +163,7 @@ class TracingHooks(EngineHooks):
                             "gen_ai.tool.type": "agent"})
             call_id = str(call.get("gen_ai.tool.call.id", ""))
             self._end_tool(parent_id, call_id)  # a call id seen again: the left one ends
-            self._tool_spans.setdefault(parent_id, {})[call_id] = span
+            self._tool_spans.setdefault(parent_id, {})[call_id] = (span, run.run_id)
             return span_text(span.get_span_context())
         # app.start: a short span marks the enqueue (under the caller's span, if any);
         # every segment of the run is its child.
@@ -274,21 +279,29 @@ class TracingHooks(EngineHooks):
 
     def _end_tool(self, run_id: str, call_id: str, error_type: str | None = None) -> None:
         spans = self._tool_spans.get(run_id)
-        span = spans.pop(call_id, None) if spans else None
-        if span is None:
+        call = spans.pop(call_id, None) if spans else None
+        if call is None:
             return
         if not spans:
             del self._tool_spans[run_id]
+        span, child_id = call
         if error_type is not None:
             span.set_status(Status(StatusCode.ERROR, error_type))
             span.set_attribute("error.type", error_type)
-        span.end()
+        self._end_call(span, child_id)
+
+    def _end_call(self, span: Span, child_id: str) -> None:
+        if child_id in self._segments:
+            self._tool_waiting[child_id] = span  # the child's run_detached ends it
+        else:
+            span.end()
 
     def run_detached(self, run_id: str) -> None:
         self._tool_calls.pop(run_id, None)
-        # the run parks waiting for its children: their calls' spans end here
-        for span in self._tool_spans.pop(run_id, {}).values():
-            span.end()
+        # the run parks waiting for its children: their calls' spans end here (or with
+        # the child's segment, if that is still live here)
+        for span, child_id in self._tool_spans.pop(run_id, {}).values():
+            self._end_call(span, child_id)
         segment = self._segments.pop(run_id, None)
         if segment is None:
             return
@@ -300,6 +313,9 @@ class TracingHooks(EngineHooks):
         segment.span.set_attributes(attributes)  # one call: the SDK locks once per call
         segment.span.end()
         otel_context.detach(segment.token)  # type: ignore[arg-type]  # attach()'s token
+        call = self._tool_waiting.pop(run_id, None)
+        if call is not None:  # its call's result came before its segment ended
+            call.end()
 
     # -- steps ---------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ def _attrs(span: Any) -> dict[str, Any]:
 def _no_leftovers(instrumentation: Instrumentation) -> None:
     tracing = instrumentation.tracing
     assert not (tracing._segments or tracing._steps or tracing._quiet or tracing._tool_calls
-                or tracing._tool_spans)
+                or tracing._tool_spans or tracing._tool_waiting)
 
 
 @pytest.mark.parametrize("step_spans", ["all", "notable"])
